@@ -1,0 +1,416 @@
+//! What a raw line is: an activity (and which one), a system message, or malformed input.
+//!
+//! [`identify`] walks the top-level object lazily and stops at the first identity-bearing
+//! key, so a 4.7 KB post costs about as much as its first few keys. Nested objects
+//! (`retweeted_status`, `user`, `favorited_status`, entities) are skipped as opaque values,
+//! which is what keeps their `id`s from ever being taken.
+//!
+//! [`identify`] does not check the part of the line after the id. [`validate`] does, fully
+//! and strictly (JSON grammar and UTF-8); the merger runs it only on a first copy, before
+//! remembering the id, so a corrupted copy on one path never hides the intact copy on the
+//! other.
+//!
+//! Precedence when several identity keys occur at the top level: the first one in document
+//! order wins, except that a numeric `id` is only a fallback signal (see
+//! [`IdentityError::UntrustedNumericId`]).
+
+use serde::Deserialize;
+use sonic_rs::{JsonType, JsonValueTrait, LazyValue};
+
+use crate::ids::ActivityId;
+
+/// The kind of a line that carried a top-level object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineKind {
+    /// An activity with its identity.
+    Activity(ActivityId),
+    /// An `info`, `warn` or `error` message from the service: never an activity.
+    System(SystemMessage),
+}
+
+/// A message from the upstream service itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SystemMessage {
+    /// Which top-level key carried it.
+    pub kind: SystemKind,
+    /// The `message` field, or the raw value when there is none.
+    pub message: String,
+}
+
+/// The top-level key of a [`SystemMessage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SystemKind {
+    Info,
+    Warn,
+    Error,
+}
+
+impl SystemKind {
+    /// The label value used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SystemKind::Info => "info",
+            SystemKind::Warn => "warn",
+            SystemKind::Error => "error",
+        }
+    }
+}
+
+/// Why a line is not a usable activity. Each variant is a dead-letter reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The line is not valid JSON (the parser's message says where).
+    #[error("invalid json: {0}")]
+    InvalidJson(String),
+    /// The line is not valid UTF-8.
+    #[error("invalid utf-8: {0}")]
+    InvalidUtf8(String),
+    /// No top-level key that identifies an activity or a system message.
+    #[error("no top-level activity id (id_str, id, data.id or delete)")]
+    MissingId,
+    /// A post carried only its numeric `id`, which JSON tooling can round (see the samples'
+    /// README); `id_str` is required.
+    #[error("post has only a numeric id, which may be imprecise; id_str is required")]
+    UntrustedNumericId,
+    /// An identity field had a value that cannot be an id.
+    #[error("bad id in {field}: {value:?}")]
+    BadId { field: &'static str, value: String },
+}
+
+impl IdentityError {
+    /// A short fixed label for metrics (`reason` label of dead-letter counters).
+    pub fn label(&self) -> &'static str {
+        match self {
+            IdentityError::InvalidJson(_) => "invalid_json",
+            IdentityError::InvalidUtf8(_) => "invalid_utf8",
+            IdentityError::MissingId => "missing_id",
+            IdentityError::UntrustedNumericId => "numeric_id_only",
+            IdentityError::BadId { .. } => "bad_id",
+        }
+    }
+}
+
+/// Identifies a line (without its `\r\n`) by its top-level keys.
+pub fn identify(line: &[u8]) -> Result<LineKind, IdentityError> {
+    let mut saw_numeric_id = false;
+    let mut delete_waiting_for_time: Option<DeleteBody> = None;
+    let mut top_level_time: Option<u64> = None;
+
+    for entry in sonic_rs::to_object_iter(line) {
+        let (key, value) = entry.map_err(parse_error)?;
+        match key.as_ref() {
+            "id_str" => return post_id(value.as_str(), &value, "id_str").map(LineKind::Activity),
+            "id" => match value.get_type() {
+                JsonType::String => return string_id(&value).map(LineKind::Activity),
+                JsonType::Number => saw_numeric_id = true,
+                _ => return Err(bad_id("id", &value)),
+            },
+            "data" => {
+                let id = value.get("id").ok_or(IdentityError::MissingId)?;
+                return post_id(id.as_str(), &id, "data.id").map(LineKind::Activity);
+            }
+            "delete" => {
+                let body: DeleteBody =
+                    sonic_rs::from_str(value.as_raw_str()).map_err(|e| IdentityError::BadId {
+                        field: "delete",
+                        value: e.to_string(),
+                    })?;
+                match body.timestamp_ms.or(top_level_time) {
+                    Some(ts) => return body.identity(ts).map(LineKind::Activity),
+                    None => delete_waiting_for_time = Some(body),
+                }
+            }
+            "timestamp_ms" => {
+                let ts = value
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .or_else(|| value.as_u64());
+                if let (Some(ts), Some(body)) = (ts, delete_waiting_for_time.as_ref()) {
+                    return body.identity(ts).map(LineKind::Activity);
+                }
+                top_level_time = ts;
+            }
+            "info" => return Ok(LineKind::System(system(SystemKind::Info, &value))),
+            "warn" => return Ok(LineKind::System(system(SystemKind::Warn, &value))),
+            "error" => return Ok(LineKind::System(system(SystemKind::Error, &value))),
+            _ => {}
+        }
+    }
+    if delete_waiting_for_time.is_some() {
+        return Err(IdentityError::BadId {
+            field: "delete",
+            value: "no timestamp_ms".to_owned(),
+        });
+    }
+    if saw_numeric_id {
+        return Err(IdentityError::UntrustedNumericId);
+    }
+    // An empty iteration also covers input that is not an object at all.
+    if !line.trim_ascii_start().starts_with(b"{") {
+        return Err(IdentityError::InvalidJson("not a json object".to_owned()));
+    }
+    Err(IdentityError::MissingId)
+}
+
+/// Checks the whole line strictly: JSON grammar, a single value, and UTF-8.
+pub fn validate(line: &[u8]) -> Result<(), IdentityError> {
+    if let Err(e) = std::str::from_utf8(line) {
+        return Err(IdentityError::InvalidUtf8(e.to_string()));
+    }
+    sonic_rs::from_slice::<serde::de::IgnoredAny>(line)
+        .map(|_| ())
+        .map_err(parse_error)
+}
+
+fn parse_error(e: sonic_rs::Error) -> IdentityError {
+    let text = e.to_string();
+    if text.contains("UTF-8") || text.contains("utf-8") || text.contains("utf8") {
+        IdentityError::InvalidUtf8(text)
+    } else {
+        IdentityError::InvalidJson(text)
+    }
+}
+
+fn bad_id(field: &'static str, value: &LazyValue<'_>) -> IdentityError {
+    let mut raw = value.as_raw_str().to_owned();
+    raw.truncate(64);
+    IdentityError::BadId { field, value: raw }
+}
+
+fn post_id(
+    text: Option<&str>,
+    value: &LazyValue<'_>,
+    field: &'static str,
+) -> Result<ActivityId, IdentityError> {
+    text.and_then(parse_decimal)
+        .map(ActivityId::Post)
+        .ok_or_else(|| bad_id(field, value))
+}
+
+/// A top-level string `id`: Activity Streams (`tag:…:<n>`), a like (32 hex digits), or a
+/// decimal post id.
+fn string_id(value: &LazyValue<'_>) -> Result<ActivityId, IdentityError> {
+    let text = value.as_str().ok_or_else(|| bad_id("id", value))?;
+    if text.starts_with("tag:") {
+        let tail = text.rsplit(':').next().unwrap_or_default();
+        return parse_decimal(tail)
+            .map(ActivityId::Post)
+            .ok_or_else(|| bad_id("id", value));
+    }
+    if text.len() == 32 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return u128::from_str_radix(text, 16)
+            .map(ActivityId::Like)
+            .map_err(|_| bad_id("id", value));
+    }
+    parse_decimal(text)
+        .map(ActivityId::Post)
+        .ok_or_else(|| bad_id("id", value))
+}
+
+/// Strict decimal: digits only, no sign, no leading `+`, fits in 64 bits.
+fn parse_decimal(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+fn system(kind: SystemKind, value: &LazyValue<'_>) -> SystemMessage {
+    let message = value
+        .get("message")
+        .and_then(|m| m.as_str().map(str::to_owned))
+        .unwrap_or_else(|| value.as_raw_str().to_owned());
+    SystemMessage { kind, message }
+}
+
+/// The body of `{"delete": …}`: a post deletion (`status`) or an unlike (`favorite`).
+#[derive(Debug, Deserialize)]
+struct DeleteBody {
+    status: Option<DeletedStatus>,
+    favorite: Option<DeletedFavorite>,
+    #[serde(default, deserialize_with = "number_or_string")]
+    timestamp_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeletedStatus {
+    id_str: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeletedFavorite {
+    tweet_id_str: String,
+    user_id_str: String,
+}
+
+impl DeleteBody {
+    fn identity(&self, timestamp_ms: u64) -> Result<ActivityId, IdentityError> {
+        let bad = |field: &'static str, v: &str| IdentityError::BadId {
+            field,
+            value: v.to_owned(),
+        };
+        match (&self.status, &self.favorite) {
+            (Some(status), None) => Ok(ActivityId::Delete {
+                status: parse_decimal(&status.id_str)
+                    .ok_or_else(|| bad("delete.status.id_str", &status.id_str))?,
+                timestamp_ms,
+            }),
+            (None, Some(fav)) => Ok(ActivityId::Unlike {
+                tweet: parse_decimal(&fav.tweet_id_str)
+                    .ok_or_else(|| bad("delete.favorite.tweet_id_str", &fav.tweet_id_str))?,
+                user: parse_decimal(&fav.user_id_str)
+                    .ok_or_else(|| bad("delete.favorite.user_id_str", &fav.user_id_str))?,
+                timestamp_ms,
+            }),
+            _ => Err(bad("delete", "neither status nor favorite")),
+        }
+    }
+}
+
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Num(u64),
+        Text(String),
+    }
+    match Option::<Either>::deserialize(d)? {
+        None => Ok(None),
+        Some(Either::Num(n)) => Ok(Some(n)),
+        Some(Either::Text(t)) => parse_decimal(&t)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("timestamp_ms {t:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../samples");
+
+    fn sample(name: &str) -> Vec<u8> {
+        let text = std::fs::read(format!("{SAMPLES}/{name}")).unwrap();
+        text.strip_suffix(b"\r\n").unwrap_or(&text).to_vec()
+    }
+
+    /// Every sample type yields the identity the upstream documents for it.
+    #[test]
+    fn samples_have_documented_identities() {
+        assert_eq!(
+            identify(&sample("activity-streams-post.json")),
+            Ok(LineKind::Activity(ActivityId::Post(804_451_830_033_948_672)))
+        );
+        assert_eq!(
+            identify(&sample("like.json")),
+            Ok(LineKind::Activity(ActivityId::Like(
+                0x4356_0406_e0ad_9f68_3744_45f5_f30c_33fc
+            )))
+        );
+        assert_eq!(
+            identify(&sample("unlike.json")),
+            Ok(LineKind::Activity(ActivityId::Unlike {
+                tweet: 696_615_514_970_279_937,
+                user: 2_510_287_578,
+                timestamp_ms: 1_480_437_031_205
+            }))
+        );
+        assert_eq!(
+            identify(&sample("post-delete.json")),
+            Ok(LineKind::Activity(ActivityId::Delete {
+                status: 1_067_094_924_124_872_705,
+                timestamp_ms: 1_543_434_512_345
+            }))
+        );
+        assert_eq!(
+            identify(&sample("v2-post.json")),
+            Ok(LineKind::Activity(ActivityId::Post(1_067_094_924_124_872_705)))
+        );
+    }
+
+    /// Native posts use `id_str`, never the rounded number in front of it.
+    #[test]
+    fn native_posts_use_id_str() {
+        let text = std::fs::read_to_string(format!("{SAMPLES}/native-posts.ndjson")).unwrap();
+        let first = text.lines().next().unwrap();
+        assert_eq!(
+            identify(first.as_bytes()),
+            Ok(LineKind::Activity(ActivityId::Post(505_874_924_095_815_681)))
+        );
+        let mut seen = std::collections::HashSet::new();
+        for line in text.lines() {
+            let Ok(LineKind::Activity(id)) = identify(line.as_bytes()) else {
+                panic!("no identity in {line:.80}");
+            };
+            assert!(seen.insert(id), "duplicate id {id}");
+            assert_eq!(validate(line.as_bytes()), Ok(()));
+        }
+        assert_eq!(seen.len(), 100);
+    }
+
+    /// Info and error messages are system messages with their text.
+    #[test]
+    fn system_messages() {
+        let text = std::fs::read_to_string(format!("{SAMPLES}/system-messages.ndjson")).unwrap();
+        let kinds: Vec<_> = text
+            .lines()
+            .map(|l| match identify(l.as_bytes()) {
+                Ok(LineKind::System(m)) => (m.kind, m.message),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds[0], (SystemKind::Info, "Recovery Request Completed".into()));
+        assert_eq!(kinds[1].0, SystemKind::Error);
+        assert!(kinds[1].1.contains("maximum number of connections"));
+    }
+
+    /// Malformed input is an error with a reason, never a panic or a wrong id.
+    #[test]
+    fn malformed_lines() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"not json", "invalid_json"),
+            (b"[1,2]", "invalid_json"),
+            (b"{\"text\":\"no id\"}", "missing_id"),
+            (b"{\"id\":505874924095815700}", "numeric_id_only"),
+            (b"{\"id_str\":\"12a\"}", "bad_id"),
+            (b"{\"id_str\":-5}", "bad_id"),
+            (b"{\"data\":{\"text\":\"x\"}}", "missing_id"),
+            (b"{\"delete\":{\"status\":{\"id_str\":\"1\"}}}", "bad_id"),
+            (b"", "invalid_json"),
+        ];
+        for (line, label) in cases {
+            let got = identify(line).expect_err(&String::from_utf8_lossy(line));
+            assert_eq!(got.label(), *label, "{}", String::from_utf8_lossy(line));
+        }
+    }
+
+    /// A nested id never stands in for a missing top-level one.
+    #[test]
+    fn nested_ids_are_never_taken() {
+        let line = br#"{"user":{"id_str":"1","id":1},"retweeted_status":{"id_str":"2"},"text":"x"}"#;
+        assert_eq!(identify(line), Err(IdentityError::MissingId));
+        let line = br#"{"user":{"id_str":"1"},"id_str":"3"}"#;
+        assert_eq!(identify(line), Ok(LineKind::Activity(ActivityId::Post(3))));
+    }
+
+    /// Identification tolerates a broken tail; validation does not.
+    #[test]
+    fn validation_catches_what_identification_skips() {
+        let truncated = br#"{"id_str":"42","text":"cut he"#;
+        assert_eq!(
+            identify(truncated),
+            Ok(LineKind::Activity(ActivityId::Post(42)))
+        );
+        assert_eq!(validate(truncated).unwrap_err().label(), "invalid_json");
+        let bad_utf8 = b"{\"id_str\":\"42\",\"text\":\"\xff\xfe\"}";
+        assert_eq!(validate(bad_utf8).unwrap_err().label(), "invalid_utf8");
+        assert_eq!(validate(br#"{"a":1} {"b":2}"#).unwrap_err().label(), "invalid_json");
+    }
+
+    /// Escaped keys and whitespace are read as JSON defines them.
+    #[test]
+    fn escapes_and_whitespace() {
+        let line = br#"  { "id\u005fstr" : "77" , "x": [ ] }"#;
+        assert_eq!(identify(line), Ok(LineKind::Activity(ActivityId::Post(77))));
+    }
+}

@@ -1,0 +1,25 @@
+//! Shared vocabulary of tandem: what an activity is, how it is identified, and the envelope
+//! it travels in from a connection through the merger to a sink.
+//!
+//! Every other crate speaks these types, so none of them has to depend on another just to
+//! name an activity or a partition.
+//!
+//! # Layout
+//! - [`ids`]: [`ActivityId`] (post, like, unlike, delete), its dedup key and snowflake time.
+//! - [`identity`]: finds the top-level identity of a raw line without parsing the whole
+//!   document, tells system messages apart, and validates JSON strictly when asked.
+//! - [`envelope`]: [`Batch`] of raw lines with their origin (stream, partition, path,
+//!   receive time, sequence) and [`Unique`] activities after deduplication.
+//! - [`time`]: wall-clock helpers (milliseconds since the Unix epoch, RFC 3339).
+
+pub mod envelope;
+pub mod identity;
+pub mod ids;
+pub mod time;
+
+pub use envelope::{Batch, Origin, PathId, StreamId, Unique, UniqueBatch};
+pub use identity::{IdentityError, LineKind, SystemKind, SystemMessage, identify, validate};
+pub use ids::{ActivityId, DedupKey};
+
+/// A partition number as the upstream numbers them (from 1).
+pub type Partition = u32;

@@ -1,0 +1,399 @@
+//! The task behind each streaming response: reads the partition log from a cursor (live,
+//! backfill), a time range (recovery) or the corpus, encodes, and feeds the HTTP body,
+//! obeying the connection's fault controls.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_core::time::{rfc3339_ms, unix_ms_now};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep, sleep_until};
+
+use crate::corpus::Corpus;
+use crate::encode::Encoder;
+use crate::fault::{Command, Injection};
+use crate::state::{ConnEntry, ConnectionKind, Shared, StreamState};
+
+/// Lines per body chunk when catching up.
+const MAX_LINES_PER_CHUNK: usize = 512;
+/// How often a delayed connection re-checks for lines that have become old enough.
+const DELAY_POLL: Duration = Duration::from_millis(20);
+
+pub(crate) type BodyTx = mpsc::Sender<Result<Bytes, io::Error>>;
+
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Go,
+    Stop,
+}
+
+enum Wake {
+    Data,
+    Heartbeat,
+    Order,
+    Closed,
+}
+
+pub(crate) struct Writer {
+    pub shared: Arc<Shared>,
+    pub stream: Arc<StreamState>,
+    pub entry: Arc<ConnEntry>,
+    pub tx: BodyTx,
+    pub enc: Encoder,
+    last_send: Instant,
+    corrupt_next: bool,
+    rng: fastrand::Rng,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("connection", &self.entry.id).finish()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stream.release(self.entry.id, self.entry.partition);
+        if self.entry.kind == ConnectionKind::Recovery {
+            let mut jobs = self.shared.recovery_jobs.lock().expect("jobs lock");
+            if let Some(n) = jobs.get_mut(&self.stream.cfg.account()) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        tracing::debug!(connection = self.entry.id, "simulator connection closed");
+    }
+}
+
+impl Writer {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        stream: Arc<StreamState>,
+        entry: Arc<ConnEntry>,
+        tx: BodyTx,
+        enc: Encoder,
+    ) -> Writer {
+        let seed = entry.id;
+        Writer {
+            shared,
+            stream,
+            entry,
+            tx,
+            enc,
+            last_send: Instant::now(),
+            corrupt_next: false,
+            rng: fastrand::Rng::with_seed(seed),
+        }
+    }
+
+    fn heartbeat_every(&self) -> Duration {
+        Duration::from_millis(self.stream.cfg.heartbeat_ms())
+    }
+
+    async fn send_raw(&mut self, bytes: Vec<u8>) -> Flow {
+        let bps = self.entry.control.throttle_bytes_per_sec.load(Ordering::Relaxed);
+        if bps > 0 {
+            sleep(Duration::from_secs_f64(bytes.len() as f64 / bps as f64)).await;
+        }
+        self.entry
+            .bytes_sent
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if self.tx.send(Ok(Bytes::from(bytes))).await.is_err() {
+            return Flow::Stop;
+        }
+        self.last_send = Instant::now();
+        Flow::Go
+    }
+
+    async fn send_plain(&mut self, plain: &[u8]) -> Flow {
+        let mut out = Vec::with_capacity(plain.len() / 3 + 64);
+        self.enc.encode(plain, &mut out);
+        self.send_raw(out).await
+    }
+
+    /// Ends the body with an error: hyper drops the connection without a final chunk.
+    async fn abort(&mut self) {
+        let _ = self
+            .tx
+            .send(Err(io::Error::other("connection dropped by the simulator")))
+            .await;
+    }
+
+    fn fake_id(&mut self) -> u64 {
+        // Far above any generated snowflake, so an injected line never collides with one.
+        (1 << 62) | self.rng.u64(..1 << 60)
+    }
+
+    async fn obey_orders(&mut self) -> Flow {
+        for order in self.entry.control.take_orders() {
+            match order {
+                Command::Drop => {
+                    self.abort().await;
+                    return Flow::Stop;
+                }
+                Command::Evict(message) => {
+                    let line = format!(
+                        "{}\r\n",
+                        serde_json::json!({ "error": { "message": message } })
+                    );
+                    let _ = self.send_plain(line.as_bytes()).await;
+                    return Flow::Stop;
+                }
+                Command::Inject(injection) => {
+                    if self.inject(injection).await == Flow::Stop {
+                        return Flow::Stop;
+                    }
+                }
+            }
+        }
+        Flow::Go
+    }
+
+    async fn inject(&mut self, injection: Injection) -> Flow {
+        let id = self.fake_id();
+        match injection {
+            Injection::MalformedLine => {
+                let line = format!("{{\"id_str\":\"{id}\",\"text\":\"cut off by the simulator\r\n");
+                self.send_plain(line.as_bytes()).await
+            }
+            Injection::OversizeLine { bytes } => {
+                let head = format!("{{\"id_str\":\"{id}\",\"text\":\"");
+                let mut line = head.into_bytes();
+                line.resize(bytes.saturating_sub(4).max(line.len()), b'x');
+                line.extend_from_slice(b"\"}\r\n");
+                self.send_plain(&line).await
+            }
+            Injection::InvalidUtf8Line => {
+                let mut line = format!("{{\"id_str\":\"{id}\",\"text\":\"").into_bytes();
+                line.extend_from_slice(b"\xff\xfe\xfd");
+                line.extend_from_slice(b"\"}\r\n");
+                self.send_plain(&line).await
+            }
+            Injection::TruncateAndClose => {
+                let line = format!("{{\"id_str\":\"{id}\",\"text\":\"the connection ends in the mid");
+                let _ = self.send_plain(line.as_bytes()).await;
+                self.abort().await;
+                Flow::Stop
+            }
+            Injection::BrokenGzip => {
+                // 0xff starts a block of reserved type 3: no inflater accepts it.
+                let _ = self.send_raw(vec![0xff; 64]).await;
+                self.abort().await;
+                Flow::Stop
+            }
+            Injection::CorruptNextActivity => {
+                self.corrupt_next = true;
+                Flow::Go
+            }
+        }
+    }
+
+    /// Waits for one of: new data, heartbeat due, an order or fault change, the client
+    /// going away, or shutdown. `heartbeat` false means stalled (nothing is sent at all).
+    async fn wait(&self, head: &mut watch::Receiver<u64>, heartbeat: bool, poll: Option<Duration>) -> Wake {
+        let mut shutdown = self.shared.shutdown.subscribe();
+        if *shutdown.borrow_and_update() {
+            return Wake::Closed;
+        }
+        let hb_at = self.last_send + self.heartbeat_every();
+        let far = Instant::now() + Duration::from_secs(3600);
+        tokio::select! {
+            r = head.changed() => if r.is_ok() { Wake::Data } else { Wake::Closed },
+            () = sleep_until(if heartbeat { hb_at } else { far }) => Wake::Heartbeat,
+            () = sleep(poll.unwrap_or(Duration::from_secs(3600))) => Wake::Data,
+            () = self.entry.control.wake.notified() => Wake::Order,
+            () = self.tx.closed() => Wake::Closed,
+            _ = shutdown.changed() => Wake::Closed,
+        }
+    }
+
+    /// Serves a live (or backfill) connection from `cursor` until it ends.
+    pub(crate) async fn run_live(mut self, mut cursor: u64) {
+        let stream = self.stream.clone();
+        let Some(partition) = stream.partition(self.entry.partition) else {
+            return;
+        };
+        let mut head = partition.log.subscribe();
+        let mut header = Vec::new();
+        self.enc.header(&mut header);
+        if !header.is_empty() && self.send_raw(header).await == Flow::Stop {
+            return;
+        }
+        loop {
+            if *self.shared.shutdown.borrow() {
+                self.abort().await;
+                return;
+            }
+            if self.obey_orders().await == Flow::Stop {
+                return;
+            }
+            let control = &self.entry.control;
+            if control.stalled.load(Ordering::SeqCst) {
+                if let Wake::Closed = self.wait(&mut head, false, None).await {
+                    return;
+                }
+                continue;
+            }
+            let delay = control.delay_ms.load(Ordering::SeqCst);
+            let read = partition.log.read(
+                cursor,
+                MAX_LINES_PER_CHUNK,
+                unix_ms_now().saturating_sub(delay),
+            );
+            if read.fell_behind {
+                self.entry.control.order(Command::Evict(
+                    "This stream has been disconnected because the client fell behind the retained buffer".to_owned(),
+                ));
+                continue;
+            }
+            if !read.entries.is_empty() {
+                cursor = read.next;
+                if control.heartbeats_only.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let mut plain = Vec::with_capacity(read.entries.iter().map(|e| e.line.len() + 2).sum());
+                for e in &read.entries {
+                    if std::mem::take(&mut self.corrupt_next) {
+                        plain.extend_from_slice(&e.line[..e.line.len() / 2]);
+                    } else {
+                        plain.extend_from_slice(&e.line);
+                    }
+                    plain.extend_from_slice(b"\r\n");
+                }
+                self.entry
+                    .activities_sent
+                    .fetch_add(read.entries.len() as u64, Ordering::Relaxed);
+                if self.send_plain(&plain).await == Flow::Stop {
+                    return;
+                }
+                continue;
+            }
+            let poll = (delay > 0).then_some(DELAY_POLL);
+            match self.wait(&mut head, true, poll).await {
+                Wake::Closed => return,
+                Wake::Heartbeat => {
+                    if self.send_plain(b"\r\n").await == Flow::Stop {
+                        return;
+                    }
+                }
+                Wake::Data | Wake::Order => {}
+            }
+        }
+    }
+
+    /// Serves a recovery request: the range oldest first, then the completion message.
+    pub(crate) async fn run_recovery(mut self, start_ms: u64, end_ms: u64) {
+        let stream = self.stream.clone();
+        let Some(partition) = stream.partition(self.entry.partition) else {
+            return;
+        };
+        let mut head = partition.log.subscribe();
+        let mut header = Vec::new();
+        self.enc.header(&mut header);
+        if !header.is_empty() && self.send_raw(header).await == Flow::Stop {
+            return;
+        }
+        // A range that reaches into the future completes once it has passed.
+        while unix_ms_now() < end_ms {
+            let left = Duration::from_millis(end_ms - unix_ms_now());
+            if self.obey_orders().await == Flow::Stop {
+                return;
+            }
+            match self.wait(&mut head, true, Some(left)).await {
+                Wake::Closed => return,
+                Wake::Heartbeat => {
+                    if self.send_plain(b"\r\n").await == Flow::Stop {
+                        return;
+                    }
+                }
+                Wake::Data | Wake::Order => {}
+            }
+        }
+        let entries = partition.log.created_between(start_ms, end_ms);
+        let per_tick = (stream.cfg.recovery_rate_per_sec / 20).max(1) as usize;
+        let mut sent = 0u64;
+        for chunk in entries.chunks(per_tick) {
+            loop {
+                if self.obey_orders().await == Flow::Stop {
+                    return;
+                }
+                if !self.entry.control.stalled.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Wake::Closed = self.wait(&mut head, false, None).await {
+                    return;
+                }
+            }
+            let mut plain = Vec::new();
+            for e in chunk {
+                plain.extend_from_slice(&e.line);
+                plain.extend_from_slice(b"\r\n");
+            }
+            sent += chunk.len() as u64;
+            self.entry
+                .activities_sent
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            if self.send_plain(&plain).await == Flow::Stop {
+                return;
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+        let done = format!(
+            "{{\"info\":{{\"message\":\"Recovery Request Completed\",\"sent\":\"{}\",\"activity_count\":{sent}}}}}\r\n",
+            rfc3339_ms(unix_ms_now())
+        );
+        let mut out = Vec::new();
+        self.enc.encode(done.as_bytes(), &mut out);
+        self.enc.finish(&mut out);
+        let _ = self.send_raw(out).await;
+        tracing::info!(stream = %stream.cfg.name, partition = self.entry.partition, sent, "recovery request completed");
+    }
+
+    /// Streams the pre-encoded corpus at full speed, then idles with heartbeats.
+    pub(crate) async fn run_corpus(mut self, corpus: Arc<Corpus>, total: u64) {
+        let stream = self.stream.clone();
+        let partitions = u64::from(stream.cfg.partitions.max(1));
+        let offset = u64::from(self.entry.partition - 1);
+        let gzip = self.enc.is_gzip();
+        let mut out = Vec::with_capacity(160 * 1024);
+        self.enc.header(&mut out);
+        let mut k = 0u64;
+        while k < total && !corpus.is_empty() {
+            if self.obey_orders().await == Flow::Stop {
+                return;
+            }
+            let before = k;
+            while out.len() < 128 * 1024 && k < total {
+                corpus.write_line(k, stream.corpus_base + k * partitions + offset, gzip, &mut out);
+                k += 1;
+            }
+            self.entry
+                .activities_sent
+                .fetch_add(k - before, Ordering::Relaxed);
+            let chunk = std::mem::replace(&mut out, Vec::with_capacity(160 * 1024));
+            if self.send_raw(chunk).await == Flow::Stop {
+                return;
+            }
+        }
+        let Some(partition) = stream.partition(self.entry.partition) else {
+            return;
+        };
+        let mut head = partition.log.subscribe();
+        loop {
+            if self.obey_orders().await == Flow::Stop {
+                return;
+            }
+            match self.wait(&mut head, true, None).await {
+                Wake::Closed => return,
+                Wake::Heartbeat => {
+                    if self.send_plain(b"\r\n").await == Flow::Stop {
+                        return;
+                    }
+                }
+                Wake::Data | Wake::Order => {}
+            }
+        }
+    }
+}
