@@ -299,7 +299,9 @@ mod tests {
     fn samples_have_documented_identities() {
         assert_eq!(
             identify(&sample("activity-streams-post.json")),
-            Ok(LineKind::Activity(ActivityId::Post(804_451_830_033_948_672)))
+            Ok(LineKind::Activity(ActivityId::Post(
+                804_451_830_033_948_672
+            )))
         );
         assert_eq!(
             identify(&sample("like.json")),
@@ -324,7 +326,9 @@ mod tests {
         );
         assert_eq!(
             identify(&sample("v2-post.json")),
-            Ok(LineKind::Activity(ActivityId::Post(1_067_094_924_124_872_705)))
+            Ok(LineKind::Activity(ActivityId::Post(
+                1_067_094_924_124_872_705
+            )))
         );
     }
 
@@ -335,7 +339,9 @@ mod tests {
         let first = text.lines().next().unwrap();
         assert_eq!(
             identify(first.as_bytes()),
-            Ok(LineKind::Activity(ActivityId::Post(505_874_924_095_815_681)))
+            Ok(LineKind::Activity(ActivityId::Post(
+                505_874_924_095_815_681
+            )))
         );
         let mut seen = std::collections::HashSet::new();
         for line in text.lines() {
@@ -359,7 +365,10 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert_eq!(kinds[0], (SystemKind::Info, "Recovery Request Completed".into()));
+        assert_eq!(
+            kinds[0],
+            (SystemKind::Info, "Recovery Request Completed".into())
+        );
         assert_eq!(kinds[1].0, SystemKind::Error);
         assert!(kinds[1].1.contains("maximum number of connections"));
     }
@@ -387,7 +396,8 @@ mod tests {
     /// A nested id never stands in for a missing top-level one.
     #[test]
     fn nested_ids_are_never_taken() {
-        let line = br#"{"user":{"id_str":"1","id":1},"retweeted_status":{"id_str":"2"},"text":"x"}"#;
+        let line =
+            br#"{"user":{"id_str":"1","id":1},"retweeted_status":{"id_str":"2"},"text":"x"}"#;
         assert_eq!(identify(line), Err(IdentityError::MissingId));
         let line = br#"{"user":{"id_str":"1"},"id_str":"3"}"#;
         assert_eq!(identify(line), Ok(LineKind::Activity(ActivityId::Post(3))));
@@ -404,7 +414,10 @@ mod tests {
         assert_eq!(validate(truncated).unwrap_err().label(), "invalid_json");
         let bad_utf8 = b"{\"id_str\":\"42\",\"text\":\"\xff\xfe\"}";
         assert_eq!(validate(bad_utf8).unwrap_err().label(), "invalid_utf8");
-        assert_eq!(validate(br#"{"a":1} {"b":2}"#).unwrap_err().label(), "invalid_json");
+        assert_eq!(
+            validate(br#"{"a":1} {"b":2}"#).unwrap_err().label(),
+            "invalid_json"
+        );
     }
 
     /// Escaped keys and whitespace are read as JSON defines them.

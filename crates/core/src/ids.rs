@@ -194,7 +194,10 @@ mod tests {
         assert_eq!(snowflake_unix_ms(id), t);
         assert!(snowflake(t + 1, 0, 0) > id);
         // A real id from the samples: posted 2014-08-31T00:29:15Z.
-        assert_eq!(snowflake_unix_ms(505_874_924_095_815_681) / 1000, 1_409_444_955);
+        assert_eq!(
+            snowflake_unix_ms(505_874_924_095_815_681) / 1000,
+            1_409_444_955
+        );
     }
 
     /// Composite identities that differ in any field get different keys.

@@ -11,15 +11,20 @@
 //! - [`envelope`]: [`Batch`] of raw lines with their origin (stream, partition, path,
 //!   receive time, sequence) and [`Unique`] activities after deduplication.
 //! - [`time`]: wall-clock helpers (milliseconds since the Unix epoch, RFC 3339).
+//! - [`secret`]: [`Secret`], a credential that never prints.
+//! - [`metric`]: every metric name tandem exports, in one place.
 
 pub mod envelope;
 pub mod identity;
 pub mod ids;
+pub mod metric;
+pub mod secret;
 pub mod time;
 
 pub use envelope::{Batch, Origin, PathId, StreamId, Unique, UniqueBatch};
 pub use identity::{IdentityError, LineKind, SystemKind, SystemMessage, identify, validate};
 pub use ids::{ActivityId, DedupKey};
+pub use secret::Secret;
 
 /// A partition number as the upstream numbers them (from 1).
 pub type Partition = u32;

@@ -115,7 +115,10 @@ mod tests {
         assert_eq!(rfc3339_ms(ms), "2023-07-05T17:09:12.070Z");
         assert_eq!(rfc3339_secs(ms), "2023-07-05T17:09:12Z");
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339("2024-02-29T23:59:59.5Z"), Some(1_709_251_199_500));
+        assert_eq!(
+            parse_rfc3339("2024-02-29T23:59:59.5Z"),
+            Some(1_709_251_199_500)
+        );
         assert_eq!(parse_rfc3339("2024-13-01T00:00:00Z"), None);
         assert_eq!(parse_rfc3339("yesterday"), None);
     }

@@ -229,7 +229,9 @@ impl StreamConfig {
             api: Api::V2 {
                 path: path.to_owned(),
                 bearer_token: bearer_token.to_owned(),
-                partitioned: partitions > 1 || path.contains("sample10") || path.contains("firehose"),
+                partitioned: partitions > 1
+                    || path.contains("sample10")
+                    || path.contains("firehose"),
             },
             partitions,
             content: Content::V2Posts,
@@ -245,7 +247,9 @@ impl StreamConfig {
                 account,
                 label,
                 ..
-            } => format!("/stream/{stream_type}/accounts/{account}/publishers/twitter/{label}.json"),
+            } => {
+                format!("/stream/{stream_type}/accounts/{account}/publishers/twitter/{label}.json")
+            }
             Api::V2 { path, .. } => path.clone(),
         }
     }
@@ -281,7 +285,12 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 fn default_streams() -> Vec<StreamConfig> {
-    vec![StreamConfig::decahose("decahose", "demo", "demo@example.com", "demo-password")]
+    vec![StreamConfig::decahose(
+        "decahose",
+        "demo",
+        "demo@example.com",
+        "demo-password",
+    )]
 }
 fn default_tls_names() -> Vec<String> {
     vec!["localhost".to_owned(), "127.0.0.1".to_owned()]

@@ -162,7 +162,11 @@ mod tests {
             let mut dec = flate2::read::GzDecoder::new(&gz[..]);
             let _ = dec.read_to_end(&mut inflated);
             assert_eq!(inflated, plain);
-            for (k, line) in inflated.split(|&b| b == b'\n').filter(|l| l.len() > 1).enumerate() {
+            for (k, line) in inflated
+                .split(|&b| b == b'\n')
+                .filter(|l| l.len() > 1)
+                .enumerate()
+            {
                 let line = line.strip_suffix(b"\r").unwrap();
                 validate(line).unwrap();
                 assert_eq!(

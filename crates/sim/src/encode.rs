@@ -116,7 +116,10 @@ mod tests {
         let mut out = Vec::new();
         let mut expect = Vec::new();
         for i in 0..200 {
-            let line = format!("{{\"id_str\":\"{i}\",\"pad\":\"{}\"}}\r\n", "x".repeat(i * 7));
+            let line = format!(
+                "{{\"id_str\":\"{i}\",\"pad\":\"{}\"}}\r\n",
+                "x".repeat(i * 7)
+            );
             enc.encode(line.as_bytes(), &mut out);
             expect.extend_from_slice(line.as_bytes());
         }

@@ -134,12 +134,19 @@ pub(crate) struct Control {
 
 impl Control {
     pub(crate) fn order(&self, command: Command) {
-        self.commands.lock().expect("control lock").push_back(command);
+        self.commands
+            .lock()
+            .expect("control lock")
+            .push_back(command);
         self.wake.notify_one();
     }
 
     pub(crate) fn take_orders(&self) -> Vec<Command> {
-        self.commands.lock().expect("control lock").drain(..).collect()
+        self.commands
+            .lock()
+            .expect("control lock")
+            .drain(..)
+            .collect()
     }
 
     /// Applies a connection-level fault; returns false for faults that are not.

@@ -50,7 +50,10 @@ impl Template {
             if let Some((_, piece)) = holes.iter().find(|(k, _)| *k == key.as_ref()) {
                 let raw = value.as_raw_str();
                 let start = raw.as_ptr() as usize - base;
-                assert!(start + raw.len() <= json.len(), "raw value outside the sample");
+                assert!(
+                    start + raw.len() <= json.len(),
+                    "raw value outside the sample"
+                );
                 spans.push((start, start + raw.len(), piece.clone()));
             }
         }
@@ -157,10 +160,17 @@ fn v2_template(native: &str) -> Template {
             Piece::QuotedId,
             Piece::Lit(b",\"edit_history_tweet_ids\":[".to_vec()),
             Piece::QuotedId,
-            Piece::Lit(format!("],\"text\":{},\"author_id\":\"{author}\",\"created_at\":", quoted(&text)).into_bytes()),
+            Piece::Lit(
+                format!(
+                    "],\"text\":{},\"author_id\":\"{author}\",\"created_at\":",
+                    quoted(&text)
+                )
+                .into_bytes(),
+            ),
             Piece::QuotedIsoDate,
             Piece::Lit(
-                b"},\"matching_rules\":[{\"id\":\"1166916266197536768\",\"tag\":\"sim\"}]}".to_vec(),
+                b"},\"matching_rules\":[{\"id\":\"1166916266197536768\",\"tag\":\"sim\"}]}"
+                    .to_vec(),
             ),
         ],
     }
@@ -233,7 +243,10 @@ impl Generator {
         } else {
             self.sequence += 1;
         }
-        (snowflake(self.last_ms, self.worker, self.sequence), self.last_ms)
+        (
+            snowflake(self.last_ms, self.worker, self.sequence),
+            self.last_ms,
+        )
     }
 
     /// The next line at wall-clock time `now_ms`.

@@ -45,7 +45,11 @@ pub(crate) enum SimIo {
 }
 
 impl AsyncRead for SimIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             SimIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
             SimIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -54,7 +58,11 @@ impl AsyncRead for SimIo {
 }
 
 impl AsyncWrite for SimIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             SimIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
             SimIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -107,12 +115,18 @@ impl SimListener {
                     Some(acceptor) => {
                         let acceptor = acceptor.clone();
                         tokio::spawn(async move {
-                            let hs = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await;
+                            let hs = tokio::time::timeout(
+                                Duration::from_secs(10),
+                                acceptor.accept(stream),
+                            )
+                            .await;
                             match hs {
                                 Ok(Ok(s)) => {
                                     let _ = tx.send((SimIo::Tls(Box::new(s)), peer)).await;
                                 }
-                                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
+                                Ok(Err(e)) => {
+                                    tracing::debug!(%peer, error = %e, "tls handshake failed")
+                                }
                                 Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
                             }
                         });
@@ -199,7 +213,12 @@ struct StreamQuery {
 impl StreamQuery {
     fn parse(uri: &Uri, v2: bool) -> StreamQuery {
         let mut q = StreamQuery::default();
-        for pair in uri.query().unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        for pair in uri
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let v = percent_decode(v);
             match (k, v2) {
@@ -247,11 +266,16 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn authorized(api: &Api, headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
     match api {
-        Api::Gnip { username, password, .. } => value
+        Api::Gnip {
+            username, password, ..
+        } => value
             .strip_prefix("Basic ")
             .and_then(|b64| decode_base64(b64.trim()))
             .is_some_and(|decoded| decoded == format!("{username}:{password}").as_bytes()),
@@ -350,7 +374,10 @@ fn serve_stream(
             if v2 {
                 let reset_secs = stream.window_reset_ms().div_ceil(1000);
                 let h = resp.headers_mut();
-                h.insert("x-rate-limit-limit", HeaderValue::from(cfg.connect_limit as u64));
+                h.insert(
+                    "x-rate-limit-limit",
+                    HeaderValue::from(cfg.connect_limit as u64),
+                );
                 h.insert("x-rate-limit-remaining", HeaderValue::from(0u64));
                 h.insert("x-rate-limit-reset", HeaderValue::from(reset_secs));
             }
@@ -362,7 +389,10 @@ fn serve_stream(
     }
 
     if !authorized(&cfg.api, headers) {
-        return json_error(StatusCode::UNAUTHORIZED, "Unauthorized: the credentials were not accepted");
+        return json_error(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized: the credentials were not accepted",
+        );
     }
     let gzip = accepts_gzip(headers);
     if !gzip && !v2 {
@@ -385,7 +415,12 @@ fn serve_stream(
                     &format!("partition must be a number from 1 to {}", cfg.partitions),
                 );
             }
-            None => return json_error(StatusCode::BAD_REQUEST, "the partition parameter is required"),
+            None => {
+                return json_error(
+                    StatusCode::BAD_REQUEST,
+                    "the partition parameter is required",
+                );
+            }
         }
     } else {
         1
@@ -405,19 +440,34 @@ fn serve_stream(
 
     let range = if recovery {
         let (Some(start), Some(end)) = (q.start.as_deref(), q.end.as_deref()) else {
-            return json_error(StatusCode::BAD_REQUEST, "recovery needs both a start time and an end time");
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "recovery needs both a start time and an end time",
+            );
         };
         let (Some(start_ms), Some(end_ms)) = (parse_rfc3339(start), parse_rfc3339(end)) else {
-            return json_error(StatusCode::BAD_REQUEST, "start and end times must be RFC 3339 UTC, e.g. 2023-07-05T17:09:12.070Z");
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "start and end times must be RFC 3339 UTC, e.g. 2023-07-05T17:09:12.070Z",
+            );
         };
         if start_ms >= end_ms {
-            return json_error(StatusCode::BAD_REQUEST, "the start time must be before the end time");
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "the start time must be before the end time",
+            );
         }
         if start_ms < now.saturating_sub(cfg.retention_ms) {
-            return json_error(StatusCode::BAD_REQUEST, "the start time is outside the recovery retention window");
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "the start time is outside the recovery retention window",
+            );
         }
         if backfill_minutes > 0 {
-            return json_error(StatusCode::BAD_REQUEST, "backfill and recovery cannot be combined");
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "backfill and recovery cannot be combined",
+            );
         }
         Some((start_ms, end_ms))
     } else {
@@ -430,7 +480,10 @@ fn serve_stream(
         if *running >= cfg.max_recovery_jobs {
             return json_error(
                 StatusCode::TOO_MANY_REQUESTS,
-                &format!("at most {} recovery jobs may run at once", cfg.max_recovery_jobs),
+                &format!(
+                    "at most {} recovery jobs may run at once",
+                    cfg.max_recovery_jobs
+                ),
             );
         }
         *running += 1;
@@ -441,7 +494,11 @@ fn serve_stream(
         id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
         partition,
         client,
-        kind: if range.is_some() { ConnectionKind::Recovery } else { ConnectionKind::Live },
+        kind: if range.is_some() {
+            ConnectionKind::Recovery
+        } else {
+            ConnectionKind::Live
+        },
         opened_ms: now,
         control: Control::default(),
         bytes_sent: AtomicU64::new(0),
@@ -449,7 +506,11 @@ fn serve_stream(
     });
     tracing::info!(stream = %cfg.name, partition, %client, connection = entry.id, backfill_minutes, recovery = range.is_some(), "simulator connection opened");
     let (tx, rx) = mpsc::channel(4);
-    let encoder = if gzip { Encoder::gzip() } else { Encoder::Identity };
+    let encoder = if gzip {
+        Encoder::gzip()
+    } else {
+        Encoder::Identity
+    };
     let writer = Writer::new(shared.clone(), stream.clone(), entry.clone(), tx, encoder);
     match range {
         Some((start_ms, end_ms)) => {
@@ -461,7 +522,8 @@ fn serve_stream(
         None => {
             let cursor = stream.partition(partition).map_or(0, |p| {
                 if backfill_minutes > 0 {
-                    p.log.cursor_at(now.saturating_sub(backfill_minutes * cfg.minute_ms))
+                    p.log
+                        .cursor_at(now.saturating_sub(backfill_minutes * cfg.minute_ms))
                 } else {
                     p.log.head()
                 }
@@ -480,7 +542,10 @@ fn serve_stream(
 
     let mut resp = Response::new(Body::new(ChannelBody(rx)));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
     h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
     if gzip {
         h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
@@ -495,7 +560,10 @@ async fn admin_connections(State(shared): State<Arc<Shared>>) -> Response {
 async fn admin_stats(State(shared): State<Arc<Shared>>) -> Response {
     let mut streams = serde_json::Map::new();
     for s in &shared.streams {
-        streams.insert(s.cfg.name.clone(), serde_json::to_value(s.stats()).unwrap_or_default());
+        streams.insert(
+            s.cfg.name.clone(),
+            serde_json::to_value(s.stats()).unwrap_or_default(),
+        );
     }
     Json(serde_json::json!({ "streams": streams, "faults": shared.fault_counts() })).into_response()
 }
@@ -522,7 +590,12 @@ struct PublishBody {
 async fn admin_publish(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let req: PublishBody = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("bad publish request: {e}")),
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("bad publish request: {e}"),
+            );
+        }
     };
     let stream = match shared.stream(&req.stream) {
         Ok(s) => s.clone(),
@@ -536,7 +609,10 @@ async fn admin_publish(State(shared): State<Arc<Shared>>, body: Bytes) -> Respon
     Json(serde_json::json!({ "activities": activities })).into_response()
 }
 
-async fn admin_truth(State(shared): State<Arc<Shared>>, Query(q): Query<HashMap<String, String>>) -> Response {
+async fn admin_truth(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     let Some(name) = q.get("stream") else {
         return json_error(StatusCode::BAD_REQUEST, "the stream parameter is required");
     };
@@ -597,9 +673,15 @@ mod tests {
     fn accept_encoding() {
         let mut h = HeaderMap::new();
         assert!(!accepts_gzip(&h));
-        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("deflate, gzip;q=0.5"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("deflate, gzip;q=0.5"),
+        );
         assert!(accepts_gzip(&h));
-        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip;q=0"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip;q=0"),
+        );
         assert!(!accepts_gzip(&h));
     }
 

@@ -92,10 +92,16 @@ impl Simulator {
         let mut names = std::collections::HashSet::new();
         for s in &config.streams {
             if !names.insert(s.name.clone()) {
-                return Err(SimError::Config(format!("stream name {:?} is used twice", s.name)));
+                return Err(SimError::Config(format!(
+                    "stream name {:?} is used twice",
+                    s.name
+                )));
             }
             if s.partitions == 0 {
-                return Err(SimError::Config(format!("stream {:?} needs at least one partition", s.name)));
+                return Err(SimError::Config(format!(
+                    "stream {:?} needs at least one partition",
+                    s.name
+                )));
             }
         }
         let tcp = TcpListener::bind(config.listen)
@@ -111,22 +117,25 @@ impl Simulator {
         let (acceptor, ca_file) = match &config.tls {
             Some(tls) => {
                 let material = tls::generate(&tls.names)?;
-                std::fs::write(&tls.ca_file, &material.ca_pem).map_err(|source| SimError::CaFile {
-                    path: tls.ca_file.clone(),
-                    source,
+                std::fs::write(&tls.ca_file, &material.ca_pem).map_err(|source| {
+                    SimError::CaFile {
+                        path: tls.ca_file.clone(),
+                        source,
+                    }
                 })?;
                 (Some(material.acceptor), Some(tls.ca_file.clone()))
             }
             None => (None, None),
         };
         let scheme = if acceptor.is_some() { "https" } else { "http" };
-        let listener = http::SimListener::spawn(tcp, acceptor).map_err(|source| SimError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let listener =
+            http::SimListener::spawn(tcp, acceptor).map_err(|source| SimError::Bind {
+                addr: config.listen,
+                source,
+            })?;
         let shared = Arc::new(Shared::new(config.streams));
-        let app = http::router(shared.clone())
-            .into_make_service_with_connect_info::<http::ClientAddr>();
+        let app =
+            http::router(shared.clone()).into_make_service_with_connect_info::<http::ClientAddr>();
         let mut tasks = vec![tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "simulator server stopped");
@@ -200,7 +209,12 @@ impl SimHandle {
 
     /// Publishes lines verbatim to a partition; returns how many are activities (those
     /// enter the ground truth).
-    pub fn publish(&self, stream: &str, partition: u32, lines: Vec<Bytes>) -> Result<usize, SimError> {
+    pub fn publish(
+        &self,
+        stream: &str,
+        partition: u32,
+        lines: Vec<Bytes>,
+    ) -> Result<usize, SimError> {
         let s = self.shared.stream(stream)?;
         if s.partition(partition).is_none() {
             return Err(SimError::UnknownPartition {
@@ -282,9 +296,8 @@ async fn generate_forever(shared: Arc<Shared>, idx: usize) {
             let mut generator = stream.generator.lock().expect("generator lock");
             for i in 0..n {
                 let g = generator.next(now_ms);
-                let p = g
-                    .id
-                    .map_or((i % partitions) as u32 + 1, |id| stream.partition_of(&id));
+                let p =
+                    g.id.map_or((i % partitions) as u32 + 1, |id| stream.partition_of(&id));
                 per_partition[(p - 1) as usize].push((g.line, g.id, g.created_ms));
             }
         }

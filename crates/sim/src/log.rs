@@ -121,10 +121,7 @@ impl PartitionLog {
     pub(crate) fn cursor_at(&self, since_ms: u64) -> u64 {
         let inner = self.inner.lock().expect("log lock");
         let idx = inner.entries.partition_point(|e| e.published_ms < since_ms);
-        inner
-            .entries
-            .get(idx)
-            .map_or(inner.next_seq, |e| e.seq)
+        inner.entries.get(idx).map_or(inner.next_seq, |e| e.seq)
     }
 
     /// Up to `max` lines from `cursor`, only those published at or before `published_by_ms`.

@@ -115,7 +115,10 @@ impl Shared {
                         conns: Mutex::new(Vec::new()),
                     })
                     .collect();
-                let corpus = cfg.corpus.as_ref().map(|_| Arc::new(Corpus::build(cfg.content)));
+                let corpus = cfg
+                    .corpus
+                    .as_ref()
+                    .map(|_| Arc::new(Corpus::build(cfg.content)));
                 Arc::new(StreamState {
                     idx,
                     generator: Mutex::new(Generator::new(cfg.content, idx as u16, cfg.info_every)),
@@ -267,9 +270,7 @@ impl StreamState {
     /// When the oldest request of the window leaves it (for `x-rate-limit-reset`).
     pub(crate) fn window_reset_ms(&self) -> u64 {
         let window = self.requests.lock().expect("requests lock");
-        window
-            .front()
-            .map_or(0, |t| t + self.cfg.connect_window_ms)
+        window.front().map_or(0, |t| t + self.cfg.connect_window_ms)
     }
 
     /// A forced status for this request, if a reject rule applies.
@@ -341,7 +342,9 @@ impl StreamState {
             .filter(|c| c.kind == ConnectionKind::Live)
             .cloned()
             .collect();
-        let excess = live.len().saturating_sub(self.cfg.max_connections_per_partition);
+        let excess = live
+            .len()
+            .saturating_sub(self.cfg.max_connections_per_partition);
         for old in live.iter().take(excess) {
             old.control.order(Command::Evict(
                 "This stream has been disconnected because a new connection was made and the maximum number of connections has been reached".to_owned(),

@@ -50,7 +50,9 @@ pub(crate) struct Writer {
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Writer").field("connection", &self.entry.id).finish()
+        f.debug_struct("Writer")
+            .field("connection", &self.entry.id)
+            .finish()
     }
 }
 
@@ -93,7 +95,11 @@ impl Writer {
     }
 
     async fn send_raw(&mut self, bytes: Vec<u8>) -> Flow {
-        let bps = self.entry.control.throttle_bytes_per_sec.load(Ordering::Relaxed);
+        let bps = self
+            .entry
+            .control
+            .throttle_bytes_per_sec
+            .load(Ordering::Relaxed);
         if bps > 0 {
             sleep(Duration::from_secs_f64(bytes.len() as f64 / bps as f64)).await;
         }
@@ -172,7 +178,8 @@ impl Writer {
                 self.send_plain(&line).await
             }
             Injection::TruncateAndClose => {
-                let line = format!("{{\"id_str\":\"{id}\",\"text\":\"the connection ends in the mid");
+                let line =
+                    format!("{{\"id_str\":\"{id}\",\"text\":\"the connection ends in the mid");
                 let _ = self.send_plain(line.as_bytes()).await;
                 self.abort().await;
                 Flow::Stop
@@ -192,7 +199,12 @@ impl Writer {
 
     /// Waits for one of: new data, heartbeat due, an order or fault change, the client
     /// going away, or shutdown. `heartbeat` false means stalled (nothing is sent at all).
-    async fn wait(&self, head: &mut watch::Receiver<u64>, heartbeat: bool, poll: Option<Duration>) -> Wake {
+    async fn wait(
+        &self,
+        head: &mut watch::Receiver<u64>,
+        heartbeat: bool,
+        poll: Option<Duration>,
+    ) -> Wake {
         let mut shutdown = self.shared.shutdown.subscribe();
         if *shutdown.borrow_and_update() {
             return Wake::Closed;
@@ -253,7 +265,8 @@ impl Writer {
                 if control.heartbeats_only.load(Ordering::SeqCst) {
                     continue;
                 }
-                let mut plain = Vec::with_capacity(read.entries.iter().map(|e| e.line.len() + 2).sum());
+                let mut plain =
+                    Vec::with_capacity(read.entries.iter().map(|e| e.line.len() + 2).sum());
                 for e in &read.entries {
                     if std::mem::take(&mut self.corrupt_next) {
                         plain.extend_from_slice(&e.line[..e.line.len() / 2]);
@@ -366,7 +379,12 @@ impl Writer {
             }
             let before = k;
             while out.len() < 128 * 1024 && k < total {
-                corpus.write_line(k, stream.corpus_base + k * partitions + offset, gzip, &mut out);
+                corpus.write_line(
+                    k,
+                    stream.corpus_base + k * partitions + offset,
+                    gzip,
+                    &mut out,
+                );
                 k += 1;
             }
             self.entry

@@ -18,7 +18,12 @@ const SEC: Duration = Duration::from_secs(1);
 async fn connect_status_codes() {
     let sim = start(vec![fast_gnip("d", 50.0)]).await;
     let ok = url(&sim, "d", "partition=1");
-    assert_eq!(Stream::open(&ok, Auth::Basic(USER, "wrong"), true).await.status, 401);
+    assert_eq!(
+        Stream::open(&ok, Auth::Basic(USER, "wrong"), true)
+            .await
+            .status,
+        401
+    );
     assert_eq!(Stream::open(&ok, Auth::None, true).await.status, 401);
     let s = Stream::open(&ok, Auth::Basic(USER, PASS), false).await;
     assert_eq!(s.status, 406);
@@ -28,7 +33,11 @@ async fn connect_status_codes() {
         assert_eq!(s.status, 400, "{q}: {}", s.text);
         assert!(s.text.contains("partition"), "{}", s.text);
     }
-    for q in ["partition=1&backfillMinutes=0", "partition=1&backfillMinutes=6", "partition=1&backfillMinutes=9"] {
+    for q in [
+        "partition=1&backfillMinutes=0",
+        "partition=1&backfillMinutes=6",
+        "partition=1&backfillMinutes=9",
+    ] {
         let s = Stream::open(&url(&sim, "d", q), Auth::Basic(USER, PASS), true).await;
         assert_eq!(s.status, 400, "{q}");
         assert!(s.text.contains("backfill"), "{}", s.text);
@@ -42,7 +51,12 @@ async fn connect_status_codes() {
 #[tokio::test]
 async fn live_stream_is_gzip_ndjson_with_heartbeats() {
     let sim = start(vec![fast_gnip("d", 200.0)]).await;
-    let mut s = Stream::open(&url(&sim, "d", "partition=1"), Auth::Basic(USER, PASS), true).await;
+    let mut s = Stream::open(
+        &url(&sim, "d", "partition=1"),
+        Auth::Basic(USER, PASS),
+        true,
+    )
+    .await;
     assert_eq!(s.status, 200);
     assert_eq!(s.headers["content-type"], "application/json; charset=utf-8");
     assert_eq!(s.headers["content-encoding"], "gzip");
@@ -51,7 +65,8 @@ async fn live_stream_is_gzip_ndjson_with_heartbeats() {
     for l in &lines {
         tandem_core::validate(l).unwrap();
     }
-    sim.set_rate("d", RateProfile::Constant { per_sec: 0.0 }).unwrap();
+    sim.set_rate("d", RateProfile::Constant { per_sec: 0.0 })
+        .unwrap();
     let mut heartbeats = 0;
     let started = tokio::time::Instant::now();
     while started.elapsed() < Duration::from_millis(1500) {
@@ -67,12 +82,33 @@ async fn live_stream_is_gzip_ndjson_with_heartbeats() {
 #[tokio::test]
 async fn partitions_are_disjoint_and_match_ground_truth() {
     let sim = start(vec![fast_gnip("d", 400.0)]).await;
-    let mut p1 = Stream::open(&url(&sim, "d", "partition=1"), Auth::Basic(USER, PASS), true).await;
-    let mut p2 = Stream::open(&url(&sim, "d", "partition=2"), Auth::Basic(USER, PASS), true).await;
+    let mut p1 = Stream::open(
+        &url(&sim, "d", "partition=1"),
+        Auth::Basic(USER, PASS),
+        true,
+    )
+    .await;
+    let mut p2 = Stream::open(
+        &url(&sim, "d", "partition=2"),
+        Auth::Basic(USER, PASS),
+        true,
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
-    sim.set_rate("d", RateProfile::Constant { per_sec: 0.0 }).unwrap();
-    let a: HashSet<ActivityId> = p1.lines(usize::MAX, Duration::from_millis(500)).await.iter().map(|l| id_of(l)).collect();
-    let b: HashSet<ActivityId> = p2.lines(usize::MAX, Duration::from_millis(500)).await.iter().map(|l| id_of(l)).collect();
+    sim.set_rate("d", RateProfile::Constant { per_sec: 0.0 })
+        .unwrap();
+    let a: HashSet<ActivityId> = p1
+        .lines(usize::MAX, Duration::from_millis(500))
+        .await
+        .iter()
+        .map(|l| id_of(l))
+        .collect();
+    let b: HashSet<ActivityId> = p2
+        .lines(usize::MAX, Duration::from_millis(500))
+        .await
+        .iter()
+        .map(|l| id_of(l))
+        .collect();
     assert!(a.len() > 20 && b.len() > 20, "{} {}", a.len(), b.len());
     assert!(a.is_disjoint(&b));
     let truth1: HashSet<ActivityId> = sim.truth("d", 1).unwrap().iter().map(|r| r.id).collect();
@@ -93,13 +129,23 @@ async fn backfill_replays_the_window_oldest_first() {
     sim.publish("d", 1, vec![post(3), post(4)]).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // One minute (1 s here) reaches back to 3 and 4 only.
-    let mut s = Stream::open(&url(&sim, "d", "partition=1&backfillMinutes=1"), Auth::Basic(USER, PASS), true).await;
+    let mut s = Stream::open(
+        &url(&sim, "d", "partition=1&backfillMinutes=1"),
+        Auth::Basic(USER, PASS),
+        true,
+    )
+    .await;
     let got: Vec<ActivityId> = s.lines(2, SEC).await.iter().map(|l| id_of(l)).collect();
     assert_eq!(got, vec![ActivityId::Post(3), ActivityId::Post(4)]);
     sim.publish("d", 1, vec![post(5)]).unwrap();
     assert_eq!(id_of(&s.lines(1, SEC).await[0]), ActivityId::Post(5));
     // Two minutes reach back to 1.
-    let mut s = Stream::open(&url(&sim, "d", "partition=1&backfillMinutes=2"), Auth::Basic(USER, PASS), true).await;
+    let mut s = Stream::open(
+        &url(&sim, "d", "partition=1&backfillMinutes=2"),
+        Auth::Basic(USER, PASS),
+        true,
+    )
+    .await;
     let got: Vec<ActivityId> = s.lines(5, SEC).await.iter().map(|l| id_of(l)).collect();
     assert_eq!(got, (1..=5).map(ActivityId::Post).collect::<Vec<_>>());
 }
@@ -113,7 +159,11 @@ async fn recovery_completes_and_limits_jobs() {
     let truth = sim.truth("d", 2).unwrap();
     let start_ms = truth[truth.len() / 4].created_ms;
     let end_ms = truth[3 * truth.len() / 4].created_ms;
-    let q = format!("partition=2&startTime={}&endTime={}", rfc3339_ms(start_ms), rfc3339_ms(end_ms));
+    let q = format!(
+        "partition=2&startTime={}&endTime={}",
+        rfc3339_ms(start_ms),
+        rfc3339_ms(end_ms)
+    );
     let mut s = Stream::open(&url(&sim, "d", &q), Auth::Basic(USER, PASS), true).await;
     assert_eq!(s.status, 200);
     let mut got = Vec::new();
@@ -130,13 +180,19 @@ async fn recovery_completes_and_limits_jobs() {
     assert_eq!(info.message, "Recovery Request Completed");
     assert_eq!(s.next(SEC).await, Event::End);
     let expect: Vec<ActivityId> = {
-        let mut r: Vec<_> = truth.iter().filter(|r| r.created_ms >= start_ms && r.created_ms < end_ms).collect();
+        let mut r: Vec<_> = truth
+            .iter()
+            .filter(|r| r.created_ms >= start_ms && r.created_ms < end_ms)
+            .collect();
         r.sort_by_key(|r| r.created_ms);
         r.iter().map(|r| r.id).collect()
     };
     assert!(!expect.is_empty());
     assert_eq!(got.len(), expect.len());
-    assert_eq!(got.iter().collect::<HashSet<_>>(), expect.iter().collect::<HashSet<_>>());
+    assert_eq!(
+        got.iter().collect::<HashSet<_>>(),
+        expect.iter().collect::<HashSet<_>>()
+    );
     let times: Vec<u64> = got.iter().map(|id| id.created_unix_ms().unwrap()).collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "oldest first");
 
@@ -156,7 +212,10 @@ async fn recovery_completes_and_limits_jobs() {
     let j4 = Stream::open(&url(&sim, "d", &future), Auth::Basic(USER, PASS), true).await;
     assert_eq!(j4.status, 200, "a finished job frees its slot");
     // Bad ranges.
-    for q in ["partition=1&startTime=yesterday&endTime=today", "partition=1&startTime=2020-01-01T00:00:00Z&endTime=2020-01-01T01:00:00Z"] {
+    for q in [
+        "partition=1&startTime=yesterday&endTime=today",
+        "partition=1&startTime=2020-01-01T00:00:00Z&endTime=2020-01-01T01:00:00Z",
+    ] {
         let s = Stream::open(&url(&sim, "d", q), Auth::Basic(USER, PASS), true).await;
         assert_eq!(s.status, 400, "{q}: {}", s.text);
     }
@@ -208,11 +267,27 @@ async fn connect_rate_limit() {
 #[tokio::test]
 async fn reject_next_connects() {
     let sim = start(vec![fast_gnip("d", 10.0)]).await;
-    sim.fault(Fault::Reject { stream: "d".into(), partition: None, status: 503, count: Some(2), for_ms: None }).unwrap();
+    sim.fault(Fault::Reject {
+        stream: "d".into(),
+        partition: None,
+        status: 503,
+        count: Some(2),
+        for_ms: None,
+    })
+    .unwrap();
     let u = url(&sim, "d", "partition=1");
-    assert_eq!(Stream::open(&u, Auth::Basic(USER, PASS), true).await.status, 503);
-    assert_eq!(Stream::open(&u, Auth::Basic(USER, PASS), true).await.status, 503);
-    assert_eq!(Stream::open(&u, Auth::Basic(USER, PASS), true).await.status, 200);
+    assert_eq!(
+        Stream::open(&u, Auth::Basic(USER, PASS), true).await.status,
+        503
+    );
+    assert_eq!(
+        Stream::open(&u, Auth::Basic(USER, PASS), true).await.status,
+        503
+    );
+    assert_eq!(
+        Stream::open(&u, Auth::Basic(USER, PASS), true).await.status,
+        200
+    );
     assert_eq!(sim.fault_counts().get("reject"), Some(&1));
 }
 
@@ -225,20 +300,42 @@ async fn connection_faults() {
     let b_client = client(Some("127.0.0.3".parse().unwrap()));
     let mut a = Stream::open_with(&a_client, &u, Auth::Basic(USER, PASS), true).await;
     let mut b = Stream::open_with(&b_client, &u, Auth::Basic(USER, PASS), true).await;
-    let clients: HashSet<String> = sim.connections().iter().map(|c| c.client.ip().to_string()).collect();
-    assert_eq!(clients, HashSet::from(["127.0.0.2".to_string(), "127.0.0.3".to_string()]));
-    let on_a = Target { client_ip: Some("127.0.0.2".parse().unwrap()), ..Target::default() };
+    let clients: HashSet<String> = sim
+        .connections()
+        .iter()
+        .map(|c| c.client.ip().to_string())
+        .collect();
+    assert_eq!(
+        clients,
+        HashSet::from(["127.0.0.2".to_string(), "127.0.0.3".to_string()])
+    );
+    let on_a = Target {
+        client_ip: Some("127.0.0.2".parse().unwrap()),
+        ..Target::default()
+    };
 
     // Stall: nothing at all on A (not even heartbeats) while B flows.
-    assert_eq!(sim.fault(Fault::Stall { target: on_a.clone() }).unwrap(), 1);
+    assert_eq!(
+        sim.fault(Fault::Stall {
+            target: on_a.clone()
+        })
+        .unwrap(),
+        1
+    );
     let _ = a.drain(Duration::from_millis(100)).await; // what was in flight
     assert_eq!(a.next(Duration::from_millis(600)).await, Event::Quiet);
     assert!(b.lines(10, SEC).await.len() == 10);
-    sim.fault(Fault::Resume { target: on_a.clone() }).unwrap();
+    sim.fault(Fault::Resume {
+        target: on_a.clone(),
+    })
+    .unwrap();
     assert_eq!(a.lines(5, SEC).await.len(), 5);
 
     // Heartbeats only: heartbeats, no lines.
-    sim.fault(Fault::HeartbeatsOnly { target: on_a.clone() }).unwrap();
+    sim.fault(Fault::HeartbeatsOnly {
+        target: on_a.clone(),
+    })
+    .unwrap();
     let _ = a.drain(Duration::from_millis(100)).await;
     let mut saw = (0, 0);
     for _ in 0..3 {
@@ -249,10 +346,17 @@ async fn connection_faults() {
         }
     }
     assert_eq!(saw, (3, 0));
-    sim.fault(Fault::Resume { target: on_a.clone() }).unwrap();
+    sim.fault(Fault::Resume {
+        target: on_a.clone(),
+    })
+    .unwrap();
 
     // Delay: A delivers an activity ~400 ms after B does.
-    sim.fault(Fault::Delay { target: on_a.clone(), ms: 400 }).unwrap();
+    sim.fault(Fault::Delay {
+        target: on_a.clone(),
+        ms: 400,
+    })
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = a.drain(Duration::from_millis(50)).await;
     let _ = b.drain(Duration::from_millis(50)).await;
@@ -265,11 +369,20 @@ async fn connection_faults() {
         }
     }
     let lag = t0.elapsed();
-    assert!(lag >= Duration::from_millis(250) && lag < Duration::from_millis(900), "lag {lag:?}");
-    sim.fault(Fault::Resume { target: on_a.clone() }).unwrap();
+    assert!(
+        lag >= Duration::from_millis(250) && lag < Duration::from_millis(900),
+        "lag {lag:?}"
+    );
+    sim.fault(Fault::Resume {
+        target: on_a.clone(),
+    })
+    .unwrap();
 
     // Drop: A's body breaks; B continues.
-    sim.fault(Fault::Drop { target: on_a.clone() }).unwrap();
+    sim.fault(Fault::Drop {
+        target: on_a.clone(),
+    })
+    .unwrap();
     loop {
         match a.next(SEC).await {
             Event::Broken(_) => break,
@@ -288,13 +401,25 @@ async fn connection_faults() {
 #[tokio::test]
 async fn throttle_limits_bytes() {
     let sim = start(vec![fast_gnip("d", 500.0)]).await;
-    let mut s = Stream::open(&url(&sim, "d", "partition=1"), Auth::Basic(USER, PASS), true).await;
-    sim.fault(Fault::Throttle { target: Target::default(), bytes_per_sec: 20_000 }).unwrap();
+    let mut s = Stream::open(
+        &url(&sim, "d", "partition=1"),
+        Auth::Basic(USER, PASS),
+        true,
+    )
+    .await;
+    sim.fault(Fault::Throttle {
+        target: Target::default(),
+        bytes_per_sec: 20_000,
+    })
+    .unwrap();
     let _ = s.drain(Duration::from_millis(100)).await;
     let before = sim.connections()[0].bytes_sent;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let sent = sim.connections()[0].bytes_sent - before;
-    assert!(sent < 60_000, "{sent} bytes in 1 s under a 20 kB/s throttle");
+    assert!(
+        sent < 60_000,
+        "{sent} bytes in 1 s under a 20 kB/s throttle"
+    );
     drop(s);
 }
 
@@ -305,18 +430,28 @@ async fn injected_corruption() {
     let sim = start(vec![fast_gnip("d", 0.0)]).await;
     let u = url(&sim, "d", "partition=1");
     let mut s = Stream::open(&u, Auth::Basic(USER, PASS), true).await;
-    let inject = |injection| Fault::Inject { target: Target::default(), injection };
+    let inject = |injection| Fault::Inject {
+        target: Target::default(),
+        injection,
+    };
     sim.fault(inject(Injection::MalformedLine)).unwrap();
     let l = s.lines(1, SEC).await.remove(0);
     assert!(tandem_core::identify(&l).is_ok() && tandem_core::validate(&l).is_err());
-    sim.fault(inject(Injection::OversizeLine { bytes: 300_000 })).unwrap();
+    sim.fault(inject(Injection::OversizeLine { bytes: 300_000 }))
+        .unwrap();
     let l = s.lines(1, SEC).await.remove(0);
     assert_eq!(l.len(), 300_000 - 2);
     sim.fault(inject(Injection::InvalidUtf8Line)).unwrap();
     let l = s.lines(1, SEC).await.remove(0);
-    assert_eq!(tandem_core::validate(&l).unwrap_err().label(), "invalid_utf8");
+    assert_eq!(
+        tandem_core::validate(&l).unwrap_err().label(),
+        "invalid_utf8"
+    );
     sim.fault(inject(Injection::TruncateAndClose)).unwrap();
-    assert!(matches!(s.next(SEC).await, Event::Broken(_)), "the body breaks after half a line");
+    assert!(
+        matches!(s.next(SEC).await, Event::Broken(_)),
+        "the body breaks after half a line"
+    );
 
     let mut s = Stream::open(&u, Auth::Basic(USER, PASS), true).await;
     sim.fault(inject(Injection::BrokenGzip)).unwrap();
@@ -329,9 +464,23 @@ async fn injected_corruption() {
     let mut a = Stream::open(&u, Auth::Basic(USER, PASS), true).await;
     let mut b = Stream::open(&u, Auth::Basic(USER, PASS), true).await;
     let first = sim.connections().iter().map(|c| c.id).min().unwrap();
-    sim.fault(Fault::Inject { target: Target { connection: Some(first), ..Target::default() }, injection: Injection::CorruptNextActivity }).unwrap();
+    sim.fault(Fault::Inject {
+        target: Target {
+            connection: Some(first),
+            ..Target::default()
+        },
+        injection: Injection::CorruptNextActivity,
+    })
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    sim.publish("d", 1, vec![Bytes::from_static(b"{\"id_str\":\"99\",\"text\":\"intact\"}")]).unwrap();
+    sim.publish(
+        "d",
+        1,
+        vec![Bytes::from_static(
+            b"{\"id_str\":\"99\",\"text\":\"intact\"}",
+        )],
+    )
+    .unwrap();
     let la = a.lines(1, SEC).await.remove(0);
     let lb = b.lines(1, SEC).await.remove(0);
     assert!(tandem_core::validate(&la).is_err());
@@ -343,16 +492,32 @@ async fn injected_corruption() {
 #[tokio::test]
 async fn published_lines_are_verbatim_and_counted() {
     let sim = start(vec![fast_gnip("d", 0.0)]).await;
-    let mut s = Stream::open(&url(&sim, "d", "partition=2"), Auth::Basic(USER, PASS), true).await;
-    let like = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../samples/like.json")).unwrap();
+    let mut s = Stream::open(
+        &url(&sim, "d", "partition=2"),
+        Auth::Basic(USER, PASS),
+        true,
+    )
+    .await;
+    let like = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../samples/like.json"
+    ))
+    .unwrap();
     let like = Bytes::from(like.strip_suffix(b"\r\n").unwrap().to_vec());
     let info = Bytes::from_static(b"{\"info\":{\"message\":\"hello\"}}");
-    assert_eq!(sim.publish("d", 2, vec![like.clone(), info.clone()]).unwrap(), 1);
+    assert_eq!(
+        sim.publish("d", 2, vec![like.clone(), info.clone()])
+            .unwrap(),
+        1
+    );
     let got = s.lines(2, SEC).await;
     assert_eq!(got, vec![like.to_vec(), info.to_vec()]);
     let truth = sim.truth("d", 2).unwrap();
     assert_eq!(truth.len(), 1);
-    assert_eq!(truth[0].id, ActivityId::Like(0x4356_0406_e0ad_9f68_3744_45f5_f30c_33fc));
+    assert_eq!(
+        truth[0].id,
+        ActivityId::Like(0x4356_0406_e0ad_9f68_3744_45f5_f30c_33fc)
+    );
 }
 
 /// X API v2: Bearer auth, gzip optional, partitions, backfill_minutes and 429 with
@@ -366,7 +531,12 @@ async fn v2_streams() {
     sample.rate = RateProfile::Constant { per_sec: 100.0 };
     let sim = start(vec![filtered, sample]).await;
     let f = sim.stream_url("f").unwrap();
-    assert_eq!(Stream::open(&f, Auth::Basic(USER, PASS), false).await.status, 401);
+    assert_eq!(
+        Stream::open(&f, Auth::Basic(USER, PASS), false)
+            .await
+            .status,
+        401
+    );
     let mut plain = Stream::open(&f, Auth::Bearer(TOKEN), false).await;
     assert_eq!(plain.status, 200);
     assert!(plain.headers.get("content-encoding").is_none());
@@ -378,15 +548,36 @@ async fn v2_streams() {
     assert_eq!(gz.lines(3, SEC).await.len(), 3);
     let limited = Stream::open(&f, Auth::Bearer(TOKEN), false).await;
     assert_eq!(limited.status, 429);
-    let reset: u64 = limited.headers["x-rate-limit-reset"].to_str().unwrap().parse().unwrap();
+    let reset: u64 = limited.headers["x-rate-limit-reset"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(reset >= unix_ms_now() / 1000 && reset <= unix_ms_now() / 1000 + 61);
 
     let s = sim.stream_url("s").unwrap();
-    assert_eq!(Stream::open(&s, Auth::Bearer(TOKEN), true).await.status, 400);
-    let mut p2 = Stream::open(&format!("{s}?partition=2&backfill_minutes=1"), Auth::Bearer(TOKEN), true).await;
+    assert_eq!(
+        Stream::open(&s, Auth::Bearer(TOKEN), true).await.status,
+        400
+    );
+    let mut p2 = Stream::open(
+        &format!("{s}?partition=2&backfill_minutes=1"),
+        Auth::Bearer(TOKEN),
+        true,
+    )
+    .await;
     assert_eq!(p2.status, 200);
     assert!(!p2.lines(2, SEC).await.is_empty());
-    assert_eq!(Stream::open(&format!("{s}?partition=1&backfill_minutes=6"), Auth::Bearer(TOKEN), true).await.status, 400);
+    assert_eq!(
+        Stream::open(
+            &format!("{s}?partition=1&backfill_minutes=6"),
+            Auth::Bearer(TOKEN),
+            true
+        )
+        .await
+        .status,
+        400
+    );
 }
 
 /// HTTPS with a generated CA, including a client that pins the IP and keeps the host name
@@ -397,7 +588,10 @@ async fn tls_with_generated_ca_and_pinned_ip() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     let sim = tandem_sim::Simulator::start(tandem_sim::SimConfig {
-        tls: Some(tandem_sim::TlsConfig { names: vec!["gnip-stream.test".into(), "127.0.0.1".into()], ca_file: ca.clone() }),
+        tls: Some(tandem_sim::TlsConfig {
+            names: vec!["gnip-stream.test".into(), "127.0.0.1".into()],
+            ca_file: ca.clone(),
+        }),
         streams: vec![fast_gnip("d", 100.0)],
         ..tandem_sim::SimConfig::default()
     })
@@ -416,11 +610,25 @@ async fn tls_with_generated_ca_and_pinned_ip() {
     assert_eq!(s.status, 200);
     assert_eq!(s.lines(3, SEC).await.len(), 3);
     // Without the CA the handshake fails verification.
-    let untrusting = reqwest::Client::builder().tls_certs_only([]).resolve("gnip-stream.test", sim.addr()).build().unwrap();
+    let untrusting = reqwest::Client::builder()
+        .tls_certs_only([])
+        .resolve("gnip-stream.test", sim.addr())
+        .build()
+        .unwrap();
     assert!(untrusting.get(&path).send().await.is_err());
     // A name the certificate does not cover fails too.
-    let wrong = reqwest::Client::builder().tls_certs_only([cert]).resolve("other.test", sim.addr()).build().unwrap();
-    assert!(wrong.get(path.replace("gnip-stream.test", "other.test")).send().await.is_err());
+    let wrong = reqwest::Client::builder()
+        .tls_certs_only([cert])
+        .resolve("other.test", sim.addr())
+        .build()
+        .unwrap();
+    assert!(
+        wrong
+            .get(path.replace("gnip-stream.test", "other.test"))
+            .send()
+            .await
+            .is_err()
+    );
 }
 
 /// Corpus mode streams a fixed number of pre-encoded activities per partition, the same on
@@ -428,7 +636,9 @@ async fn tls_with_generated_ca_and_pinned_ip() {
 #[tokio::test]
 async fn corpus_mode() {
     let mut cfg = fast_gnip("c", 0.0);
-    cfg.corpus = Some(tandem_sim::CorpusConfig { activities_per_partition: 300 });
+    cfg.corpus = Some(tandem_sim::CorpusConfig {
+        activities_per_partition: 300,
+    });
     let sim = start(vec![cfg]).await;
     let u = url(&sim, "c", "partition=2");
     let mut a = Stream::open(&u, Auth::Basic(USER, PASS), true).await;

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use tandem_sim::{SimConfig, Simulator, StreamConfig, RateProfile};
+use tandem_sim::{RateProfile, SimConfig, Simulator, StreamConfig};
 
 pub const USER: &str = "ops@example.com";
 pub const PASS: &str = "s3cret";
@@ -95,19 +95,39 @@ impl Stream {
         let headers = resp.headers().clone();
         if status != 200 {
             let text = resp.text().await.unwrap_or_default();
-            return Stream { status, headers, text, body: None, gzip: None, pending: Vec::new(), ended: true };
+            return Stream {
+                status,
+                headers,
+                text,
+                body: None,
+                gzip: None,
+                pending: Vec::new(),
+                ended: true,
+            };
         }
         let gz = headers
             .get("content-encoding")
             .is_some_and(|v| v == "gzip")
             .then(|| flate2::write::GzDecoder::new(Vec::new()));
-        Stream { status, headers, text: String::new(), body: Some(resp), gzip: gz, pending: Vec::new(), ended: false }
+        Stream {
+            status,
+            headers,
+            text: String::new(),
+            body: Some(resp),
+            gzip: gz,
+            pending: Vec::new(),
+            ended: false,
+        }
     }
 
     fn take_line(&mut self) -> Option<Event> {
         let pos = self.pending.windows(2).position(|w| w == b"\r\n")?;
         let line: Vec<u8> = self.pending.drain(..pos + 2).take(pos).collect();
-        Some(if line.is_empty() { Event::Heartbeat } else { Event::Line(line) })
+        Some(if line.is_empty() {
+            Event::Heartbeat
+        } else {
+            Event::Line(line)
+        })
     }
 
     /// The next line, heartbeat, end or break, waiting at most `wait`.
@@ -120,7 +140,9 @@ impl Stream {
             if self.ended {
                 return Event::End;
             }
-            let Some(body) = self.body.as_mut() else { return Event::End };
+            let Some(body) = self.body.as_mut() else {
+                return Event::End;
+            };
             let chunk = match tokio::time::timeout_at(deadline, body.chunk()).await {
                 Err(_) => return Event::Quiet,
                 Ok(Err(e)) => {
@@ -190,7 +212,10 @@ impl Stream {
 pub fn id_of(line: &[u8]) -> tandem_core::ActivityId {
     match tandem_core::identify(line) {
         Ok(tandem_core::LineKind::Activity(id)) => id,
-        other => panic!("not an activity ({other:?}): {}", String::from_utf8_lossy(line)),
+        other => panic!(
+            "not an activity ({other:?}): {}",
+            String::from_utf8_lossy(line)
+        ),
     }
 }
 

@@ -1,0 +1,152 @@
+//! Why a connection ended, classified so that the caller knows what to do.
+
+use std::fmt;
+use std::time::Duration;
+
+/// The class of a connection error (the X SDK's `StreamErrorType`, in Rust).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// TCP or TLS failure, reset, refused.
+    Connection,
+    /// No byte or no activity for too long (heartbeat gap, data silence, read timeout).
+    Timeout,
+    /// 5xx from the upstream.
+    ServerError,
+    /// 429 from the upstream.
+    RateLimited,
+    /// An established stream ended: clean close, broken body, corrupt gzip.
+    StreamInterrupted,
+    /// 401 or 403: the credentials are wrong. Retrying would only hammer the service.
+    Authentication,
+    /// Other 4xx (including 406, a configuration bug).
+    ClientError,
+    /// Anything else that retrying cannot fix (e.g. an invalid URL).
+    Fatal,
+}
+
+impl ErrorKind {
+    /// Whether reconnecting can help.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Connection
+                | ErrorKind::Timeout
+                | ErrorKind::ServerError
+                | ErrorKind::RateLimited
+                | ErrorKind::StreamInterrupted
+        )
+    }
+
+    /// The fixed label used in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::Connection => "connection",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::ServerError => "server_error",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::StreamInterrupted => "stream_interrupted",
+            ErrorKind::Authentication => "authentication",
+            ErrorKind::ClientError => "client_error",
+            ErrorKind::Fatal => "fatal",
+        }
+    }
+}
+
+/// A connection error with its class and what the upstream said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamError {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// The HTTP status, when the upstream answered with one.
+    pub status: Option<u16>,
+    /// How long the upstream asked us to wait (`Retry-After`, `x-rate-limit-reset`).
+    pub retry_after: Option<Duration>,
+}
+
+impl StreamError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> StreamError {
+        StreamError {
+            kind,
+            message: message.into(),
+            status: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        self.kind.is_retryable()
+    }
+
+    /// Classifies a non-200 answer.
+    pub fn from_status(status: u16, body: &str, retry_after: Option<Duration>) -> StreamError {
+        let kind = match status {
+            401 | 403 => ErrorKind::Authentication,
+            429 => ErrorKind::RateLimited,
+            500..=599 => ErrorKind::ServerError,
+            400..=499 => ErrorKind::ClientError,
+            _ => ErrorKind::ServerError,
+        };
+        let mut detail: String = body.trim().chars().take(300).collect();
+        if detail.is_empty() {
+            detail = "no body".to_owned();
+        }
+        StreamError {
+            kind,
+            message: format!("status {status}: {detail}"),
+            status: Some(status),
+            retry_after,
+        }
+    }
+
+    /// Classifies an HTTP client error.
+    pub fn from_reqwest(e: &reqwest::Error) -> StreamError {
+        let kind = if e.is_timeout() {
+            ErrorKind::Timeout
+        } else if e.is_builder() {
+            ErrorKind::Fatal
+        } else if e.is_body() || e.is_decode() {
+            ErrorKind::StreamInterrupted
+        } else {
+            ErrorKind::Connection
+        };
+        // The chain carries the useful part (refused, reset, certificate...).
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        StreamError::new(kind, message)
+    }
+}
+
+impl fmt::Display for StreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} error: {}", self.kind.label(), self.message)
+    }
+}
+
+impl std::error::Error for StreamError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each status class gets the action UPSTREAM.md gives it.
+    #[test]
+    fn status_classes() {
+        let k = |s| StreamError::from_status(s, "", None).kind;
+        assert_eq!(k(401), ErrorKind::Authentication);
+        assert_eq!(k(403), ErrorKind::Authentication);
+        assert_eq!(k(406), ErrorKind::ClientError);
+        assert_eq!(k(404), ErrorKind::ClientError);
+        assert_eq!(k(429), ErrorKind::RateLimited);
+        assert_eq!(k(503), ErrorKind::ServerError);
+        assert_eq!(k(500), ErrorKind::ServerError);
+        assert!(!k(401).is_retryable() && !k(406).is_retryable());
+        assert!(k(429).is_retryable() && k(503).is_retryable());
+        let e = StreamError::from_status(406, "{\"error\":\"requires compression\"}", None);
+        assert!(e.to_string().contains("406") && e.to_string().contains("compression"));
+    }
+}

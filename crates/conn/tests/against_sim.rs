@@ -1,0 +1,731 @@
+//! Connections against the simulator: paths, status classes, backoff, the connect budget,
+//! stale detection and backfill.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_conn::*;
+use tandem_core::{ActivityId, Batch, LineKind, Origin, PathId, Secret, StreamId, identify};
+use tandem_sim::{Fault, RateProfile, SimConfig, Simulator, StreamConfig, Target};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+const USER: &str = "ops@example.com";
+const PASS: &str = "s3cret";
+
+fn sim_stream(per_sec: f64) -> StreamConfig {
+    let mut s = StreamConfig::decahose("d", "acme", USER, PASS);
+    s.rate = RateProfile::Constant { per_sec };
+    s.heartbeat_interval_ms = Some(200);
+    s.minute_ms = 1_000;
+    s.info_every = 0;
+    // Tests that are not about the connect budget reconnect far more often than the real
+    // limit allows; the budget test sets both sides to the same limit.
+    s.connect_limit = 10_000;
+    s
+}
+
+async fn start(stream: StreamConfig) -> Simulator {
+    install_crypto_provider();
+    Simulator::start(SimConfig {
+        streams: vec![stream],
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn fast_retry() -> RetryConfig {
+    RetryConfig {
+        network_initial_backoff_ms: 50,
+        network_backoff_step_ms: 50,
+        network_max_backoff_ms: 500,
+        http_initial_backoff_ms: 100,
+        http_max_backoff_ms: 400,
+        rate_limit_initial_backoff_ms: 300,
+        rate_limit_max_backoff_ms: 600,
+        healthy_after_ms: 500,
+        ..RetryConfig::default()
+    }
+}
+
+fn fast_liveness() -> LivenessConfig {
+    LivenessConfig {
+        heartbeat_interval_ms: 200,
+        heartbeat_margin_ms: 300,
+        data_silence_ms: 1_000,
+        read_timeout_ms: 5_000,
+        connect_timeout_ms: 2_000,
+    }
+}
+
+/// A stream's connections (`paths` per partition) feeding one channel per partition.
+struct Harness {
+    conns: Vec<Connection>,
+    batches: Vec<mpsc::Receiver<Batch>>,
+    events: mpsc::UnboundedReceiver<ConnEvent>,
+    shutdown: watch::Sender<bool>,
+}
+
+struct Setup {
+    partitions: u32,
+    paths: Vec<&'static str>,
+    retry: RetryConfig,
+    liveness: LivenessConfig,
+    budget: BudgetConfig,
+    backfill: BackfillConfig,
+    password: &'static str,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            partitions: 1,
+            paths: vec!["127.0.0.2", "127.0.0.3"],
+            retry: fast_retry(),
+            liveness: fast_liveness(),
+            budget: BudgetConfig {
+                requests: 100,
+                window_ms: 1_000,
+            },
+            backfill: BackfillConfig {
+                minute_ms: 1_000,
+                ..BackfillConfig::default()
+            },
+            password: PASS,
+        }
+    }
+}
+
+fn spawn(sim: &Simulator, setup: Setup) -> Harness {
+    let url = sim.stream_url("d").unwrap();
+    let budget = Arc::new(ConnectBudget::new(&setup.budget));
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut conns = Vec::new();
+    let mut batches = Vec::new();
+    for partition in 1..=setup.partitions {
+        let (tx, rx) = mpsc::channel(1024);
+        batches.push(rx);
+        let liveness = Arc::new(PartitionLiveness::new(setup.paths.len()));
+        for (i, ip) in setup.paths.iter().enumerate() {
+            let path = PathConfig {
+                name: format!("p{i}"),
+                source_address: Some(ip.parse::<IpAddr>().unwrap()),
+                interface: None,
+                proxy: None,
+                resolve_ip: None,
+            };
+            let tls = TlsSettings {
+                extra_ca_pem: None,
+                allow_plain_http: true,
+            };
+            let client =
+                build_client(&path, &tls, &setup.liveness, "127.0.0.1", sim.addr().port()).unwrap();
+            let spec = ConnectionSpec {
+                key: ConnKey {
+                    stream: "d".into(),
+                    partition,
+                    path: path.name.clone().into(),
+                },
+                origin: Origin {
+                    stream: StreamId(0),
+                    partition,
+                    path: PathId(i as u8),
+                },
+                endpoint: Endpoint {
+                    url: url.clone(),
+                    api: ApiKind::Gnip,
+                    partitioned: true,
+                    auth: Auth::Basic {
+                        username: USER.into(),
+                        password: Secret::new(setup.password),
+                    },
+                },
+                client,
+                retry: setup.retry.clone(),
+                liveness: setup.liveness.clone(),
+                backfill: setup.backfill.clone(),
+                read: ReadConfig::default(),
+                budget: budget.clone(),
+                partition: liveness.clone(),
+            };
+            conns.push(Connection::spawn(
+                spec,
+                tx.clone(),
+                events_tx.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+    }
+    Harness {
+        conns,
+        batches,
+        events,
+        shutdown,
+    }
+}
+
+impl Harness {
+    async fn wait_event(
+        &mut self,
+        within: Duration,
+        mut want: impl FnMut(&ConnEvent) -> bool,
+    ) -> ConnEvent {
+        tokio::time::timeout(within, async {
+            loop {
+                let ev = self.events.recv().await.expect("events flow");
+                if want(&ev) {
+                    return ev;
+                }
+            }
+        })
+        .await
+        .expect("the expected event arrived in time")
+    }
+
+    /// Activity ids received on partition `p` (index from 0) so far.
+    fn drain_ids(&mut self, p: usize, into: &mut Vec<ActivityId>) {
+        while let Ok(b) = self.batches[p].try_recv() {
+            for l in &b.lines {
+                if let Ok(LineKind::Activity(id)) = identify(l) {
+                    into.push(id);
+                }
+            }
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.send_replace(true);
+        for c in self.conns {
+            tokio::time::timeout(Duration::from_secs(5), c.join())
+                .await
+                .expect("connections stop on shutdown");
+        }
+    }
+}
+
+/// The two connections of a partition leave through different source addresses.
+#[tokio::test]
+async fn paths_use_their_own_source_addresses() {
+    let sim = start(sim_stream(50.0)).await;
+    let mut h = spawn(&sim, Setup::default());
+    for _ in 0..2 {
+        h.wait_event(Duration::from_secs(5), |e| {
+            matches!(e, ConnEvent::Connected { .. })
+        })
+        .await;
+    }
+    let ips: HashSet<String> = sim
+        .connections()
+        .iter()
+        .map(|c| c.client.ip().to_string())
+        .collect();
+    assert_eq!(
+        ips,
+        HashSet::from(["127.0.0.2".to_owned(), "127.0.0.3".to_owned()])
+    );
+    h.stop().await;
+}
+
+/// 401 stops the connection for good without hammering the upstream; the phase says so.
+#[tokio::test]
+async fn unauthorized_is_fatal() {
+    let sim = start(sim_stream(10.0)).await;
+    let mut h = spawn(
+        &sim,
+        Setup {
+            paths: vec!["127.0.0.2"],
+            password: "wrong",
+            ..Setup::default()
+        },
+    );
+    let ev = h
+        .wait_event(Duration::from_secs(5), |e| {
+            matches!(e, ConnEvent::Fatal { .. })
+        })
+        .await;
+    let ConnEvent::Fatal { error, .. } = ev else {
+        unreachable!()
+    };
+    assert_eq!(error.kind, ErrorKind::Authentication);
+    assert_eq!(error.status, Some(401));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        sim.stats("d").unwrap().requests,
+        1,
+        "exactly one request, no retry"
+    );
+    assert_eq!(h.conns[0].state.borrow().phase, ConnPhase::Stopped);
+    h.stop().await;
+}
+
+/// 406 and other 4xx are fatal; 503 and 429 are retried with their schedules and the
+/// connection comes up once the upstream recovers.
+#[tokio::test]
+async fn status_classes_are_handled() {
+    let sim = start(sim_stream(10.0)).await;
+    sim.fault(Fault::Reject {
+        stream: "d".into(),
+        partition: None,
+        status: 406,
+        count: Some(1),
+        for_ms: None,
+    })
+    .unwrap();
+    let mut h = spawn(
+        &sim,
+        Setup {
+            paths: vec!["127.0.0.2"],
+            ..Setup::default()
+        },
+    );
+    let ev = h
+        .wait_event(Duration::from_secs(5), |e| {
+            matches!(e, ConnEvent::Fatal { .. })
+        })
+        .await;
+    assert!(
+        matches!(ev, ConnEvent::Fatal { error, .. } if error.kind == ErrorKind::ClientError && error.status == Some(406))
+    );
+    h.stop().await;
+
+    sim.fault(Fault::Reject {
+        stream: "d".into(),
+        partition: None,
+        status: 503,
+        count: Some(2),
+        for_ms: None,
+    })
+    .unwrap();
+    sim.fault(Fault::Reject {
+        stream: "d".into(),
+        partition: None,
+        status: 429,
+        count: Some(1),
+        for_ms: None,
+    })
+    .unwrap();
+    let started = Instant::now();
+    let mut h = spawn(
+        &sim,
+        Setup {
+            paths: vec!["127.0.0.2"],
+            ..Setup::default()
+        },
+    );
+    let mut delays = Vec::new();
+    loop {
+        match h.wait_event(Duration::from_secs(10), |_| true).await {
+            ConnEvent::Reconnecting { delay, .. } => delays.push(delay),
+            ConnEvent::Connected { .. } => break,
+            ConnEvent::Fatal { error, .. } => panic!("gave up: {error}"),
+            _ => {}
+        }
+    }
+    // Two 503s (exponential from 100 ms) then a 429 (from 300 ms), with ±20 % jitter.
+    assert_eq!(delays.len(), 3, "{delays:?}");
+    assert!(
+        delays[0] >= Duration::from_millis(80) && delays[0] <= Duration::from_millis(120),
+        "{delays:?}"
+    );
+    assert!(
+        delays[1] >= Duration::from_millis(160) && delays[1] <= Duration::from_millis(240),
+        "{delays:?}"
+    );
+    assert!(
+        delays[2] >= Duration::from_millis(300),
+        "429 waits at least its minimum: {delays:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(540));
+    h.stop().await;
+}
+
+/// A server that accepts and closes at once gets growing delays, not a tight loop.
+#[tokio::test]
+async fn accept_then_close_is_not_a_tight_loop() {
+    install_crypto_provider();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let liveness = fast_liveness();
+    let path = PathConfig {
+        name: "a".into(),
+        source_address: None,
+        interface: None,
+        proxy: None,
+        resolve_ip: None,
+    };
+    let client = build_client(
+        &path,
+        &TlsSettings {
+            extra_ca_pem: None,
+            allow_plain_http: true,
+        },
+        &liveness,
+        "127.0.0.1",
+        addr.port(),
+    )
+    .unwrap();
+    let (tx, _rx) = mpsc::channel(16);
+    let (events_tx, _events) = mpsc::unbounded_channel();
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let spec = ConnectionSpec {
+        key: ConnKey {
+            stream: "x".into(),
+            partition: 1,
+            path: "a".into(),
+        },
+        origin: Origin {
+            stream: StreamId(0),
+            partition: 1,
+            path: PathId(0),
+        },
+        endpoint: Endpoint {
+            url: format!("http://{addr}/stream"),
+            api: ApiKind::Gnip,
+            partitioned: true,
+            auth: Auth::Bearer(Secret::new("t")),
+        },
+        client,
+        retry: RetryConfig {
+            network_initial_backoff_ms: 250,
+            network_backoff_step_ms: 250,
+            ..RetryConfig::default()
+        },
+        liveness,
+        backfill: BackfillConfig::default(),
+        read: ReadConfig::default(),
+        budget: Arc::new(ConnectBudget::new(&BudgetConfig {
+            requests: 1000,
+            window_ms: 1000,
+        })),
+        partition: Arc::new(PartitionLiveness::new(1)),
+    };
+    let conn = Connection::spawn(spec, tx, events_tx, shutdown_rx);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    // 250 + 500 + 750 + 1000 ms (±20 %) fit about 4 to 5 attempts into 3 s.
+    assert!((3..=6).contains(&n), "{n} connections in 3 s");
+    shutdown.send_replace(true);
+    conn.join().await;
+}
+
+/// Four connections flapping every 100 ms never send more requests per window than the
+/// budget allows, so the upstream never answers 429.
+#[tokio::test]
+async fn connect_budget_holds_while_flapping() {
+    let mut stream = sim_stream(50.0);
+    stream.connect_limit = 10;
+    stream.connect_window_ms = 2_000;
+    let sim = start(stream).await;
+    let h = spawn(
+        &sim,
+        Setup {
+            partitions: 2,
+            budget: BudgetConfig {
+                requests: 10,
+                window_ms: 2_050,
+            },
+            retry: RetryConfig {
+                network_initial_backoff_ms: 10,
+                network_backoff_step_ms: 10,
+                healthy_after_ms: 60_000,
+                ..fast_retry()
+            },
+            ..Setup::default()
+        },
+    );
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sim.fault(Fault::Drop {
+            target: Target::default(),
+        })
+        .unwrap();
+    }
+    let stats = sim.stats("d").unwrap();
+    assert!(
+        stats.requests >= 25,
+        "the connections did flap: {} requests",
+        stats.requests
+    );
+    assert!(
+        stats.max_requests_per_window <= 10,
+        "busiest window: {}",
+        stats.max_requests_per_window
+    );
+    assert_eq!(stats.responses.get(&429), None);
+    h.stop().await;
+}
+
+/// A silently stalled path is detected by data silence against its sibling within the
+/// threshold and reconnected; the two paths together lose nothing.
+#[tokio::test]
+async fn stalled_path_is_detected_and_nothing_is_lost() {
+    let sim = start(sim_stream(200.0)).await;
+    let mut h = spawn(&sim, Setup::default());
+    for _ in 0..2 {
+        h.wait_event(Duration::from_secs(5), |e| {
+            matches!(e, ConnEvent::Connected { .. })
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stalled_at = Instant::now();
+    sim.fault(Fault::Stall {
+        target: Target {
+            client_ip: Some("127.0.0.2".parse().unwrap()),
+            ..Target::default()
+        },
+    })
+    .unwrap();
+    let ev = h
+        .wait_event(Duration::from_secs(5), |e| {
+            matches!(e, ConnEvent::Stale { .. })
+        })
+        .await;
+    let detected = stalled_at.elapsed();
+    let ConnEvent::Stale { key, reason, .. } = ev else {
+        unreachable!()
+    };
+    assert_eq!(&*key.path, "p0");
+    // A full stall stops heartbeats too: the 500 ms heartbeat gap fires before the 1 s
+    // silence threshold.
+    assert_eq!(reason, StaleReason::HeartbeatGap);
+    assert!(
+        detected < Duration::from_millis(1_000),
+        "detected after {detected:?}"
+    );
+    h.wait_event(
+        Duration::from_secs(5),
+        |e| matches!(e, ConnEvent::Connected { key, .. } if &*key.path == "p0"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sim.set_rate("d", RateProfile::Constant { per_sec: 0.0 })
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut got = Vec::new();
+    h.drain_ids(0, &mut got);
+    let got: HashSet<ActivityId> = got.into_iter().collect();
+    let truth: HashSet<ActivityId> = sim.truth("d", 1).unwrap().iter().map(|r| r.id).collect();
+    let missing: Vec<_> = truth.difference(&got).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} missing",
+        missing.len(),
+        truth.len()
+    );
+    h.stop().await;
+}
+
+/// A path that keeps sending heartbeats but no activities is stale by data silence,
+/// judged against its sibling, within the threshold.
+#[tokio::test]
+async fn heartbeats_without_data_is_data_silence() {
+    let sim = start(sim_stream(200.0)).await;
+    let mut h = spawn(&sim, Setup::default());
+    for _ in 0..2 {
+        h.wait_event(Duration::from_secs(5), |e| {
+            matches!(e, ConnEvent::Connected { .. })
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let at = Instant::now();
+    sim.fault(Fault::HeartbeatsOnly {
+        target: Target {
+            client_ip: Some("127.0.0.3".parse().unwrap()),
+            ..Target::default()
+        },
+    })
+    .unwrap();
+    let ev = h
+        .wait_event(Duration::from_secs(5), |e| {
+            matches!(e, ConnEvent::Stale { .. })
+        })
+        .await;
+    let detected = at.elapsed();
+    let ConnEvent::Stale { key, reason, .. } = ev else {
+        unreachable!()
+    };
+    assert_eq!((&*key.path, reason), ("p1", StaleReason::DataSilence));
+    assert!(
+        detected >= Duration::from_millis(1_000) && detected < Duration::from_millis(1_400),
+        "detected after {detected:?} (threshold 1 s)"
+    );
+    h.stop().await;
+}
+
+/// When both paths of a partition go down, the reconnect asks for ceil(gap) minutes of
+/// backfill and the replay closes the gap.
+#[tokio::test]
+async fn both_paths_down_reconnect_with_backfill() {
+    let sim = start(sim_stream(200.0)).await; // one "minute" = 1 s
+    let mut h = spawn(&sim, Setup::default());
+    for _ in 0..2 {
+        h.wait_event(Duration::from_secs(5), |e| {
+            matches!(e, ConnEvent::Connected { .. })
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sim.fault(Fault::Reject {
+        stream: "d".into(),
+        partition: None,
+        status: 503,
+        count: None,
+        for_ms: Some(1_500),
+    })
+    .unwrap();
+    sim.fault(Fault::Drop {
+        target: Target::default(),
+    })
+    .unwrap();
+    let ev = h
+        .wait_event(
+            Duration::from_secs(10),
+            |e| matches!(e, ConnEvent::Connected { backfill_minutes, .. } if *backfill_minutes > 0),
+        )
+        .await;
+    let ConnEvent::Connected {
+        backfill_minutes, ..
+    } = ev
+    else {
+        unreachable!()
+    };
+    assert!(
+        (2..=5).contains(&backfill_minutes),
+        "a ~1.6 s gap plus slack asks for 2-4 one-second minutes: {backfill_minutes}"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    sim.set_rate("d", RateProfile::Constant { per_sec: 0.0 })
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut got = Vec::new();
+    h.drain_ids(0, &mut got);
+    let got: HashSet<ActivityId> = got.into_iter().collect();
+    let truth: HashSet<ActivityId> = sim.truth("d", 1).unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(
+        truth.difference(&got).count(),
+        0,
+        "the backfill closed the gap"
+    );
+    h.stop().await;
+}
+
+/// HTTPS with an extra CA, and a path that pins the IP while keeping the host name.
+#[tokio::test]
+async fn tls_path_with_pinned_ip() {
+    install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    let sim = Simulator::start(SimConfig {
+        tls: Some(tandem_sim::TlsConfig {
+            names: vec!["gnip-stream.test".into()],
+            ca_file: ca.clone(),
+        }),
+        streams: vec![sim_stream(50.0)],
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let liveness = fast_liveness();
+    let path = PathConfig {
+        name: "pinned".into(),
+        source_address: None,
+        interface: None,
+        proxy: None,
+        resolve_ip: Some("127.0.0.1".parse().unwrap()),
+    };
+    let tls = TlsSettings {
+        extra_ca_pem: Some(std::fs::read(&ca).unwrap()),
+        allow_plain_http: false,
+    };
+    let client = build_client(
+        &path,
+        &tls,
+        &liveness,
+        "gnip-stream.test",
+        sim.addr().port(),
+    )
+    .unwrap();
+    let url = sim
+        .stream_url("d")
+        .unwrap()
+        .replace("127.0.0.1", "gnip-stream.test");
+    assert!(url.starts_with("https://gnip-stream.test:"));
+    let (tx, mut rx) = mpsc::channel(16);
+    let (events_tx, _events) = mpsc::unbounded_channel();
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let spec = ConnectionSpec {
+        key: ConnKey {
+            stream: "d".into(),
+            partition: 1,
+            path: "pinned".into(),
+        },
+        origin: Origin {
+            stream: StreamId(0),
+            partition: 1,
+            path: PathId(0),
+        },
+        endpoint: Endpoint {
+            url,
+            api: ApiKind::Gnip,
+            partitioned: true,
+            auth: Auth::Basic {
+                username: USER.into(),
+                password: Secret::new(PASS),
+            },
+        },
+        client,
+        retry: fast_retry(),
+        liveness,
+        backfill: BackfillConfig::default(),
+        read: ReadConfig::default(),
+        budget: Arc::new(ConnectBudget::new(&BudgetConfig::default())),
+        partition: Arc::new(PartitionLiveness::new(1)),
+    };
+    let conn = Connection::spawn(spec, tx, events_tx, shutdown_rx);
+    let batch = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!batch.lines.is_empty());
+    // A client that refuses plain HTTP cannot be pointed at an http:// URL by mistake.
+    let strict = build_client(
+        &PathConfig {
+            name: "s".into(),
+            source_address: None,
+            interface: None,
+            proxy: None,
+            resolve_ip: None,
+        },
+        &TlsSettings::default(),
+        &fast_liveness(),
+        "x",
+        1,
+    )
+    .unwrap();
+    assert!(strict.get("http://127.0.0.1:1/").send().await.is_err());
+    shutdown.send_replace(true);
+    conn.join().await;
+}
