@@ -8,7 +8,7 @@ use std::time::Duration;
 use metrics::{Counter, Gauge};
 use tandem_core::metric as m;
 use tandem_core::time::{rfc3339_ms, rfc3339_secs, unix_ms_now};
-use tandem_core::{Batch, Origin, Partition, Secret};
+use tandem_core::{Batch, Origin, Partition, Secret, Tally};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, interval, sleep};
@@ -174,6 +174,8 @@ pub struct ConnectionSpec {
     pub read: ReadConfig,
     pub budget: Arc<ConnectBudget>,
     pub partition: Arc<PartitionLiveness>,
+    /// The partition's shared counts (this connection adds to `raw`).
+    pub tally: Arc<Tally>,
 }
 
 /// A running connection.
@@ -539,6 +541,7 @@ impl Runner {
                         let n = lines.len() as u64;
                         items += n;
                         self.meters.raw.increment(n);
+                        Tally::add(&spec.tally.raw, n);
                         last_activity = now;
                         spec.partition.note_activity(path, now);
                         let batch = Batch { origin: spec.origin, connection, received: now, first_seq: seq, lines };

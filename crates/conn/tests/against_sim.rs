@@ -151,6 +151,7 @@ fn spawn(sim: &Simulator, setup: Setup) -> Harness {
                 read: ReadConfig::default(),
                 budget: budget.clone(),
                 partition: liveness.clone(),
+                tally: Arc::new(tandem_core::Tally::default()),
             };
             conns.push(Connection::spawn(
                 spec,
@@ -418,6 +419,7 @@ async fn accept_then_close_is_not_a_tight_loop() {
             window_ms: 1000,
         })),
         partition: Arc::new(PartitionLiveness::new(1)),
+        tally: Arc::new(tandem_core::Tally::default()),
     };
     let conn = Connection::spawn(spec, tx, events_tx, shutdown_rx);
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -703,6 +705,7 @@ async fn tls_path_with_pinned_ip() {
         read: ReadConfig::default(),
         budget: Arc::new(ConnectBudget::new(&BudgetConfig::default())),
         partition: Arc::new(PartitionLiveness::new(1)),
+        tally: Arc::new(tandem_core::Tally::default()),
     };
     let conn = Connection::spawn(spec, tx, events_tx, shutdown_rx);
     let batch = tokio::time::timeout(Duration::from_secs(5), rx.recv())

@@ -13,18 +13,21 @@
 //! - [`time`]: wall-clock helpers (milliseconds since the Unix epoch, RFC 3339).
 //! - [`secret`]: [`Secret`], a credential that never prints.
 //! - [`metric`]: every metric name tandem exports, in one place.
+//! - [`tally`]: per-partition counts shared by the stages, for reconciliation.
 
 pub mod envelope;
 pub mod identity;
 pub mod ids;
 pub mod metric;
 pub mod secret;
+pub mod tally;
 pub mod time;
 
 pub use envelope::{Batch, Origin, PathId, StreamId, Unique, UniqueBatch};
 pub use identity::{IdentityError, LineKind, SystemKind, SystemMessage, identify, validate};
 pub use ids::{ActivityId, DedupKey};
 pub use secret::Secret;
+pub use tally::{Tally, TallySnapshot};
 
 /// A partition number as the upstream numbers them (from 1).
 pub type Partition = u32;

@@ -1,0 +1,322 @@
+//! One merger shard per (stream, partition): partitions carry disjoint data, so shards
+//! share nothing and merging scales across cores.
+//!
+//! For each line: identify it; a known id is a duplicate (counted for the path that
+//! delivered it); an unknown id is validated first and only then remembered and passed
+//! on, so that a corrupted copy on one path never hides the intact copy on the other.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::Counter;
+use tandem_core::metric as m;
+use tandem_core::{
+    ActivityId, Batch, DedupKey, LineKind, Partition, StreamId, SystemMessage, Tally, Unique,
+    UniqueBatch, identify, validate,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::cache::DedupCache;
+use crate::config::MergeConfig;
+use crate::deadletter::{DeadLetters, Source};
+
+/// What a shard tells the monitor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MergeEvent {
+    /// The upstream sent an info, warn or error message.
+    System {
+        stream: Arc<str>,
+        partition: Partition,
+        path: Arc<str>,
+        message: SystemMessage,
+    },
+    /// Ids were forgotten before their window ended (the cache hit its cap).
+    EvictedEarly {
+        stream: Arc<str>,
+        partition: Partition,
+        total: u64,
+        horizon: Duration,
+    },
+}
+
+/// Everything a shard needs.
+#[derive(Debug, Clone)]
+pub struct ShardSpec {
+    pub stream: StreamId,
+    pub stream_name: Arc<str>,
+    pub partition: Partition,
+    /// Path names, indexed by `PathId`.
+    pub paths: Vec<Arc<str>>,
+    pub config: MergeConfig,
+    pub tally: Arc<Tally>,
+    pub dead_letters: Arc<DeadLetters>,
+    pub events: mpsc::UnboundedSender<MergeEvent>,
+}
+
+#[derive(Debug)]
+struct PathMeters {
+    duplicates: Counter,
+    first: Counter,
+    lag: metrics::Histogram,
+}
+
+/// The dedup state of one partition.
+#[derive(Debug)]
+pub struct Shard {
+    spec: ShardSpec,
+    cache: DedupCache,
+    lag: moka::sync::Cache<DedupKeyHash, (u8, Instant)>,
+    paths: Vec<PathMeters>,
+    unique: Counter,
+    ids_gauge: metrics::Gauge,
+    horizon_gauge: metrics::Gauge,
+    evicted_counter: Counter,
+    evicted_reported: u64,
+}
+
+type DedupKeyHash = u64;
+
+fn key_hash(key: &DedupKey) -> u64 {
+    let x = match *key {
+        DedupKey::Narrow(k) => k,
+        DedupKey::Wide(k) => (k as u64) ^ ((k >> 64) as u64),
+    };
+    let x = (x ^ (x >> 31)).wrapping_mul(0x7fb5_d329_728e_a185);
+    x ^ (x >> 27)
+}
+
+impl Shard {
+    pub fn new(spec: ShardSpec, now: Instant) -> Shard {
+        let labels = [
+            (m::STREAM, spec.stream_name.to_string()),
+            (m::PARTITION, spec.partition.to_string()),
+        ];
+        let paths = spec
+            .paths
+            .iter()
+            .map(|p| {
+                let l = [
+                    (m::STREAM, spec.stream_name.to_string()),
+                    (m::PARTITION, spec.partition.to_string()),
+                    (m::PATH, p.to_string()),
+                ];
+                PathMeters {
+                    duplicates: metrics::counter!(m::DUPLICATES, &l),
+                    first: metrics::counter!(m::FIRST_ARRIVALS, &l),
+                    lag: metrics::histogram!(m::PATH_LAG, &l),
+                }
+            })
+            .collect();
+        let window = Duration::from_secs(spec.config.dedup_window_secs);
+        Shard {
+            cache: DedupCache::new(
+                window,
+                spec.config.generations,
+                spec.config.max_ids_per_partition,
+                now,
+            ),
+            lag: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(120))
+                .build(),
+            paths,
+            unique: metrics::counter!(m::UNIQUE_ACTIVITIES, &labels),
+            ids_gauge: metrics::gauge!(m::DEDUP_IDS, &labels),
+            horizon_gauge: metrics::gauge!(m::DEDUP_HORIZON, &labels),
+            evicted_counter: metrics::counter!(m::DEDUP_EVICTED_EARLY, &labels),
+            evicted_reported: 0,
+            spec,
+        }
+    }
+
+    /// Remembers ids already stored (the restart rebuild from the sink's recent output).
+    pub fn remember(&mut self, ids: impl IntoIterator<Item = ActivityId>, now: Instant) -> usize {
+        let mut n = 0;
+        for id in ids {
+            n += usize::from(self.cache.insert(id.dedup_key(), now));
+        }
+        n
+    }
+
+    pub fn cache(&self) -> &DedupCache {
+        &self.cache
+    }
+
+    fn path_name(&self, i: u8) -> &str {
+        self.spec.paths.get(usize::from(i)).map_or("?", |p| p)
+    }
+
+    /// Classifies every line of a batch; first copies are appended to `out`.
+    pub fn process(&mut self, batch: Batch, out: &mut Vec<Unique>) {
+        let Batch {
+            origin,
+            connection,
+            received,
+            lines,
+            ..
+        } = batch;
+        let path = origin.path.0;
+        let sample_every = self.spec.config.lag_sample_every;
+        let (mut unique, mut dups, mut dead, mut system) = (0u64, 0u64, 0u64, 0u64);
+        for line in lines {
+            match identify(&line) {
+                Ok(LineKind::Activity(id)) => {
+                    let key = id.dedup_key();
+                    let sampled = key_hash(&key) % sample_every == 0;
+                    if self.cache.contains(&key) {
+                        dups += 1;
+                        if sampled
+                            && let Some((first, at)) = self.lag.get(&key_hash(&key))
+                            && first != path
+                        {
+                            let lag = received.saturating_duration_since(at);
+                            if let Some(p) = self.paths.get(usize::from(path)) {
+                                p.lag.record(lag.as_secs_f64());
+                            }
+                        }
+                        continue;
+                    }
+                    if let Err(e) = validate(&line) {
+                        dead += 1;
+                        self.dead_letter(path, connection, e.label(), &e.to_string(), &line);
+                        continue;
+                    }
+                    self.cache.insert(key, received);
+                    if sampled {
+                        self.lag
+                            .entry(key_hash(&key))
+                            .or_insert_with(|| (path, received));
+                    }
+                    unique += 1;
+                    out.push(Unique {
+                        id,
+                        line,
+                        path: origin.path,
+                        received,
+                    });
+                }
+                Ok(LineKind::System(message)) => {
+                    system += 1;
+                    metrics::counter!(m::SYSTEM_MESSAGES,
+                        m::STREAM => self.spec.stream_name.to_string(),
+                        m::PARTITION => self.spec.partition.to_string(),
+                        m::KIND => message.kind.as_str())
+                    .increment(1);
+                    tracing::info!(
+                        stream = %self.spec.stream_name, partition = self.spec.partition, path = self.path_name(path),
+                        kind = message.kind.as_str(), message = %message.message, "system message from the upstream"
+                    );
+                    let _ = self.spec.events.send(MergeEvent::System {
+                        stream: self.spec.stream_name.clone(),
+                        partition: self.spec.partition,
+                        path: self
+                            .spec
+                            .paths
+                            .get(usize::from(path))
+                            .cloned()
+                            .unwrap_or_else(|| "?".into()),
+                        message,
+                    });
+                }
+                Err(e) => {
+                    dead += 1;
+                    self.dead_letter(path, connection, e.label(), &e.to_string(), &line);
+                }
+            }
+        }
+        let t = &self.spec.tally;
+        Tally::add(&t.unique, unique);
+        Tally::add(&t.duplicates, dups);
+        Tally::add(&t.dead_lettered, dead);
+        Tally::add(&t.system, system);
+        self.unique.increment(unique);
+        if let Some(p) = self.paths.get(usize::from(path)) {
+            p.duplicates.increment(dups);
+            p.first.increment(unique);
+        }
+    }
+
+    fn dead_letter(&self, path: u8, connection: u64, reason: &str, detail: &str, line: &[u8]) {
+        let path = self.path_name(path);
+        metrics::counter!(m::DEAD_LETTERS,
+            m::STREAM => self.spec.stream_name.to_string(),
+            m::PARTITION => self.spec.partition.to_string(),
+            m::REASON => reason.to_owned())
+        .increment(1);
+        tracing::warn!(stream = %self.spec.stream_name, partition = self.spec.partition, path, reason, detail, "dead letter");
+        let source = Source {
+            stream: &self.spec.stream_name,
+            partition: self.spec.partition,
+            path,
+            connection,
+        };
+        if let Err(e) = self.spec.dead_letters.record(source, reason, detail, line) {
+            tracing::error!(error = %e, file = %self.spec.dead_letters.path().display(), "cannot write the dead-letter file");
+        }
+    }
+
+    /// Publishes cache gauges and reports early evictions.
+    pub fn report(&mut self, now: Instant) {
+        self.ids_gauge.set(self.cache.len() as f64);
+        let horizon = self.cache.horizon(now);
+        self.horizon_gauge.set(horizon.as_secs_f64());
+        let evicted = self.cache.evicted_early();
+        if evicted > self.evicted_reported {
+            self.evicted_counter
+                .increment(evicted - self.evicted_reported);
+            self.evicted_reported = evicted;
+            tracing::warn!(
+                stream = %self.spec.stream_name, partition = self.spec.partition, total = evicted,
+                horizon_secs = horizon.as_secs_f64(), "dedup cache at its cap: ids forgotten before their window ended"
+            );
+            let _ = self.spec.events.send(MergeEvent::EvictedEarly {
+                stream: self.spec.stream_name.clone(),
+                partition: self.spec.partition,
+                total: evicted,
+                horizon,
+            });
+        }
+    }
+
+    /// Runs the shard: batches in, unique batches out (waiting when the sink is slow).
+    /// Ends when every sender of `rx` is gone; returns the shard for inspection.
+    pub fn spawn(
+        mut self,
+        mut rx: mpsc::Receiver<Batch>,
+        tx: mpsc::Sender<UniqueBatch>,
+    ) -> JoinHandle<Shard> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let max_batch = self.spec.config.max_batch;
+            let mut out = Vec::with_capacity(max_batch);
+            loop {
+                tokio::select! {
+                    batch = rx.recv() => {
+                        let Some(batch) = batch else { break };
+                        self.process(batch, &mut out);
+                        while out.len() < max_batch {
+                            match rx.try_recv() {
+                                Ok(b) => self.process(b, &mut out),
+                                Err(_) => break,
+                            }
+                        }
+                        if !out.is_empty() {
+                            let items = std::mem::replace(&mut out, Vec::with_capacity(max_batch));
+                            let batch = UniqueBatch { stream: self.spec.stream, partition: self.spec.partition, items };
+                            if tx.send(batch).await.is_err() {
+                                tracing::error!(stream = %self.spec.stream_name, partition = self.spec.partition, "the sink stopped; merger shard ends");
+                                break;
+                            }
+                        }
+                    }
+                    _ = tick.tick() => self.report(Instant::now()),
+                }
+            }
+            self.report(Instant::now());
+            self
+        })
+    }
+}
