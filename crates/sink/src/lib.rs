@@ -1,1 +1,27 @@
-//! placeholder
+//! Durable sinks. "Stored" means acknowledged by the store, never merely handed to a
+//! buffer: the monitor's raw-versus-stored comparison rests on these acknowledgements.
+//!
+//! A [`Store`] takes whole batches and acknowledges them once durable. The driver
+//! ([`driver::spawn`]) sits between the mergers and a store: it keeps batches in order
+//! (memory, then the disk [`Spool`]), retries with backoff while the store is down (so
+//! the connections never stall on it), counts what the store acknowledged, and drains at
+//! shutdown.
+//!
+//! # Layout
+//! - [`store`]: the [`Store`] trait, [`Ack`], [`StoreError`].
+//! - [`driver`]: ordering, retry, acknowledgement accounting, drain ([`DriverConfig`]).
+//! - [`spool`]: the on-disk overflow queue.
+//! - [`file`]: [`FileStore`], NDJSON files per stream, partition and time bucket.
+//! - [`simple`]: [`StdoutStore`] and [`NullStore`].
+
+pub mod driver;
+pub mod file;
+pub mod simple;
+pub mod spool;
+pub mod store;
+
+pub use driver::{DrainReport, DriverConfig, SinkHandle, spawn};
+pub use file::{FileConfig, FileStore, Repair, recent_ids};
+pub use simple::{NullStore, StdoutStore};
+pub use spool::{Spool, SpooledBatch};
+pub use store::{Ack, ErrorClass, Store, StoreError, StreamNames};

@@ -1,0 +1,77 @@
+//! What a store is to the sink driver: a place to put activities that later acknowledges
+//! them as durably stored.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tandem_core::{ActivityId, Partition, StreamId, UniqueBatch};
+
+/// Stream names, indexed by `StreamId` (stores name files and subjects after them).
+pub type StreamNames = Arc<Vec<Arc<str>>>;
+
+/// Activities the store has durably stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    pub stream: StreamId,
+    pub partition: Partition,
+    /// The stored activities, in order.
+    pub ids: Vec<ActivityId>,
+    /// How many of them the store already held (JetStream's duplicate window): stored
+    /// by another consumer, not by us.
+    pub duplicates: usize,
+}
+
+/// Whether retrying a failed store operation can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    Transient,
+    Fatal,
+}
+
+/// A store operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{store} store: {message}")]
+pub struct StoreError {
+    pub store: &'static str,
+    pub class: ErrorClass,
+    pub message: String,
+}
+
+impl StoreError {
+    pub fn transient(store: &'static str, message: impl Into<String>) -> StoreError {
+        StoreError {
+            store,
+            class: ErrorClass::Transient,
+            message: message.into(),
+        }
+    }
+
+    pub fn fatal(store: &'static str, message: impl Into<String>) -> StoreError {
+        StoreError {
+            store,
+            class: ErrorClass::Fatal,
+            message: message.into(),
+        }
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        self.class == ErrorClass::Transient
+    }
+}
+
+/// A durable store. `put` either takes the whole batch or none of it (so a retry after an
+/// error never stores anything twice); acknowledgements come later from `acks`.
+pub trait Store: Send + 'static {
+    /// A short fixed name (`file`, `nats`, `stdout`, `null`).
+    fn kind(&self) -> &'static str;
+
+    /// Hands a batch to the store.
+    fn put(&mut self, batch: &UniqueBatch) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Acknowledgements since the last call. `force`: make everything put so far durable
+    /// now (shutdown, rotation) instead of when the store's own policy says.
+    fn acks(&mut self, force: bool) -> impl Future<Output = Result<Vec<Ack>, StoreError>> + Send;
+
+    /// Activities put and not yet acknowledged.
+    fn unacknowledged(&self) -> usize;
+}

@@ -1,0 +1,344 @@
+//! File store and sink driver.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_core::{ActivityId, PathId, StreamId, Tally, Unique, UniqueBatch};
+use tandem_sink::*;
+use tokio::time::Instant;
+
+fn names() -> StreamNames {
+    Arc::new(vec!["decahose".into()])
+}
+
+fn batch(partition: u32, ids: std::ops::Range<u64>) -> UniqueBatch {
+    UniqueBatch {
+        stream: StreamId(0),
+        partition,
+        items: ids
+            .map(|i| Unique {
+                id: ActivityId::Post(i),
+                line: Bytes::from(format!("{{\"id_str\":\"{i}\",\"text\":\"t\"}}")),
+                path: PathId(0),
+                received: Instant::now(),
+            })
+            .collect(),
+    }
+}
+
+fn files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p)
+            } else {
+                out.push(p)
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn read_lines(path: &std::path::Path) -> Vec<String> {
+    let raw = std::fs::read(path).unwrap();
+    let text = if path.to_string_lossy().contains(".gz") {
+        let mut s = String::new();
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .read_to_string(&mut s)
+            .unwrap();
+        s
+    } else {
+        String::from_utf8(raw).unwrap()
+    };
+    text.lines().map(str::to_owned).collect()
+}
+
+/// Activities are acknowledged only after fsync; buckets rotate into final names; gzip
+/// files decode after every write.
+#[tokio::test]
+async fn files_rotate_and_acknowledge_after_fsync() {
+    for gzip in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = FileConfig {
+            dir: dir.path().to_path_buf(),
+            bucket_secs: 3600,
+            gzip,
+            fsync_interval_ms: 300,
+        };
+        let (mut store, repair) = FileStore::open(cfg, names()).unwrap();
+        assert_eq!(repair, Repair::default());
+        store.put(&batch(1, 0..10)).await.unwrap();
+        assert!(
+            store.acks(false).await.unwrap().is_empty(),
+            "not durable yet"
+        );
+        assert_eq!(store.unacknowledged(), 10);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let acks = store.acks(false).await.unwrap();
+        assert_eq!(acks.iter().map(|a| a.ids.len()).sum::<usize>(), 10);
+        let open: Vec<_> = files(dir.path());
+        assert_eq!(open.len(), 1);
+        assert!(
+            open[0].to_string_lossy().ends_with(".tmp"),
+            "the bucket is still open"
+        );
+        assert_eq!(
+            read_lines(&open[0]).len(),
+            10,
+            "gzip={gzip}: readable while open"
+        );
+        store.close().await.unwrap();
+        // With one-second buckets, the next bucket closes the first under its final name.
+        let cfg = FileConfig {
+            dir: dir.path().to_path_buf(),
+            bucket_secs: 1,
+            gzip,
+            fsync_interval_ms: 300,
+        };
+        let (mut store, _) = FileStore::open(cfg, names()).unwrap();
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        store.put(&batch(1, 10..15)).await.unwrap();
+        store.put(&batch(2, 15..20)).await.unwrap();
+        let acks = store.close().await.unwrap();
+        assert_eq!(acks.iter().map(|a| a.ids.len()).sum::<usize>(), 10);
+        let done = files(dir.path());
+        assert!(done.len() >= 3, "{done:?}");
+        assert!(done.iter().all(|p| !p.to_string_lossy().ends_with(".tmp")));
+        let ext = if gzip { ".ndjson.gz" } else { ".ndjson" };
+        assert!(done.iter().all(|p| p.to_string_lossy().ends_with(ext)));
+        let all: usize = done.iter().map(|p| read_lines(p).len()).sum();
+        assert_eq!(all, 20);
+        assert!(
+            done.iter()
+                .any(|p| p.to_string_lossy().contains("decahose/partition-2/"))
+        );
+    }
+}
+
+/// A crash leaves a `.tmp` file whose last line (or gzip member) is incomplete: opening
+/// the store cuts it off and keeps every complete line.
+#[tokio::test]
+async fn crash_leftovers_keep_only_whole_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let part = dir.path().join("decahose/partition-1");
+    std::fs::create_dir_all(&part).unwrap();
+    std::fs::write(
+        part.join("20240101T000000Z.ndjson.tmp"),
+        b"{\"id_str\":\"1\"}\n{\"id_str\":\"2\"}\n{\"id_str\":\"3\",\"te",
+    )
+    .unwrap();
+    let mut gz = Vec::new();
+    for i in 0..3 {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(
+            format!("{{\"id_str\":\"{i}\",\"text\":\"{}\"}}\n", "abc".repeat(40)).as_bytes(),
+        )
+        .unwrap();
+        let member = enc.finish().unwrap();
+        if i == 2 {
+            gz.extend_from_slice(&member[..member.len() / 2]); // cut inside its deflate data
+        } else {
+            gz.extend(member);
+        }
+    }
+    std::fs::write(part.join("20240101T001000Z.ndjson.gz.tmp"), &gz).unwrap();
+    let cfg = FileConfig {
+        dir: dir.path().to_path_buf(),
+        gzip: true,
+        ..FileConfig::default()
+    };
+    let (_store, repair) = FileStore::open(cfg, names()).unwrap();
+    assert_eq!(repair.files, 2);
+    let plain = read_lines(&part.join("20240101T000000Z.ndjson"));
+    assert_eq!(plain, ["{\"id_str\":\"1\"}", "{\"id_str\":\"2\"}"]);
+    let zipped = read_lines(&part.join("20240101T001000Z.ndjson.gz"));
+    assert_eq!(zipped.len(), 2, "complete lines only: {zipped:?}");
+    let raw = std::fs::read(part.join("20240101T001000Z.ndjson.gz")).unwrap();
+    let mut all = Vec::new();
+    flate2::read::MultiGzDecoder::new(&raw[..])
+        .read_to_end(&mut all)
+        .expect("the repaired file is valid gzip");
+    assert!(
+        files(dir.path())
+            .iter()
+            .all(|p| !p.to_string_lossy().ends_with(".tmp"))
+    );
+}
+
+/// The ids of recently stored activities are read back for the merger's rebuild.
+#[tokio::test]
+async fn recent_ids_are_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = FileConfig {
+        dir: dir.path().to_path_buf(),
+        gzip: true,
+        ..FileConfig::default()
+    };
+    let (mut store, _) = FileStore::open(cfg.clone(), names()).unwrap();
+    store.put(&batch(1, 0..100)).await.unwrap();
+    store.put(&batch(2, 100..150)).await.unwrap();
+    store.close().await.unwrap();
+    let ids = recent_ids(
+        dir.path(),
+        tandem_core::time::unix_ms_now() - 60_000,
+        cfg.bucket_secs,
+    )
+    .unwrap();
+    assert_eq!(ids[&("decahose".to_owned(), 1)].len(), 100);
+    assert_eq!(ids[&("decahose".to_owned(), 2)][0], ActivityId::Post(100));
+    let none = recent_ids(
+        dir.path(),
+        tandem_core::time::unix_ms_now() + 3_600_000,
+        cfg.bucket_secs,
+    )
+    .unwrap();
+    assert!(none.is_empty());
+}
+
+/// A store that fails while `down` is set.
+struct Flaky {
+    inner: NullStore,
+    down: Arc<AtomicBool>,
+    order: Arc<std::sync::Mutex<Vec<ActivityId>>>,
+}
+
+impl Store for Flaky {
+    fn kind(&self) -> &'static str {
+        "flaky"
+    }
+    async fn put(&mut self, batch: &UniqueBatch) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::transient("flaky", "down"));
+        }
+        self.order
+            .lock()
+            .unwrap()
+            .extend(batch.items.iter().map(|u| u.id));
+        self.inner.put(batch).await
+    }
+    async fn acks(&mut self, force: bool) -> Result<Vec<Ack>, StoreError> {
+        self.inner.acks(force).await
+    }
+    fn unacknowledged(&self) -> usize {
+        self.inner.unacknowledged()
+    }
+}
+
+/// While the store is down the driver keeps accepting (memory, then spool), then delivers
+/// everything in order once it returns; the tallies account for every activity.
+#[tokio::test]
+async fn outage_is_spooled_and_delivered_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = Arc::new(AtomicBool::new(true));
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = Flaky {
+        inner: NullStore::default(),
+        down: down.clone(),
+        order: order.clone(),
+    };
+    let tally = Arc::new(Tally::default());
+    let tallies = HashMap::from([((StreamId(0), 1), tally.clone())]);
+    let cfg = DriverConfig {
+        max_memory_activities: 300,
+        spool_dir: dir.path().join("spool"),
+        retry_initial_ms: 20,
+        retry_max_ms: 100,
+        ..DriverConfig::default()
+    };
+    let (tx, handle) = spawn("test", store, cfg, names(), tallies, |_, _| false, 4).unwrap();
+    for i in 0..20u64 {
+        // Never blocks for long although the store is down.
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            tx.send(batch(1, i * 100..i * 100 + 100)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = tally.snapshot();
+    assert_eq!((t.stored, t.in_flight), (0, 2_000));
+    assert!(
+        dir.path().join("spool/spool.bin").exists(),
+        "memory (300) overflowed to the spool"
+    );
+    down.store(false, Ordering::SeqCst);
+    drop(tx);
+    let report = handle.finish().await;
+    assert_eq!(report.stored_total, 2_000);
+    assert_eq!(report.left_in_spool, 0);
+    assert_eq!(
+        *order.lock().unwrap(),
+        (0..2_000).map(ActivityId::Post).collect::<Vec<_>>()
+    );
+    let t = tally.snapshot();
+    assert_eq!((t.stored, t.in_flight), (2_000, 0));
+    assert!(!dir.path().join("spool/spool.bin").exists());
+}
+
+/// At shutdown with the store still down, what is left waits in the spool, and the next
+/// start delivers it (minus what was already stored).
+#[tokio::test]
+async fn undrained_activities_survive_in_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool_dir = dir.path().join("spool");
+    let down = Arc::new(AtomicBool::new(true));
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let cfg = DriverConfig {
+        spool_dir: spool_dir.clone(),
+        drain_deadline_ms: 200,
+        retry_initial_ms: 20,
+        ..DriverConfig::default()
+    };
+    let store = Flaky {
+        inner: NullStore::default(),
+        down: down.clone(),
+        order: order.clone(),
+    };
+    let (tx, handle) = spawn(
+        "test",
+        store,
+        cfg.clone(),
+        names(),
+        HashMap::new(),
+        |_, _| false,
+        4,
+    )
+    .unwrap();
+    tx.send(batch(1, 0..50)).await.unwrap();
+    drop(tx);
+    let report = handle.finish().await;
+    assert_eq!((report.drained, report.left_in_spool), (0, 50));
+    down.store(false, Ordering::SeqCst);
+    let store = Flaky {
+        inner: NullStore::default(),
+        down,
+        order: order.clone(),
+    };
+    let (tx, handle) = spawn(
+        "test",
+        store,
+        cfg,
+        names(),
+        HashMap::new(),
+        |_, u| u.id == ActivityId::Post(0),
+        4,
+    )
+    .unwrap();
+    drop(tx);
+    let report = handle.finish().await;
+    assert_eq!(
+        report.stored_total, 49,
+        "replayed, minus the one already stored"
+    );
+    assert_eq!(order.lock().unwrap().first(), Some(&ActivityId::Post(1)));
+}
