@@ -7,6 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use metrics::Gauge;
@@ -95,6 +96,8 @@ pub struct DrainReport {
 #[derive(Debug)]
 pub struct SinkHandle {
     pub name: Arc<str>,
+    /// False while the store refuses writes.
+    pub up: Arc<AtomicBool>,
     task: JoinHandle<DrainReport>,
 }
 
@@ -107,6 +110,22 @@ impl SinkHandle {
 }
 
 type Key = (StreamId, Partition);
+
+/// Where a partition's activities are inside the sink. Each count changes with the
+/// structure operation itself, so a batch lost between two structures shows up in the
+/// monitor's reconciliation instead of cancelling out.
+#[derive(Debug, Default, Clone, Copy)]
+struct Held {
+    memory: u64,
+    spool: u64,
+    unacknowledged: u64,
+}
+
+impl Held {
+    fn total(self) -> u64 {
+        self.memory + self.spool + self.unacknowledged
+    }
+}
 
 struct Meters {
     up: Gauge,
@@ -123,10 +142,10 @@ struct Driver<S: Store> {
     memory: VecDeque<UniqueBatch>,
     memory_items: usize,
     spool: Spool,
-    /// Activities received and not yet acknowledged, per partition.
-    held: HashMap<Key, u64>,
+    held: HashMap<Key, Held>,
     stored_total: u64,
     meters: Meters,
+    up: Arc<AtomicBool>,
 }
 
 /// Starts a sink: `store` fed from the returned sender. `tallies` are the partitions'
@@ -167,6 +186,7 @@ pub fn spawn<S: Store>(
         held: HashMap::new(),
         stored_total: 0,
         meters,
+        up: Arc::new(AtomicBool::new(true)),
     };
     let mut replayed = 0usize;
     for mut sb in leftover {
@@ -194,6 +214,7 @@ pub fn spawn<S: Store>(
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let handle = SinkHandle {
         name: driver.name.clone(),
+        up: driver.up.clone(),
         task: tokio::spawn(driver.run(rx)),
     };
     Ok((tx, handle))
@@ -206,9 +227,19 @@ impl<S: Store> Driver<S> {
             .map_or_else(|| format!("stream-{}", id.0), |s| s.to_string())
     }
 
+    fn held(&mut self, key: Key, change: impl FnOnce(&mut Held)) {
+        change(self.held.entry(key).or_default());
+        self.set_in_flight(key);
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Relaxed);
+        self.meters.up.set(if up { 1.0 } else { 0.0 });
+    }
+
     fn set_in_flight(&self, key: Key) {
         if let Some(t) = self.tallies.get(&key) {
-            let held = self.held.get(&key).copied().unwrap_or(0);
+            let held = self.held.get(&key).copied().unwrap_or_default().total();
             t.in_flight
                 .store(held, std::sync::atomic::Ordering::Relaxed);
             metrics::gauge!(m::IN_FLIGHT,
@@ -222,11 +253,10 @@ impl<S: Store> Driver<S> {
     fn accept(&mut self, batch: UniqueBatch) {
         let key = (batch.stream, batch.partition);
         let n = batch.items.len();
-        *self.held.entry(key).or_default() += n as u64;
-        self.set_in_flight(key);
         if self.spool.is_empty() && self.memory_items + n <= self.cfg.max_memory_activities {
             self.memory_items += n;
             self.memory.push_back(batch);
+            self.held(key, |h| h.memory += n as u64);
             return;
         }
         let stream = self.stream_name(batch.stream);
@@ -235,6 +265,9 @@ impl<S: Store> Driver<S> {
             tracing::error!(error = %e, dir = %self.cfg.spool_dir.display(), "cannot spool; holding in memory beyond the limit");
             self.memory_items += n;
             self.memory.push_back(batch);
+            self.held(key, |h| h.memory += n as u64);
+        } else {
+            self.held(key, |h| h.spool += n as u64);
         }
         self.meters.spooled.set(self.spool.len() as f64);
     }
@@ -242,7 +275,9 @@ impl<S: Store> Driver<S> {
     /// The next batch to store, oldest first.
     fn next(&mut self) -> Option<UniqueBatch> {
         if let Some(b) = self.memory.pop_front() {
+            let n = b.items.len() as u64;
             self.memory_items -= b.items.len();
+            self.held((b.stream, b.partition), |h| h.memory -= n);
             return Some(b);
         }
         let names = self.names.clone();
@@ -255,7 +290,12 @@ impl<S: Store> Driver<S> {
         match self.spool.pop(index) {
             Ok(b) => {
                 self.meters.spooled.set(self.spool.len() as f64);
-                b.map(|sb| sb.batch)
+                let batch = b.map(|sb| sb.batch)?;
+                let n = batch.items.len() as u64;
+                self.held((batch.stream, batch.partition), |h| {
+                    h.spool = h.spool.saturating_sub(n)
+                });
+                Some(batch)
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the spool");
@@ -274,10 +314,9 @@ impl<S: Store> Driver<S> {
             let key = (ack.stream, ack.partition);
             let n = ack.ids.len() as u64;
             total += n;
-            if let Some(h) = self.held.get_mut(&key) {
-                *h = h.saturating_sub(n);
-            }
-            self.set_in_flight(key);
+            self.held(key, |h| {
+                h.unacknowledged = h.unacknowledged.saturating_sub(n)
+            });
             let labels = [
                 (m::STREAM, self.stream_name(ack.stream)),
                 (m::PARTITION, ack.partition.to_string()),
@@ -323,7 +362,7 @@ impl<S: Store> Driver<S> {
         let mut retry_at: Option<Instant> = None;
         let mut open = true;
         let mut drain_started: Option<(Instant, u64)> = None;
-        self.meters.up.set(1.0);
+        self.set_up(true);
         loop {
             if !open && drain_started.is_none() {
                 drain_started = Some((Instant::now(), self.stored_total));
@@ -343,12 +382,14 @@ impl<S: Store> Driver<S> {
                     self.accept(b);
                 }
                 let batch = self.next().expect("pending");
+                let (key, n) = ((batch.stream, batch.partition), batch.items.len() as u64);
                 match self.store.put(&batch).await {
                     Ok(()) => {
+                        self.held(key, |h| h.unacknowledged += n);
                         if retry_at.take().is_some() {
                             tracing::info!(sink = %self.name, "store is back");
                         }
-                        self.meters.up.set(1.0);
+                        self.set_up(true);
                         backoff = Duration::from_millis(self.cfg.retry_initial_ms);
                     }
                     Err(e) => {
@@ -358,10 +399,11 @@ impl<S: Store> Driver<S> {
                             "fatal"
                         });
                         tracing::warn!(sink = %self.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "store write failed; retrying");
-                        self.meters.up.set(0.0);
+                        self.set_up(false);
                         // Back to the front: order is kept and nothing is lost.
                         self.memory_items += batch.items.len();
                         self.memory.push_front(batch);
+                        self.held(key, |h| h.memory += n);
                         retry_at = Some(Instant::now() + backoff);
                         backoff = (backoff * 2).min(Duration::from_millis(self.cfg.retry_max_ms));
                     }
@@ -395,10 +437,16 @@ impl<S: Store> Driver<S> {
         // Whatever is still queued goes to the spool for the next start.
         let mut left = 0u64;
         while let Some(b) = self.memory.pop_front() {
-            left += b.items.len() as u64;
+            let n = b.items.len() as u64;
+            left += n;
             let stream = self.stream_name(b.stream);
             if let Err(e) = self.spool.push(&stream, &b) {
                 tracing::error!(error = %e, activities = b.items.len(), "cannot spool at exit: these activities are lost to this run");
+            } else {
+                self.held((b.stream, b.partition), |h| {
+                    h.memory -= n;
+                    h.spool += n;
+                });
             }
         }
         left += self.spool.len().saturating_sub(left);
