@@ -1,1 +1,292 @@
-fn main() {}
+//! `tandem`: the command-line binary. It parses arguments, loads the configuration,
+//! starts tracing and hands over to the crates; nothing else lives here.
+//!
+//! # Layout
+//! - `main.rs`: arguments, tracing, and one function per subcommand (`run`, `check`,
+//!   `demo`, `sim`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Consume X/Gnip enterprise streams over redundant connections without losing or duplicating an activity"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log filter in RUST_LOG syntax (e.g. `info`, `tandem_conn=debug`).
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the consumer described by a configuration file (until SIGINT or SIGTERM).
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration and print what it would do, or every problem with its field.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the whole pipeline against the built-in simulator, with faults, and report
+    /// whether anything was lost or duplicated.
+    Demo {
+        /// How long to stream (e.g. `60s`, `2m`).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Directory the run writes under (a subdirectory per run).
+        #[arg(long, default_value = "./tandem-data")]
+        data_dir: PathBuf,
+        /// Where Prometheus metrics and `/status` are served during the run.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics_listen: SocketAddr,
+        /// Activities per second generated over both partitions.
+        #[arg(long, default_value_t = 300.0)]
+        rate: f64,
+    },
+    /// Run the upstream simulator as a standalone server.
+    Sim {
+        /// Simulator configuration (TOML); default: one Decahose stream.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Address to listen on (overrides the configuration).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((t, "s"), |i| t.split_at(i));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 60s, 2m or 500ms"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn start_tracing(format: LogFormat, filter: &str, file: Option<&Path>) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("log filter {filter:?}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match (format, file) {
+        (LogFormat::Json, None) => builder.json().with_writer(std::io::stderr).init(),
+        (LogFormat::Text, None) => builder.with_writer(std::io::stderr).init(),
+        (format, Some(path)) => {
+            let f = std::fs::File::create(path)
+                .with_context(|| format!("log file {}", path.display()))?;
+            let writer = std::sync::Mutex::new(f);
+            match format {
+                LogFormat::Json => builder.json().with_ansi(false).with_writer(writer).init(),
+                LogFormat::Text => builder.with_ansi(false).with_writer(writer).init(),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tandem: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run { config } => run(&config, cli.log_format, &cli.log).await,
+            Command::Check { config } => Ok(check(&config)),
+            Command::Demo {
+                duration,
+                data_dir,
+                metrics_listen,
+                rate,
+            } => {
+                demo(
+                    duration,
+                    &data_dir,
+                    metrics_listen,
+                    rate,
+                    cli.log_format,
+                    &cli.log,
+                )
+                .await
+            }
+            Command::Sim { config, listen } => {
+                sim(config.as_deref(), listen, cli.log_format, &cli.log).await
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tandem: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(path: &Path, format: LogFormat, log: &str) -> anyhow::Result<ExitCode> {
+    start_tracing(format, log, None)?;
+    let loaded = match tandem_config::load_file(path) {
+        Ok(l) => l,
+        Err(problems) => {
+            eprintln!(
+                "tandem: {} has {} problem(s):\n{problems}",
+                path.display(),
+                problems.0.len()
+            );
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let pipeline = tandem_pipeline::Pipeline::start(loaded).await?;
+    tracing::info!(endpoint = %pipeline.http_addr(), "running; metrics on /metrics, status on /status");
+    signal().await;
+    tracing::info!("signal received: draining");
+    let report = pipeline.shutdown().await;
+    for (sink, r) in &report.sinks {
+        tracing::info!(sink = %sink, drained = r.drained, left_in_spool = r.left_in_spool, stored_total = r.stored_total, "sink drained");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(path: &Path) -> ExitCode {
+    match tandem_config::load_file(path) {
+        Ok(loaded) => {
+            println!(
+                "{} is valid.\n\n{}",
+                path.display(),
+                tandem_config::plan(&loaded)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            println!("{} has {} problem(s):", path.display(), problems.0.len());
+            for p in &problems.0 {
+                println!("  {p}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo(
+    duration: Duration,
+    data_dir: &Path,
+    metrics_listen: SocketAddr,
+    rate: f64,
+    format: LogFormat,
+    log: &str,
+) -> anyhow::Result<ExitCode> {
+    let stamp = tandem_core_stamp();
+    let run_dir = data_dir.join(format!("demo-{stamp}"));
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    start_tracing(format, log, Some(&run_dir.join("tandem.log")))?;
+    let opts = tandem_scenario::demo::DemoOptions {
+        duration,
+        run_dir,
+        metrics_listen,
+        rate_per_sec: rate,
+    };
+    let report = tandem_scenario::demo::run(opts).await?;
+    Ok(if report.verdict.clean() && report.verdict.settled {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn tandem_core_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    secs.to_string()
+}
+
+async fn sim(
+    config: Option<&Path>,
+    listen: Option<SocketAddr>,
+    format: LogFormat,
+    log: &str,
+) -> anyhow::Result<ExitCode> {
+    start_tracing(format, log, None)?;
+    tandem_conn::install_crypto_provider();
+    let mut cfg: tandem_sim::SimConfig = match config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| {
+                format!("{} is not a valid simulator configuration", p.display())
+            })?
+        }
+        None => tandem_sim::SimConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            ..tandem_sim::SimConfig::default()
+        },
+    };
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    let streams: Vec<String> = cfg.streams.iter().map(|s| s.name.clone()).collect();
+    let sim = tandem_sim::Simulator::start(cfg).await?;
+    println!("simulator listening on {}", sim.base_url());
+    for s in &streams {
+        println!("  stream {s}: {}", sim.stream_url(s)?);
+    }
+    println!(
+        "  admin: {0}/admin/connections {0}/admin/stats {0}/admin/truth?stream=NAME  (POST {0}/admin/faults, /admin/publish, /admin/rate)",
+        sim.base_url()
+    );
+    signal().await;
+    Ok(ExitCode::SUCCESS)
+}

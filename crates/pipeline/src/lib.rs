@@ -1,1 +1,431 @@
-//! placeholder
+//! Wires the stages into a running consumer: connections → merger shards → sinks, with
+//! the monitor watching, from a loaded configuration.
+//!
+//! [`Pipeline::start`] builds, per sink, a store and its driver (rebuilding the merger's
+//! memory from what the store holds), per stream a connect budget and one HTTP client per
+//! path, per partition a tally, a liveness record, a merger shard and one connection per
+//! path; then the monitor and its HTTP endpoint. [`Pipeline::shutdown`] stops in data-flow
+//! order so that nothing in flight is lost: connections stop, shards drain into the
+//! sinks, sinks drain into their stores.
+//!
+//! # Layout
+//! - this file: [`Pipeline`], [`StartError`], [`ShutdownReport`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_config::{Loaded, SinkConfig, StreamConfig};
+use tandem_conn::{
+    ApiKind, ConnEvent, ConnKey, ConnectBudget, Connection, ConnectionSpec, Endpoint,
+    PartitionLiveness, TlsSettings, build_client, install_crypto_provider,
+};
+use tandem_core::time::unix_ms_now;
+use tandem_core::{ActivityId, Batch, Origin, Partition, PathId, StreamId, Tally, UniqueBatch};
+use tandem_merge::{DeadLetters, MergeEvent, Shard, ShardSpec};
+use tandem_monitor::{
+    ConnectionView, MonitorHandle, MonitorInputs, PartitionView, SinkView, Status, StreamView,
+};
+use tandem_sink::{DrainReport, FileStore, NullStore, SinkHandle, StdoutStore, StreamNames};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// The pipeline could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("stream {stream}: {message}")]
+    Stream { stream: String, message: String },
+    #[error("sink {sink}: {message}")]
+    Sink { sink: String, message: String },
+    #[error("dead-letter directory {dir}: {source}")]
+    DeadLetters { dir: String, source: std::io::Error },
+    #[error("monitor endpoint {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What shutdown did.
+#[derive(Debug, Clone, Default)]
+pub struct ShutdownReport {
+    /// Per sink: what it drained and what waits in its spool.
+    pub sinks: Vec<(String, DrainReport)>,
+    pub elapsed: Duration,
+}
+
+/// A running consumer.
+#[derive(Debug)]
+pub struct Pipeline {
+    shutdown: watch::Sender<bool>,
+    connections: Vec<Connection>,
+    shards: Vec<JoinHandle<Shard>>,
+    sinks: Vec<SinkHandle>,
+    monitor: MonitorHandle,
+    http: JoinHandle<()>,
+    http_addr: SocketAddr,
+    tallies: Vec<(Arc<str>, Partition, Arc<Tally>)>,
+    /// Lifecycle events, re-broadcast for observers other than the monitor.
+    conn_events: tokio::sync::broadcast::Sender<ConnEvent>,
+}
+
+fn api_kind(s: &StreamConfig) -> ApiKind {
+    match s.api {
+        tandem_config::ApiConfig::Gnip => ApiKind::Gnip,
+        tandem_config::ApiConfig::XV2 => ApiKind::V2,
+    }
+}
+
+impl Pipeline {
+    /// Builds and starts everything. Must run inside a multi-threaded tokio runtime.
+    pub async fn start(loaded: Loaded) -> Result<Pipeline, StartError> {
+        install_crypto_provider();
+        let _ = tandem_monitor::prometheus();
+        let Loaded { config, auth } = loaded;
+        let names: StreamNames = Arc::new(
+            config
+                .streams
+                .iter()
+                .map(|s| Arc::<str>::from(s.name.as_str()))
+                .collect(),
+        );
+        let window = Duration::from_secs(config.merge.dedup_window_secs);
+
+        // Partitions and their tallies.
+        let mut tallies: HashMap<(StreamId, Partition), Arc<Tally>> = HashMap::new();
+        let mut partitions_of: Vec<Vec<Partition>> = Vec::new();
+        for (i, s) in config.streams.iter().enumerate() {
+            let parts: Vec<Partition> = s
+                .only_partitions
+                .clone()
+                .unwrap_or_else(|| (1..=s.partitions).collect());
+            for &p in &parts {
+                tallies.insert((StreamId(i as u16), p), Arc::new(Tally::default()));
+            }
+            partitions_of.push(parts);
+        }
+
+        // Sinks, each with the ids its store already holds (the merger's rebuild).
+        let mut sink_tx: HashMap<String, mpsc::Sender<UniqueBatch>> = HashMap::new();
+        let mut sinks = Vec::new();
+        let mut stored_ids: HashMap<(String, Partition), Vec<ActivityId>> = HashMap::new();
+        for (name, sink) in &config.sinks {
+            let routed: HashMap<(StreamId, Partition), Arc<Tally>> = tallies
+                .iter()
+                .filter(|((sid, _), _)| config.streams[usize::from(sid.0)].sink == *name)
+                .map(|(k, v)| (*k, v.clone()))
+                .collect();
+            if routed.is_empty() {
+                continue;
+            }
+            let mut delivery = config.delivery.clone();
+            delivery.spool_dir = delivery.spool_dir.join(name);
+            let err = |message: String| StartError::Sink {
+                sink: name.clone(),
+                message,
+            };
+            let (tx, handle) = match sink {
+                SinkConfig::File(f) => {
+                    let (store, _repair) = FileStore::open(f.clone(), names.clone())
+                        .map_err(|e| err(format!("{}: {e}", f.dir.display())))?;
+                    let since = unix_ms_now().saturating_sub(window.as_millis() as u64);
+                    let recent = tandem_sink::recent_ids(&f.dir, since, f.bucket_secs)
+                        .map_err(|e| err(format!("reading recent ids: {e}")))?;
+                    for (k, ids) in recent {
+                        stored_ids.entry(k).or_default().extend(ids);
+                    }
+                    let known: std::collections::HashSet<(String, Partition, ActivityId)> =
+                        stored_ids
+                            .iter()
+                            .flat_map(|((s, p), ids)| {
+                                ids.iter().map(move |id| (s.clone(), *p, *id))
+                            })
+                            .collect();
+                    tandem_sink::spawn(
+                        name,
+                        store,
+                        delivery,
+                        names.clone(),
+                        routed,
+                        move |sb, u| known.contains(&(sb.stream.clone(), sb.batch.partition, u.id)),
+                        64,
+                    )
+                }
+                SinkConfig::Stdout => tandem_sink::spawn(
+                    name,
+                    StdoutStore::default(),
+                    delivery,
+                    names.clone(),
+                    routed,
+                    |_, _| false,
+                    64,
+                ),
+                SinkConfig::Null => tandem_sink::spawn(
+                    name,
+                    NullStore::default(),
+                    delivery,
+                    names.clone(),
+                    routed,
+                    |_, _| false,
+                    64,
+                ),
+            }
+            .map_err(|e| err(format!("spool: {e}")))?;
+            sink_tx.insert(name.clone(), tx);
+            sinks.push(handle);
+        }
+
+        let dead_letters = Arc::new(DeadLetters::open(&config.merge.dead_letter_dir).map_err(
+            |source| StartError::DeadLetters {
+                dir: config.merge.dead_letter_dir.display().to_string(),
+                source,
+            },
+        )?);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (conn_events_tx, mut conn_events_rx) = mpsc::unbounded_channel::<ConnEvent>();
+        let (merge_events_tx, merge_events_rx) = mpsc::unbounded_channel::<MergeEvent>();
+        let (monitor_conn_tx, monitor_conn_rx) = mpsc::unbounded_channel::<ConnEvent>();
+        let (broadcast_tx, _) = tokio::sync::broadcast::channel(1024);
+        {
+            let broadcast_tx = broadcast_tx.clone();
+            tokio::spawn(async move {
+                while let Some(ev) = conn_events_rx.recv().await {
+                    let _ = broadcast_tx.send(ev.clone());
+                    let _ = monitor_conn_tx.send(ev);
+                }
+            });
+        }
+
+        let mut connections = Vec::new();
+        let mut shards = Vec::new();
+        let mut stream_views = Vec::new();
+        let mut tally_list = Vec::new();
+        for (i, s) in config.streams.iter().enumerate() {
+            let sid = StreamId(i as u16);
+            let sname = names[i].clone();
+            let err = |message: String| StartError::Stream {
+                stream: s.name.clone(),
+                message,
+            };
+            let url = reqwest::Url::parse(&s.url).map_err(|e| err(format!("url: {e}")))?;
+            let host = url.host_str().unwrap_or_default().to_owned();
+            let port = url.port_or_known_default().unwrap_or(443);
+            let extra_ca_pem = match &s.ca_file {
+                Some(p) => Some(
+                    std::fs::read(p).map_err(|e| err(format!("ca_file {}: {e}", p.display())))?,
+                ),
+                None => None,
+            };
+            let tls = TlsSettings {
+                extra_ca_pem,
+                allow_plain_http: s.allow_plain_http,
+            };
+            let mut clients = Vec::new();
+            for path_name in &s.paths {
+                let path = config
+                    .paths
+                    .iter()
+                    .find(|p| &p.name == path_name)
+                    .ok_or_else(|| err(format!("no path {path_name}")))?;
+                clients.push(
+                    build_client(path, &tls, &s.liveness, &host, port)
+                        .map_err(|e| err(e.to_string()))?,
+                );
+            }
+            let budget = Arc::new(ConnectBudget::new(&s.budget));
+            let endpoint = Endpoint {
+                url: s.url.clone(),
+                api: api_kind(s),
+                partitioned: s.partitioned,
+                auth: auth[i].clone(),
+            };
+            let path_names: Vec<Arc<str>> = s
+                .paths
+                .iter()
+                .map(|p| Arc::<str>::from(p.as_str()))
+                .collect();
+            let sink = sink_tx
+                .get(&s.sink)
+                .ok_or_else(|| err(format!("no sink {}", s.sink)))?;
+            let mut partition_views = Vec::new();
+            for &p in &partitions_of[i] {
+                let tally = tallies[&(sid, p)].clone();
+                tally_list.push((sname.clone(), p, tally.clone()));
+                let liveness = Arc::new(PartitionLiveness::new(s.paths.len()));
+                let mut shard = Shard::new(
+                    ShardSpec {
+                        stream: sid,
+                        stream_name: sname.clone(),
+                        partition: p,
+                        paths: path_names.clone(),
+                        config: config.merge.clone(),
+                        tally: tally.clone(),
+                        dead_letters: dead_letters.clone(),
+                        events: merge_events_tx.clone(),
+                    },
+                    Instant::now(),
+                );
+                if let Some(ids) = stored_ids.remove(&(s.name.clone(), p)) {
+                    let n = shard.remember(ids, Instant::now());
+                    tracing::info!(stream = %s.name, partition = p, ids = n, "dedup cache rebuilt from the store");
+                }
+                let (batch_tx, batch_rx) = mpsc::channel::<Batch>(s.read.channel_batches);
+                shards.push(shard.spawn(batch_rx, sink.clone()));
+                let mut views = Vec::new();
+                for (j, client) in clients.iter().enumerate() {
+                    let key = ConnKey {
+                        stream: sname.clone(),
+                        partition: p,
+                        path: path_names[j].clone(),
+                    };
+                    let spec = ConnectionSpec {
+                        key,
+                        origin: Origin {
+                            stream: sid,
+                            partition: p,
+                            path: PathId(j as u8),
+                        },
+                        endpoint: endpoint.clone(),
+                        client: client.clone(),
+                        retry: s.retry.clone(),
+                        liveness: s.liveness.clone(),
+                        backfill: s.backfill.clone(),
+                        read: s.read.clone(),
+                        budget: budget.clone(),
+                        partition: liveness.clone(),
+                        tally: tally.clone(),
+                    };
+                    let conn = Connection::spawn(
+                        spec,
+                        batch_tx.clone(),
+                        conn_events_tx.clone(),
+                        shutdown_rx.clone(),
+                    );
+                    views.push(ConnectionView {
+                        path: path_names[j].clone(),
+                        state: conn.state.clone(),
+                    });
+                    connections.push(conn);
+                }
+                partition_views.push(PartitionView {
+                    partition: p,
+                    tally,
+                    connections: views,
+                });
+            }
+            stream_views.push(StreamView {
+                name: sname.clone(),
+                configured_per_partition: s.paths.len(),
+                partitions: partition_views,
+            });
+        }
+        drop(sink_tx);
+        drop(merge_events_tx);
+
+        let monitor = tandem_monitor::spawn(
+            config.monitor.clone(),
+            MonitorInputs {
+                streams: stream_views,
+                sinks: sinks
+                    .iter()
+                    .map(|h| SinkView {
+                        name: h.name.clone(),
+                        up: h.up.clone(),
+                    })
+                    .collect(),
+                conn_events: monitor_conn_rx,
+                merge_events: merge_events_rx,
+                dedup_window: window,
+            },
+        );
+        if let Some(url) = &config.monitor.webhook_url {
+            tandem_monitor::webhook::spawn(url.clone(), monitor.transitions.subscribe());
+        }
+        let listener = tokio::net::TcpListener::bind(config.monitor.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.monitor.listen,
+                source,
+            })?;
+        let http_addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.monitor.listen,
+            source,
+        })?;
+        let status = monitor.status.clone();
+        let http = tokio::spawn(async move {
+            if let Err(e) = tandem_monitor::serve(listener, status).await {
+                tracing::error!(error = %e, "monitor endpoint stopped");
+            }
+        });
+        tracing::info!(streams = config.streams.len(), connections = connections.len(), endpoint = %http_addr, "pipeline started");
+        Ok(Pipeline {
+            shutdown,
+            connections,
+            shards,
+            sinks,
+            monitor,
+            http,
+            http_addr,
+            tallies: tally_list,
+            conn_events: broadcast_tx,
+        })
+    }
+
+    /// Where `/metrics`, `/status`, `/healthz` and `/readyz` are served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The monitor's latest status.
+    pub fn status(&self) -> Arc<Status> {
+        self.monitor.status.borrow().clone()
+    }
+
+    /// A receiver of the monitor's status snapshots.
+    pub fn status_watch(&self) -> watch::Receiver<Arc<Status>> {
+        self.monitor.status.clone()
+    }
+
+    /// The monitor's alert transitions.
+    pub fn alert_transitions(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<tandem_monitor::Transition> {
+        self.monitor.transitions.subscribe()
+    }
+
+    /// Connection lifecycle events.
+    pub fn connection_events(&self) -> tokio::sync::broadcast::Receiver<ConnEvent> {
+        self.conn_events.subscribe()
+    }
+
+    /// The tally of every partition: (stream, partition, counts).
+    pub fn tallies(&self) -> &[(Arc<str>, Partition, Arc<Tally>)] {
+        &self.tallies
+    }
+
+    /// Stops in data-flow order: connections, then shards (draining into the sinks), then
+    /// sinks (draining into their stores, up to their deadline).
+    pub async fn shutdown(self) -> ShutdownReport {
+        let started = Instant::now();
+        self.shutdown.send_replace(true);
+        for c in self.connections {
+            c.join().await;
+        }
+        for s in self.shards {
+            let _ = s.await;
+        }
+        let mut report = ShutdownReport::default();
+        for sink in self.sinks {
+            let name = sink.name.to_string();
+            report.sinks.push((name, sink.finish().await));
+        }
+        // One last evaluation so /status and the counts reflect the drained state.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.monitor.stop();
+        self.http.abort();
+        report.elapsed = started.elapsed();
+        report
+    }
+}

@@ -432,7 +432,12 @@ impl<S: Store> Driver<S> {
                 }
             }
         }
-        let _ = self.collect(true).await;
+        match self.store.close().await {
+            Ok(acks) => {
+                self.apply(acks);
+            }
+            Err(e) => tracing::warn!(sink = %self.name, error = %e, "closing the store failed"),
+        }
         let (since, stored_before) = drain_started.unwrap_or((Instant::now(), self.stored_total));
         // Whatever is still queued goes to the spool for the next start.
         let mut left = 0u64;

@@ -163,7 +163,7 @@ impl FileStore {
     }
 
     /// Closes every open file (fsync and rename). Used at shutdown.
-    pub async fn close(&mut self) -> Result<Vec<Ack>, StoreError> {
+    async fn close_all(&mut self) -> Result<Vec<Ack>, StoreError> {
         let acks = self
             .blocking(|inner| {
                 let keys: Vec<Key> = inner.open.keys().copied().collect();
@@ -342,6 +342,10 @@ impl Store for FileStore {
 
     fn unacknowledged(&self) -> usize {
         self.unacked
+    }
+
+    async fn close(&mut self) -> Result<Vec<Ack>, StoreError> {
+        self.close_all().await
     }
 }
 

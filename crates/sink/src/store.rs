@@ -74,4 +74,10 @@ pub trait Store: Send + 'static {
 
     /// Activities put and not yet acknowledged.
     fn unacknowledged(&self) -> usize;
+
+    /// Ends the store's work at shutdown (files are closed and renamed); returns the last
+    /// acknowledgements.
+    fn close(&mut self) -> impl Future<Output = Result<Vec<Ack>, StoreError>> + Send {
+        self.acks(true)
+    }
 }

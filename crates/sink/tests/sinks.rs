@@ -95,7 +95,7 @@ async fn files_rotate_and_acknowledge_after_fsync() {
             10,
             "gzip={gzip}: readable while open"
         );
-        store.close().await.unwrap();
+        Store::close(&mut store).await.unwrap();
         // With one-second buckets, the next bucket closes the first under its final name.
         let cfg = FileConfig {
             dir: dir.path().to_path_buf(),
@@ -107,7 +107,7 @@ async fn files_rotate_and_acknowledge_after_fsync() {
         tokio::time::sleep(Duration::from_millis(1_100)).await;
         store.put(&batch(1, 10..15)).await.unwrap();
         store.put(&batch(2, 15..20)).await.unwrap();
-        let acks = store.close().await.unwrap();
+        let acks = Store::close(&mut store).await.unwrap();
         assert_eq!(acks.iter().map(|a| a.ids.len()).sum::<usize>(), 10);
         let done = files(dir.path());
         assert!(done.len() >= 3, "{done:?}");
@@ -185,7 +185,7 @@ async fn recent_ids_are_read_back() {
     let (mut store, _) = FileStore::open(cfg.clone(), names()).unwrap();
     store.put(&batch(1, 0..100)).await.unwrap();
     store.put(&batch(2, 100..150)).await.unwrap();
-    store.close().await.unwrap();
+    Store::close(&mut store).await.unwrap();
     let ids = recent_ids(
         dir.path(),
         tandem_core::time::unix_ms_now() - 60_000,

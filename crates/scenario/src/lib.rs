@@ -1,0 +1,17 @@
+//! Runs tandem against its simulator and judges the result by the simulator's ground
+//! truth: what was published, what was stored, what was lost or stored twice.
+//!
+//! The demo (`tandem demo`), the end-to-end fault matrix (`tests/`) and the benchmark all
+//! use this harness, so they judge the same way.
+//!
+//! # Layout
+//! - [`harness`]: [`Harness`] (simulator + pipeline from a rendered configuration),
+//!   quiescing, and the [`Verdict`].
+//! - [`store`]: reading back what the file sink stored.
+//! - [`demo`]: the embedded demo with its fault schedule and live summary.
+
+pub mod demo;
+pub mod harness;
+pub mod store;
+
+pub use harness::{Harness, HarnessConfig, Verdict};
