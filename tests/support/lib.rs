@@ -1,1 +1,51 @@
-//! placeholder
+//! Shared helpers of the end-to-end tests: a fast harness in a temporary directory, and
+//! the one-line result every fault-matrix scenario prints.
+
+use std::time::Duration;
+
+use tandem_scenario::{Harness, HarnessConfig, Verdict};
+
+/// A fast harness (seconds instead of minutes) writing under a fresh temporary directory.
+pub async fn harness(tweak: impl FnOnce(&mut HarnessConfig)) -> (Harness, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut cfg = HarnessConfig::fast(dir.path().to_path_buf());
+    tweak(&mut cfg);
+    let h = Harness::start(cfg)
+        .await
+        .expect("simulator and pipeline start");
+    assert!(
+        h.wait_connected(Duration::from_secs(10)).await,
+        "every connection came up"
+    );
+    (h, dir)
+}
+
+/// Prints the scenario's result line and checks it is clean.
+pub fn judge(name: &str, v: &Verdict, detect: Option<Duration>, repair: Option<Duration>) {
+    let secs = |d: Option<Duration>| {
+        d.map_or_else(|| "-".to_owned(), |d| format!("{:.2}s", d.as_secs_f64()))
+    };
+    println!(
+        "scenario {name:<28} {} detect {} repair {}",
+        v.line(),
+        secs(detect),
+        secs(repair)
+    );
+    for (p, r) in &v.lost_detail {
+        println!(
+            "  lost {} partition {p} published_ms {} created_ms {}",
+            r.id, r.published_ms, r.created_ms
+        );
+    }
+    assert!(
+        v.settled,
+        "{name}: the consumer did not catch up with the simulator"
+    );
+    assert!(v.published > 0, "{name}: nothing was published");
+    assert!(
+        v.clean(),
+        "{name}: {} (lost e.g. {:?})",
+        v.line(),
+        v.lost_examples
+    );
+}

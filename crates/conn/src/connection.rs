@@ -127,6 +127,15 @@ impl Endpoint {
     }
 }
 
+/// The content time of a line: the creation time its id carries, or now.
+fn content_time(line: Option<&bytes::Bytes>) -> u64 {
+    line.and_then(|l| match tandem_core::identify(l) {
+        Ok(tandem_core::LineKind::Activity(id)) => id.created_unix_ms(),
+        _ => None,
+    })
+    .unwrap_or_else(unix_ms_now)
+}
+
 /// Resolves once `true` is (or has been) sent on the shutdown channel.
 pub async fn stopped(rx: &mut watch::Receiver<bool>) {
     loop {
@@ -198,6 +207,7 @@ impl Connection {
         let (state_tx, state) = watch::channel(ConnSnapshot::default());
         let key = spec.key.clone();
         let meters = Meters::new(&spec.key);
+        meters.register();
         let seed = u64::from(spec.origin.partition) << 8
             | u64::from(spec.origin.path.0)
             | (unix_ms_now() << 16);
@@ -267,6 +277,30 @@ impl Meters {
             silence: metrics::gauge!(m::DATA_SILENCE, &labels),
             budget: metrics::gauge!(m::CONNECT_BUDGET_REMAINING, m::STREAM => key.stream.to_string()),
             labels,
+        }
+    }
+
+    /// Creates the labelled series at zero, so rules and dashboards see them from the start.
+    fn register(&self) {
+        use crate::error::ErrorKind::*;
+        for kind in [
+            Connection,
+            Timeout,
+            ServerError,
+            RateLimited,
+            StreamInterrupted,
+            Authentication,
+            ClientError,
+            Fatal,
+        ] {
+            let mut labels = self.labels.clone();
+            labels.push((m::KIND, kind.label().to_owned()));
+            metrics::counter!(m::DISCONNECTS, &labels).increment(0);
+        }
+        for reason in [StaleReason::HeartbeatGap, StaleReason::DataSilence] {
+            let mut labels = self.labels.clone();
+            labels.push((m::REASON, reason.label().to_owned()));
+            metrics::counter!(m::STALE_CONNECTIONS, &labels).increment(0);
         }
     }
 
@@ -421,10 +455,13 @@ impl Runner {
             BackfillPolicy::Never => 0,
             BackfillPolicy::Always => cfg.window_minutes,
             BackfillPolicy::Auto => {
-                let Some(since) = self.spec.partition.uncovered_since() else {
+                let now = unix_ms_now();
+                // A sibling that delivered within this window covers the partition.
+                let fresh_ms = (self.spec.liveness.data_silence_ms / 2).clamp(100, 1_000);
+                let path = usize::from(self.spec.origin.path.0);
+                let Some(since) = self.spec.partition.backfill_from(path, now, fresh_ms) else {
                     return 0;
                 };
-                let now = unix_ms_now();
                 // Two seconds of slack for the time the request itself takes.
                 let gap_ms = now.saturating_sub(since) + 2_000;
                 let minutes = (gap_ms.div_ceil(cfg.minute_ms)).max(1);
@@ -457,10 +494,9 @@ impl Runner {
         let mut reader =
             LineReader::new(gzip, spec.read.chunk_size_bytes, spec.read.max_line_bytes);
         let now_wall = unix_ms_now();
-        let backfill_from =
-            (backfill > 0).then(|| now_wall.saturating_sub(backfill * spec.backfill.minute_ms));
-        spec.partition.set_live(path, backfill_from);
-        spec.partition.note_rx(path, now_wall);
+        // Content time from which this connection delivers continuously.
+        let covered_from = now_wall.saturating_sub(backfill * spec.backfill.minute_ms);
+        spec.partition.set_live(path, covered_from);
         self.meters.connects.increment(1);
         self.meters.up.set(1.0);
         self.state.send_modify(|s| {
@@ -481,7 +517,6 @@ impl Runner {
             spec.liveness.heartbeat_interval_ms + spec.liveness.heartbeat_margin_ms,
         );
         let silence = Duration::from_millis(spec.liveness.data_silence_ms);
-        let healthy_after = Duration::from_millis(spec.retry.healthy_after_ms);
         let tick = (heartbeat_gap.min(silence) / 5)
             .clamp(Duration::from_millis(20), Duration::from_millis(500));
         let mut watchdog = interval(tick);
@@ -490,7 +525,6 @@ impl Runner {
         let mut last_byte = started;
         let mut last_activity = started;
         let mut last_snapshot = started;
-        let mut backfill_pending = backfill > 0;
         let mut seq = 0u64;
         let mut frames = Vec::new();
         let mut oversize_seen = 0;
@@ -515,7 +549,6 @@ impl Runner {
                     last_byte = now;
                     bytes += chunk.len() as u64;
                     self.meters.bytes.increment(chunk.len() as u64);
-                    spec.partition.note_rx(path, unix_ms_now());
                     if let Err(e) = reader.feed(&chunk, &mut frames) {
                         break Ended::Error(StreamError::new(ErrorKind::StreamInterrupted, format!("undecodable stream: {e}")));
                     }
@@ -543,7 +576,7 @@ impl Runner {
                         self.meters.raw.increment(n);
                         Tally::add(&spec.tally.raw, n);
                         last_activity = now;
-                        spec.partition.note_activity(path, now);
+                        spec.partition.note_activity(path, now, content_time(lines.last()));
                         let batch = Batch { origin: spec.origin, connection, received: now, first_seq: seq, lines };
                         seq += n;
                         let mut stopping = self.shutdown.clone();
@@ -568,14 +601,10 @@ impl Runner {
                         self.emit(ConnEvent::Stale { key: spec.key.clone(), reason: StaleReason::HeartbeatGap, silent_for: quiet });
                         break Ended::Error(StreamError::new(ErrorKind::Timeout, format!("no byte for {:.1} s (heartbeat gap)", quiet.as_secs_f64())));
                     }
-                    if silent >= silence && spec.partition.sibling_ahead(path, spec.liveness.data_silence_ms / 2) {
+                    if silent >= silence && spec.partition.sibling_ahead(path, spec.liveness.data_silence_ms / 2, started) {
                         self.meters.stale(StaleReason::DataSilence);
                         self.emit(ConnEvent::Stale { key: spec.key.clone(), reason: StaleReason::DataSilence, silent_for: silent });
                         break Ended::Error(StreamError::new(ErrorKind::Timeout, format!("no activity for {:.1} s while a sibling path delivered (data silence)", silent.as_secs_f64())));
-                    }
-                    if backfill_pending && now.duration_since(started) >= healthy_after {
-                        spec.partition.backfill_done();
-                        backfill_pending = false;
                     }
                     if now.duration_since(last_snapshot) >= Duration::from_secs(1) {
                         last_snapshot = now;
@@ -591,7 +620,7 @@ impl Runner {
         }
         self.meters.heartbeats.increment(0);
         self.publish_counts(&mut items, &mut heartbeats, &mut bytes);
-        self.spec.partition.set_down(path, unix_ms_now());
+        self.spec.partition.set_down(path);
         self.meters.up.set(0.0);
         self.state.send_modify(|s| s.connected_since_ms = None);
         ended

@@ -1,193 +1,256 @@
-//! What the connections of one partition know about each other: which are live, when each
-//! last received an activity, and since when the partition has had no live connection.
+//! What the connections of one partition know about each other: which are live, what each
+//! has delivered, and up to when the partition is known complete.
 //!
-//! This is what makes data silence a relative judgement (a path is stale when its sibling
-//! keeps delivering) and what backfill is sized from (the partition's uncovered time, not
-//! one connection's).
+//! Each path's current connection delivers its stream continuously from where it started
+//! (the connect time, or the start of its backfill) up to the latest activity it
+//! received. Times here are *content* times: the creation time in the activity's id
+//! (snowflake), falling back to the receive time where the id carries none. Content time
+//! makes an interrupted backfill exact: a replay that died half-way covers only as far as
+//! it got, not up to the moment it died.
+//!
+//! The partition is complete up to `C`, the end of the chain of path intervals that join
+//! without a hole. A reconnecting path needs no backfill only if a live *sibling* is fresh
+//! and inside that complete prefix; otherwise it replays from `C`. A sibling that looked
+//! fresh but was silently stalling leaves a hole that its own reconnect then fills, since
+//! its interval no longer joins `C`. With a single path, every reconnect backfills.
+//!
+//! Data silence is judged here too: a path is stale when a live sibling keeps delivering.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use tokio::time::Instant;
 
+#[derive(Debug, Clone, Copy, Default)]
+struct PathState {
+    live: bool,
+    /// Content time from which the current (or last) connection delivered continuously.
+    covered_from_ms: u64,
+    /// Content time of the latest activity received on it; 0 = none yet.
+    latest_ms: u64,
+    /// Receive time of the latest activity (tokio clock), for silence judgements.
+    last_activity: Option<Instant>,
+}
+
 #[derive(Debug)]
-struct PathLive {
-    live: AtomicBool,
-    /// Last activity received, in ms since `base` (tokio clock); 0 = never.
-    last_activity: AtomicU64,
-    /// Last byte received, wall-clock ms; 0 = never.
-    last_rx_wall_ms: AtomicU64,
+struct State {
+    paths: Vec<PathState>,
+    /// Content time up to which the partition is known complete; 0 = unknown.
+    complete_until_ms: u64,
+}
+
+impl State {
+    /// Extends the complete prefix with every path interval that joins it.
+    fn settle(&mut self) -> u64 {
+        loop {
+            let before = self.complete_until_ms;
+            for p in &self.paths {
+                if p.latest_ms > self.complete_until_ms
+                    && p.covered_from_ms <= self.complete_until_ms
+                {
+                    self.complete_until_ms = p.latest_ms;
+                }
+            }
+            if self.complete_until_ms == before {
+                return before;
+            }
+        }
+    }
 }
 
 /// Shared by the connections of one partition.
 #[derive(Debug)]
 pub struct PartitionLiveness {
-    base: Instant,
-    paths: Vec<PathLive>,
-    /// Wall-clock ms since when no connection has been live; 0 = covered or never covered.
-    uncovered_since_ms: AtomicU64,
-    /// Start of the interval a backfilling connection is still replaying; 0 = none.
-    backfill_from_ms: AtomicU64,
-    ever_covered: AtomicBool,
+    state: Mutex<State>,
 }
 
 impl PartitionLiveness {
     pub fn new(paths: usize) -> PartitionLiveness {
         PartitionLiveness {
-            base: Instant::now(),
-            paths: (0..paths)
-                .map(|_| PathLive {
-                    live: AtomicBool::new(false),
-                    last_activity: AtomicU64::new(0),
-                    last_rx_wall_ms: AtomicU64::new(0),
-                })
-                .collect(),
-            uncovered_since_ms: AtomicU64::new(0),
-            backfill_from_ms: AtomicU64::new(0),
-            ever_covered: AtomicBool::new(false),
+            state: Mutex::new(State {
+                paths: vec![PathState::default(); paths],
+                complete_until_ms: 0,
+            }),
         }
     }
 
-    /// A partition that had coverage before this process started (from the coverage
-    /// ledger) starts out uncovered since that instant.
-    pub fn with_uncovered_since(self, wall_ms: Option<u64>) -> PartitionLiveness {
-        if let Some(ms) = wall_ms.filter(|&ms| ms > 0) {
-            self.uncovered_since_ms.store(ms, Ordering::SeqCst);
-            self.ever_covered.store(true, Ordering::SeqCst);
+    /// The partition was complete up to `wall_ms` before this process started (from the
+    /// coverage ledger): the first connection replays from there.
+    pub fn with_complete_until(self, wall_ms: Option<u64>) -> PartitionLiveness {
+        if let Some(ms) = wall_ms {
+            self.state.lock().expect("liveness lock").complete_until_ms = ms;
         }
         self
     }
 
     pub fn live_count(&self) -> usize {
-        self.paths
+        self.state
+            .lock()
+            .expect("liveness lock")
+            .paths
             .iter()
-            .filter(|p| p.live.load(Ordering::SeqCst))
+            .filter(|p| p.live)
             .count()
     }
 
-    /// Since when the partition has had no live connection (wall ms), if it has had one
-    /// before.
-    pub fn uncovered_since(&self) -> Option<u64> {
-        if self.live_count() > 0 {
-            return None;
+    /// Content time up to which the partition is known complete (0: unknown).
+    pub fn complete_until(&self) -> u64 {
+        self.state.lock().expect("liveness lock").settle()
+    }
+
+    /// A connection became live, delivering from `from_ms` (content time: the connect time,
+    /// or where its backfill starts).
+    pub fn set_live(&self, path: usize, from_ms: u64) {
+        let mut st = self.state.lock().expect("liveness lock");
+        if st.complete_until_ms == 0 {
+            // The first connection of a run without history: nothing before it matters.
+            st.complete_until_ms = from_ms;
         }
-        let since = self.uncovered_since_ms.load(Ordering::SeqCst);
-        (since > 0).then_some(since)
+        st.paths[path] = PathState {
+            live: true,
+            covered_from_ms: from_ms,
+            latest_ms: from_ms,
+            last_activity: None,
+        };
+        st.settle();
     }
 
-    /// A connection became live. `backfill_from_ms`: the start of the interval it was asked
-    /// to replay, if any.
-    pub fn set_live(&self, path: usize, backfill_from_ms: Option<u64>) {
-        self.paths[path].live.store(true, Ordering::SeqCst);
-        self.ever_covered.store(true, Ordering::SeqCst);
-        self.uncovered_since_ms.store(0, Ordering::SeqCst);
-        if let Some(from) = backfill_from_ms {
-            self.backfill_from_ms.store(from, Ordering::SeqCst);
-        }
+    /// A connection ended.
+    pub fn set_down(&self, path: usize) {
+        let mut st = self.state.lock().expect("liveness lock");
+        st.settle();
+        st.paths[path].live = false;
     }
 
-    /// The backfilling connection has been live long enough to have replayed its window.
-    pub fn backfill_done(&self) {
-        self.backfill_from_ms.store(0, Ordering::SeqCst);
-    }
-
-    /// A connection ended. When it was the last live one, the partition is uncovered from
-    /// the last byte any path received (or from the start of an unfinished backfill).
-    pub fn set_down(&self, path: usize, now_wall_ms: u64) {
-        self.paths[path].live.store(false, Ordering::SeqCst);
-        if self.live_count() == 0 {
-            let pending = self.backfill_from_ms.swap(0, Ordering::SeqCst);
-            let last_rx = self
-                .paths
-                .iter()
-                .map(|p| p.last_rx_wall_ms.load(Ordering::SeqCst))
-                .max()
-                .filter(|&t| t > 0)
-                .unwrap_or(now_wall_ms);
-            let since = if pending > 0 {
-                pending.min(last_rx)
-            } else {
-                last_rx
-            };
-            self.uncovered_since_ms.store(since, Ordering::SeqCst);
-        }
-    }
-
-    /// Any byte arrived on `path`.
-    pub fn note_rx(&self, path: usize, now_wall_ms: u64) {
-        self.paths[path]
-            .last_rx_wall_ms
-            .store(now_wall_ms, Ordering::Relaxed);
-    }
-
-    /// An activity arrived on `path`.
-    pub fn note_activity(&self, path: usize, now: Instant) {
-        let ms = now.duration_since(self.base).as_millis() as u64 + 1;
-        self.paths[path].last_activity.store(ms, Ordering::Relaxed);
+    /// Activities arrived on `path`; `content_ms` is the content time of the latest.
+    pub fn note_activity(&self, path: usize, now: Instant, content_ms: u64) {
+        let mut st = self.state.lock().expect("liveness lock");
+        let p = &mut st.paths[path];
+        p.latest_ms = p.latest_ms.max(content_ms);
+        p.last_activity = Some(now);
     }
 
     /// Whether a live sibling of `path` received an activity at least `lead_ms` after
     /// `path` last did: the evidence that `path`'s silence is its own fault.
-    pub fn sibling_ahead(&self, path: usize, lead_ms: u64) -> bool {
-        let mine = self.paths[path].last_activity.load(Ordering::Relaxed);
-        self.paths.iter().enumerate().any(|(i, p)| {
+    pub fn sibling_ahead(&self, path: usize, lead_ms: u64, connected_at: Instant) -> bool {
+        let st = self.state.lock().expect("liveness lock");
+        let mine = st.paths[path]
+            .last_activity
+            .unwrap_or(connected_at)
+            .max(connected_at);
+        st.paths.iter().enumerate().any(|(i, p)| {
             i != path
-                && p.live.load(Ordering::SeqCst)
-                && p.last_activity.load(Ordering::Relaxed) >= mine.saturating_add(lead_ms)
+                && p.live
+                && p.last_activity
+                    .is_some_and(|t| t >= mine + std::time::Duration::from_millis(lead_ms))
         })
+    }
+
+    /// Where a connection of `path` about to connect at `now_ms` must replay from (content
+    /// time), or `None` when a live, fresh sibling inside the complete prefix covers the
+    /// partition (or nothing is known yet).
+    pub fn backfill_from(&self, path: usize, now_ms: u64, fresh_ms: u64) -> Option<u64> {
+        let mut st = self.state.lock().expect("liveness lock");
+        let complete = st.settle();
+        if complete == 0 {
+            return None;
+        }
+        let covered = st.paths.iter().enumerate().any(|(i, p)| {
+            i != path
+                && p.live
+                && p.latest_ms <= complete
+                && now_ms.saturating_sub(p.latest_ms) <= fresh_ms
+        });
+        (!covered).then_some(complete)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
-    /// The partition is uncovered from the last byte received when its last connection
-    /// drops, and covered again when one comes back.
+    /// A path dropping while its sibling delivers needs no backfill.
     #[test]
-    fn coverage_follows_the_last_connection() {
+    fn delivering_sibling_covers() {
         let p = PartitionLiveness::new(2);
-        assert_eq!(p.uncovered_since(), None);
-        p.set_live(0, None);
-        p.set_live(1, None);
-        p.note_rx(0, 1_000);
-        p.note_rx(1, 1_500);
-        p.set_down(0, 2_000);
-        assert_eq!(p.uncovered_since(), None);
-        p.set_down(1, 9_000);
-        assert_eq!(p.uncovered_since(), Some(1_500));
-        p.set_live(1, None);
-        assert_eq!(p.uncovered_since(), None);
+        assert_eq!(p.backfill_from(0, 1_000, 500), None, "nothing known yet");
+        p.set_live(0, 1_000);
+        p.set_live(1, 1_000);
+        p.note_activity(0, Instant::now(), 2_000);
+        p.note_activity(1, Instant::now(), 2_100);
+        p.set_down(0);
+        assert_eq!(p.backfill_from(0, 2_200, 500), None);
+        assert_eq!(p.complete_until(), 2_100);
     }
 
-    /// An unfinished backfill keeps the earlier gap start.
+    /// The case that lost data: a sibling that looks fresh but is stalling. The hole the
+    /// reconnect leaves is filled when the stalled sibling reconnects, because the new
+    /// interval does not join the complete prefix.
     #[test]
-    fn unfinished_backfill_keeps_the_gap_start() {
+    fn stalled_sibling_leaves_a_hole_its_reconnect_fills() {
+        let p = PartitionLiveness::new(2);
+        p.set_live(0, 10_000);
+        p.set_live(1, 10_000);
+        p.note_activity(1, Instant::now(), 10_500); // path 1 stalls after 10 500
+        p.note_activity(0, Instant::now(), 10_600); // path 0 drops after 10 600
+        p.set_down(0);
+        // At 10 700 path 1 still looks fresh: path 0 reconnects without backfill...
+        assert_eq!(p.backfill_from(0, 10_700, 500), None);
+        p.set_live(0, 10_700);
+        p.note_activity(0, Instant::now(), 11_500);
+        // ...and leaves [10 600, 10 700) uncovered: the prefix stays at 10 600.
+        assert_eq!(p.complete_until(), 10_600);
+        // Path 1 is found stale and reconnects: path 0 is fresh but not attached.
+        p.set_down(1);
+        assert_eq!(p.backfill_from(1, 11_500, 500), Some(10_600));
+        p.set_live(1, 10_600 - 2_000);
+        p.note_activity(1, Instant::now(), 11_500);
+        assert_eq!(p.complete_until(), 11_500, "the replay closed the hole");
+    }
+
+    /// A single path always backfills its own gap.
+    #[test]
+    fn single_path_always_backfills() {
         let p = PartitionLiveness::new(1);
-        p.set_live(0, Some(500));
-        p.note_rx(0, 3_000);
-        p.set_down(0, 3_100);
-        assert_eq!(p.uncovered_since(), Some(500));
-        p.set_live(0, Some(500));
-        p.backfill_done();
-        p.note_rx(0, 4_000);
-        p.set_down(0, 4_100);
-        assert_eq!(p.uncovered_since(), Some(4_000));
+        p.set_live(0, 0);
+        p.note_activity(0, Instant::now(), 900);
+        p.set_down(0);
+        assert_eq!(p.backfill_from(0, 950, 500), Some(900));
+    }
+
+    /// An interrupted replay covers only as far as it got.
+    #[test]
+    fn interrupted_backfill_covers_what_it_replayed() {
+        let p = PartitionLiveness::new(1).with_complete_until(Some(1_000));
+        assert_eq!(
+            p.backfill_from(0, 5_000, 500),
+            Some(1_000),
+            "a ledger hint makes the first connection replay"
+        );
+        p.set_live(0, 900);
+        p.note_activity(0, Instant::now(), 2_000); // replayed up to 2 000, then died
+        p.set_down(0);
+        assert_eq!(p.backfill_from(0, 6_000, 500), Some(2_000));
     }
 
     /// A silent path is judged against a live sibling that kept delivering.
     #[tokio::test(start_paused = true)]
     async fn sibling_judgement() {
+        let start = Instant::now();
         let p = PartitionLiveness::new(2);
-        p.set_live(0, None);
-        p.set_live(1, None);
-        p.note_activity(0, Instant::now());
-        p.note_activity(1, Instant::now());
-        assert!(!p.sibling_ahead(0, 1_000));
-        tokio::time::advance(std::time::Duration::from_secs(3)).await;
-        p.note_activity(1, Instant::now());
-        assert!(p.sibling_ahead(0, 1_000));
-        assert!(!p.sibling_ahead(1, 1_000));
-        p.set_down(1, 0);
-        assert!(!p.sibling_ahead(0, 1_000), "a dead sibling proves nothing");
+        p.set_live(0, 1);
+        p.set_live(1, 1);
+        p.note_activity(0, Instant::now(), 1);
+        p.note_activity(1, Instant::now(), 1);
+        assert!(!p.sibling_ahead(0, 1_000, start));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        p.note_activity(1, Instant::now(), 3_001);
+        assert!(p.sibling_ahead(0, 1_000, start));
+        assert!(!p.sibling_ahead(1, 1_000, start));
+        p.set_down(1);
+        assert!(
+            !p.sibling_ahead(0, 1_000, start),
+            "a dead sibling proves nothing"
+        );
     }
 }

@@ -84,6 +84,28 @@ impl AlertName {
     }
 }
 
+impl AlertName {
+    /// Every alert, for registering their series at zero.
+    pub const ALL: [AlertName; 9] = [
+        AlertName::PartitionDown,
+        AlertName::PartitionImbalance,
+        AlertName::ConnectionStale,
+        AlertName::ConnectionFatal,
+        AlertName::UpstreamUnavailable,
+        AlertName::ReconciliationMismatch,
+        AlertName::StoredRateDrop,
+        AlertName::DedupHorizonWeakened,
+        AlertName::SinkDown,
+    ];
+}
+
+/// Registers the alert counters at zero.
+pub fn register() {
+    for a in AlertName::ALL {
+        metrics::counter!(m::ALERTS_FIRED, m::ALERT => a.as_str(), m::SEVERITY => a.severity().as_str()).increment(0);
+    }
+}
+
 /// What an alert is about.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct AlertKey {

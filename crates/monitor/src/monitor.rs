@@ -191,6 +191,7 @@ struct Monitor {
 
 /// Starts the monitor loop.
 pub fn spawn(cfg: MonitorConfig, inputs: MonitorInputs) -> MonitorHandle {
+    crate::alert::register();
     let (status, status_rx) = watch::channel(Arc::new(Status::default()));
     let (transitions, _) = broadcast::channel(256);
     let monitor = Monitor {
@@ -245,24 +246,70 @@ impl Monitor {
         }
     }
 
+    /// Event-driven conditions are observed when their event arrives, not only on the next
+    /// tick: a connection can go stale and be live again between two ticks, and that must
+    /// still fire (and resolve) its alert.
     fn on_conn_event(&mut self, ev: ConnEvent) {
+        let now = Instant::now();
+        let k =
+            |name: AlertName, c: &ConnKey| key(name, &c.stream, Some(c.partition), Some(&c.path));
         match ev {
             ConnEvent::Stale {
-                key,
+                key: c,
                 reason,
                 silent_for,
             } => {
-                self.stale.insert(key, (reason, silent_for.as_secs_f64()));
+                let secs = silent_for.as_secs_f64();
+                self.stale.insert(c.clone(), (reason, secs));
+                self.observe(
+                    k(AlertName::ConnectionStale, &c),
+                    true,
+                    Duration::ZERO,
+                    || format!("closed after {secs:.1} s ({})", reason.label()),
+                    now,
+                );
             }
-            ConnEvent::Connected { key, .. } => {
-                self.stale.remove(&key);
-                self.escalated.remove(&key);
+            ConnEvent::Connected { key: c, .. } => {
+                if self.stale.remove(&c).is_some() {
+                    self.observe(
+                        k(AlertName::ConnectionStale, &c),
+                        false,
+                        Duration::ZERO,
+                        String::new,
+                        now,
+                    );
+                }
+                if self.escalated.remove(&c).is_some() {
+                    self.observe(
+                        k(AlertName::UpstreamUnavailable, &c),
+                        false,
+                        Duration::ZERO,
+                        String::new,
+                        now,
+                    );
+                }
             }
-            ConnEvent::Fatal { key, error } => {
-                self.fatal.insert(key, error.to_string());
+            ConnEvent::Fatal { key: c, error } => {
+                let text = error.to_string();
+                self.fatal.insert(c.clone(), text.clone());
+                self.observe(
+                    k(AlertName::ConnectionFatal, &c),
+                    true,
+                    Duration::ZERO,
+                    || text,
+                    now,
+                );
             }
-            ConnEvent::Escalated { key, persisted } => {
-                self.escalated.insert(key, persisted.as_secs_f64());
+            ConnEvent::Escalated { key: c, persisted } => {
+                let secs = persisted.as_secs_f64();
+                self.escalated.insert(c.clone(), secs);
+                self.observe(
+                    k(AlertName::UpstreamUnavailable, &c),
+                    true,
+                    Duration::ZERO,
+                    || format!("503 for {secs:.0} s"),
+                    now,
+                );
             }
             _ => {}
         }
@@ -340,6 +387,8 @@ impl Monitor {
                 } else {
                     0.0
                 });
+                metrics::counter!(m::COVERAGE_GAPS, &labels).increment(0);
+                metrics::counter!(m::COVERAGE_GAP_SECONDS, &labels).increment(0);
 
                 // Coverage gaps.
                 let track = self

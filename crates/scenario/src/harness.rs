@@ -60,7 +60,7 @@ impl HarnessConfig {
             data_silence_ms: 1_000,
             minute_ms: 1_000,
             dedup_window_secs: 30,
-            alert_pending_secs: 0.3,
+            alert_pending_secs: 0.0,
             reconciliation_grace_secs: 5,
             monitor_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             gzip: false,
@@ -215,6 +215,8 @@ pub struct Verdict {
     pub duplicates_removed: u64,
     pub dead_lettered: u64,
     pub lost_examples: Vec<ActivityId>,
+    /// The first few lost activities, as the ground truth recorded them.
+    pub lost_detail: Vec<(Partition, tandem_sim::TruthRecord)>,
     pub shutdown: ShutdownReport,
     /// Whether the consumer had caught up with the simulator before shutdown.
     pub settled: bool,
@@ -282,10 +284,18 @@ impl Harness {
     /// Waits until every partition has a live connection on every path.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let want = self.cfg.paths.len();
+        let partitions = self.cfg.partitions as usize;
+        // A status with no partitions yet (before the monitor's first evaluation) proves
+        // nothing: every partition must be present and fully connected.
         self.wait(timeout, |s| {
             s.streams
                 .iter()
-                .all(|st| st.partitions.iter().all(|p| p.live_connections == want))
+                .map(|st| st.partitions.len())
+                .sum::<usize>()
+                == partitions
+                && s.streams
+                    .iter()
+                    .all(|st| st.partitions.iter().all(|p| p.live_connections == want))
         })
         .await
     }
@@ -367,6 +377,15 @@ impl Harness {
             dead += s.dead_lettered;
         }
         let truth = self.truth();
+        let records: Vec<(Partition, tandem_sim::TruthRecord)> = (1..=self.cfg.partitions)
+            .flat_map(|p| {
+                self.sim
+                    .truth(&self.cfg.stream, p)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |r| (p, r))
+            })
+            .collect();
         let shutdown = self.pipeline.shutdown().await;
         let stored = crate::store::stored_ids(&self.cfg.run_dir.join("store")).unwrap_or_default();
         let mut v = Verdict {
@@ -389,6 +408,11 @@ impl Harness {
             v.stored_twice += lines.len() - distinct.len();
             let lost: Vec<ActivityId> = published.difference(&distinct).copied().collect();
             v.lost += lost.len();
+            for id in lost.iter().take(5) {
+                if let Some(r) = records.iter().find(|(q, r)| *q == p && r.id == *id) {
+                    v.lost_detail.push(*r);
+                }
+            }
             v.lost_examples.extend(lost.into_iter().take(5));
             v.not_published += distinct.difference(&published).count();
         }

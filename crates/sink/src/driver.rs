@@ -174,6 +174,25 @@ pub fn spawn<S: Store>(
         spooled: metrics::gauge!(m::SPOOLED, m::SINK => sink.clone()),
         sink,
     };
+    // Series exist from the start (at zero), so rules and dashboards see them.
+    for kind in ["transient", "fatal"] {
+        metrics::counter!(m::SINK_ERRORS, m::SINK => name.to_owned(), m::KIND => kind).increment(0);
+    }
+    for (sid, partition) in tallies.keys() {
+        let labels = [
+            (
+                m::STREAM,
+                names
+                    .get(usize::from(sid.0))
+                    .map_or_else(String::new, |s| s.to_string()),
+            ),
+            (m::PARTITION, partition.to_string()),
+            (m::SINK, name.to_owned()),
+        ];
+        metrics::counter!(m::STORED_ACTIVITIES, &labels).increment(0);
+        metrics::counter!(m::SINK_DUPLICATE_ACKS, &labels).increment(0);
+        metrics::gauge!(m::IN_FLIGHT, &labels).set(0.0);
+    }
     let mut driver = Driver {
         name: name.into(),
         store,
@@ -323,9 +342,7 @@ impl<S: Store> Driver<S> {
                 (m::SINK, self.meters.sink.clone()),
             ];
             metrics::counter!(m::STORED_ACTIVITIES, &labels).increment(n);
-            if ack.duplicates > 0 {
-                metrics::counter!(m::SINK_DUPLICATE_ACKS, &labels).increment(ack.duplicates as u64);
-            }
+            metrics::counter!(m::SINK_DUPLICATE_ACKS, &labels).increment(ack.duplicates as u64);
             if let Some(t) = self.tallies.get(&key) {
                 Tally::add(&t.stored, n);
                 Tally::add(&t.store_duplicates, ack.duplicates as u64);

@@ -1,0 +1,155 @@
+//! Every metric in the README's metrics table is exported by a running pipeline, with the
+//! labels the table documents. Dashboards and alert rules may only use these.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use tandem_e2e::harness;
+use tandem_sim::{Fault, Target};
+
+/// The README's metrics table: name → documented label keys.
+fn documented() -> BTreeMap<String, BTreeSet<String>> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let mut out = BTreeMap::new();
+    for line in readme.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        if cells.len() < 4 || !cells[1].starts_with("`tandem_") {
+            continue;
+        }
+        let name = cells[1].trim_matches('`').to_owned();
+        let labels = cells[3]
+            .split(',')
+            .map(|l| l.trim().trim_matches('`').to_owned())
+            .filter(|l| !l.is_empty() && l != "-")
+            .collect();
+        out.insert(name, labels);
+    }
+    out
+}
+
+/// Scraped series: name → union of label keys seen.
+fn scraped(text: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, labels) = match line.split_once('{') {
+            Some((n, rest)) => (n, rest.split('}').next().unwrap_or_default()),
+            None => (line.split_whitespace().next().unwrap_or_default(), ""),
+        };
+        let name = name
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_sum")
+            .trim_end_matches("_count");
+        let keys = out.entry(name.to_owned()).or_default();
+        for pair in labels.split(',').filter(|p| p.contains('=')) {
+            let key = pair.split('=').next().unwrap_or_default().trim();
+            if key != "le" && key != "quantile" {
+                keys.insert(key.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// A running pipeline that went through a few faults exports every documented metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_metrics_are_exported_with_their_labels() {
+    let documented = documented();
+    assert!(
+        documented.len() >= 30,
+        "the README's metrics table was not found ({} rows)",
+        documented.len()
+    );
+    let (h, _dir) = harness(|_| {}).await;
+    // Exercise the paths that create series lazily: a drop, a stall, corrupt lines.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.sim
+        .fault(Fault::Drop {
+            target: Target {
+                partition: Some(1),
+                client_ip: h.cfg.paths[0],
+                ..Target::default()
+            },
+        })
+        .unwrap();
+    h.sim
+        .fault(Fault::Stall {
+            target: Target {
+                partition: Some(1),
+                client_ip: h.cfg.paths[1],
+                ..Target::default()
+            },
+        })
+        .unwrap();
+    h.sim
+        .fault(Fault::Inject {
+            target: Target {
+                partition: Some(1),
+                ..Target::default()
+            },
+            injection: tandem_sim::Injection::MalformedLine,
+        })
+        .unwrap();
+    h.sim
+        .fault(Fault::Inject {
+            target: Target {
+                partition: Some(2),
+                ..Target::default()
+            },
+            injection: tandem_sim::Injection::OversizeLine { bytes: 2 << 20 },
+        })
+        .unwrap();
+    h.sim
+        .fault(Fault::Inject {
+            target: Target {
+                partition: Some(2),
+                ..Target::default()
+            },
+            injection: tandem_sim::Injection::TruncateAndClose,
+        })
+        .unwrap();
+    let info = br#"{"info":{"message":"hello from the test"}}"#;
+    h.sim
+        .publish(&h.cfg.stream, 1, vec![bytes::Bytes::from_static(info)])
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let url = format!("http://{}/metrics", h.pipeline.http_addr());
+    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    let got = scraped(&text);
+    let mut missing = Vec::new();
+    for (name, labels) in &documented {
+        match got.get(name) {
+            None => missing.push(format!("{name} not exported")),
+            Some(seen) => {
+                for l in labels.difference(seen) {
+                    missing.push(format!("{name} lacks label {l}"));
+                }
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{}\n\nscraped:\n{text}",
+        missing.join("\n")
+    );
+    let status: serde_json::Value =
+        reqwest::get(format!("http://{}/status", h.pipeline.http_addr()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(
+        status["streams"][0]["partitions"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
+    assert!(
+        status["streams"][0]["partitions"][0]["connections"][0]["phase"].is_string(),
+        "{status}"
+    );
+    let _ = h.finish(Duration::from_secs(20)).await;
+}
