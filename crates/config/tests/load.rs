@@ -116,3 +116,22 @@ fn dedup_window_must_exceed_backfill() {
     assert_eq!(problems.0[0].field, "merge.dedup_window_secs");
     assert!(problems.0[0].message.contains("backfill"), "{problems}");
 }
+
+/// docs/config.md is generated from the field docs; it must match the code.
+#[test]
+fn reference_is_up_to_date() {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/config-reference"
+    );
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg("--check")
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

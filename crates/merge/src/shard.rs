@@ -164,7 +164,7 @@ impl Shard {
             match identify(&line) {
                 Ok(LineKind::Activity(id)) => {
                     let key = id.dedup_key();
-                    let sampled = key_hash(&key) % sample_every == 0;
+                    let sampled = key_hash(&key).is_multiple_of(sample_every);
                     if self.cache.contains(&key) {
                         dups += 1;
                         if sampled

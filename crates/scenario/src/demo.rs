@@ -82,7 +82,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, HarnessError> {
         connection: None,
     };
     let outage_ms = (d.as_millis() as u64 / 10).clamp(1_000, 4_000);
-    let mut schedule = vec![
+    let mut schedule = [
         Scheduled {
             at: at(0.2),
             what: "drop path a of partition 1".into(),

@@ -252,7 +252,7 @@ impl Generator {
     /// The next line at wall-clock time `now_ms`.
     pub(crate) fn next(&mut self, now_ms: u64) -> Generated {
         self.produced += 1;
-        if self.info_every > 0 && self.produced % self.info_every == 0 {
+        if self.info_every > 0 && self.produced.is_multiple_of(self.info_every) {
             let line = format!(
                 "{{\"info\":{{\"message\":\"simulator notice: {} activities generated\",\"sent\":\"{}\"}}}}",
                 self.produced,

@@ -1,0 +1,138 @@
+//! The `tandem` binary as a user runs it.
+
+use std::process::Command;
+
+fn tandem() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+}
+
+const EXAMPLE: &str = include_str!("../../../deploy/tandem.toml");
+
+/// `tandem check` on a broken configuration exits non-zero and names each problem: an
+/// unknown field, a missing credential variable, zero paths, a backfill of 9 minutes.
+#[test]
+fn check_names_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    let broken = EXAMPLE
+        .replace("[stream.auth]", "[stream.auth]\ntoken_type = \"basic\"")
+        .replace("paths = [\"a\", \"b\"]", "paths = []")
+        .replace("window_minutes = 5", "window_minutes = 9");
+    std::fs::write(&path, broken).unwrap();
+    let out = tandem()
+        .args(["check", "--config"])
+        .arg(&path)
+        .env_remove("GNIP_PASSWORD")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("stream[0].auth.token_type: unknown field"),
+        "{text}"
+    );
+    assert!(
+        text.contains("stream[0].auth.password_env: environment variable GNIP_PASSWORD is not set"),
+        "{text}"
+    );
+    assert!(text.contains("stream[0].paths: zero paths"), "{text}");
+    assert!(
+        text.contains("stream[0].backfill.window_minutes: 9 minutes"),
+        "{text}"
+    );
+    assert!(
+        text.contains("line "),
+        "problems carry their line where it can be found: {text}"
+    );
+}
+
+/// A valid configuration prints the plan: streams, partitions, connections and paths.
+#[test]
+fn check_prints_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ok.toml");
+    std::fs::write(&path, EXAMPLE).unwrap();
+    let out = tandem()
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("GNIP_PASSWORD", "x")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("partition 1 via path a: source 10.0.1.10"),
+        "{text}"
+    );
+    assert!(text.contains("4 connections in all"), "{text}");
+    assert!(!text.contains("\"x\""), "the password never shows");
+}
+
+/// `tandem run` refuses a broken configuration with exit code 2 and the problems.
+#[test]
+fn run_refuses_a_broken_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.toml");
+    std::fs::write(&path, EXAMPLE.replace("partitions = 2", "partitions = 0")).unwrap();
+    let out = tandem()
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("GNIP_PASSWORD", "x")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stream[0].partitions"));
+}
+
+/// A short demo runs end to end and reports, from the simulator's ground truth, that
+/// nothing was lost or duplicated.
+#[test]
+fn demo_reports_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tandem()
+        .args([
+            "demo",
+            "--duration",
+            "10s",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("verdict: nothing lost, nothing duplicated"),
+        "{text}"
+    );
+    assert!(text.contains("fault: drop path a of partition 1"), "{text}");
+    assert!(
+        text.contains("alert firing: partition_down decahose/1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("alert resolved: partition_down decahose/1"),
+        "{text}"
+    );
+    let log = std::fs::read_dir(dir.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("tandem.log");
+    assert!(
+        std::fs::metadata(log).unwrap().len() > 0,
+        "the run logs to its directory"
+    );
+}
