@@ -571,7 +571,8 @@ async fn heartbeats_without_data_is_data_silence() {
     };
     assert_eq!((&*key.path, reason), ("p1", StaleReason::DataSilence));
     assert!(
-        detected >= Duration::from_millis(1_000) && detected < Duration::from_millis(1_400),
+        // Silence counts from the last activity, which arrived a little before the fault.
+        detected >= Duration::from_millis(900) && detected < Duration::from_millis(1_400),
         "detected after {detected:?} (threshold 1 s)"
     );
     h.stop().await;

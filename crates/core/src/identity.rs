@@ -154,12 +154,7 @@ pub fn identify(line: &[u8]) -> Result<LineKind, IdentityError> {
 
 /// Checks the whole line strictly: JSON grammar, a single value, and UTF-8.
 pub fn validate(line: &[u8]) -> Result<(), IdentityError> {
-    if let Err(e) = std::str::from_utf8(line) {
-        return Err(IdentityError::InvalidUtf8(e.to_string()));
-    }
-    sonic_rs::from_slice::<serde::de::IgnoredAny>(line)
-        .map(|_| ())
-        .map_err(parse_error)
+    crate::validate::json(line)
 }
 
 fn parse_error(e: sonic_rs::Error) -> IdentityError {

@@ -22,6 +22,7 @@ pub mod metric;
 pub mod secret;
 pub mod tally;
 pub mod time;
+mod validate;
 
 pub use envelope::{Batch, Origin, PathId, StreamId, Unique, UniqueBatch};
 pub use identity::{IdentityError, LineKind, SystemKind, SystemMessage, identify, validate};

@@ -109,6 +109,18 @@ impl Shard {
                 }
             })
             .collect();
+        // Series with small fixed label sets exist from the start, at zero.
+        for kind in [
+            tandem_core::SystemKind::Info,
+            tandem_core::SystemKind::Warn,
+            tandem_core::SystemKind::Error,
+        ] {
+            metrics::counter!(m::SYSTEM_MESSAGES,
+                m::STREAM => spec.stream_name.to_string(),
+                m::PARTITION => spec.partition.to_string(),
+                m::KIND => kind.as_str())
+            .increment(0);
+        }
         let window = Duration::from_secs(spec.config.dedup_window_secs);
         Shard {
             cache: DedupCache::new(

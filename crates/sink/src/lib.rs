@@ -12,16 +12,19 @@
 //! - [`driver`]: ordering, retry, acknowledgement accounting, drain ([`DriverConfig`]).
 //! - [`spool`]: the on-disk overflow queue.
 //! - [`file`]: [`FileStore`], NDJSON files per stream, partition and time bucket.
+//! - [`nats`]: [`NatsStore`], NATS JetStream with `Nats-Msg-Id` dedup across zones.
 //! - [`simple`]: [`StdoutStore`] and [`NullStore`].
 
 pub mod driver;
 pub mod file;
+pub mod nats;
 pub mod simple;
 pub mod spool;
 pub mod store;
 
 pub use driver::{DrainReport, DriverConfig, SinkHandle, spawn};
 pub use file::{FileConfig, FileStore, Repair, recent_ids};
+pub use nats::{NatsConfig, NatsStore};
 pub use simple::{NullStore, StdoutStore};
 pub use spool::{Spool, SpooledBatch};
 pub use store::{Ack, ErrorClass, Store, StoreError, StreamNames};

@@ -1,0 +1,397 @@
+//! The NATS JetStream store: the shared store of a pair of consumers in two zones.
+//!
+//! Each activity is published to `<prefix>.<stream>.<partition>` with the header
+//! `Nats-Msg-Id` = the activity id, so the server's duplicate window drops the copy the
+//! other zone also publishes. An activity counts as stored when its publish ack arrives;
+//! an ack marked duplicate also counts as stored (the server holds it) and is counted
+//! separately: that is cross-zone dedup at work.
+//!
+//! Publishes are pipelined with a bounded number awaiting their ack. A batch interrupted
+//! by a failed publish is resumed on the driver's retry (the prefix already published is
+//! not sent again), which keeps `put` all-or-nothing from the driver's point of view. A
+//! publish whose ack fails or times out is published again with the same `Nats-Msg-Id`:
+//! the duplicate window makes that idempotent.
+
+use std::collections::VecDeque;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishAckFuture, stream};
+use futures_util::FutureExt;
+use serde::{Deserialize, Serialize};
+use tandem_core::{ActivityId, Partition, StreamId, Unique, UniqueBatch};
+
+use crate::store::{Ack, Store, StoreError, StreamNames};
+
+/// Settings of a JetStream sink. Field docs are the configuration reference.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// NATS server URLs, comma-separated (`nats://nats-a:4222,nats://nats-b:4222`).
+    pub url: String,
+    /// The JetStream stream (created if missing and `create_stream` is true).
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// Activities go to `<subject_prefix>.<stream name>.<partition>`.
+    #[serde(default = "default_prefix")]
+    pub subject_prefix: String,
+    /// The stream's duplicate window, in seconds. Must exceed `merge.dedup_window_secs`,
+    /// so that a copy the other zone publishes late is still recognised.
+    #[serde(default = "default_duplicate_window")]
+    pub duplicate_window_secs: u64,
+    /// Replicas when the stream is created (3 spread over the zones in production).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// How long the stream keeps messages, in seconds (0: forever).
+    #[serde(default)]
+    pub max_age_secs: u64,
+    /// Create the stream when it does not exist (otherwise it must exist).
+    #[serde(default = "yes")]
+    pub create_stream: bool,
+    /// Publishes awaiting their acknowledgement at most.
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight: usize,
+    /// How long to wait for a publish acknowledgement before publishing again.
+    #[serde(default = "default_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+    /// Environment variable holding a NATS token (optional).
+    #[serde(default)]
+    pub token_env: Option<String>,
+}
+
+fn default_stream() -> String {
+    "TANDEM".to_owned()
+}
+fn default_prefix() -> String {
+    "tandem".to_owned()
+}
+fn default_duplicate_window() -> u64 {
+    1_200
+}
+fn default_replicas() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_in_flight() -> usize {
+    4_096
+}
+fn default_ack_timeout_ms() -> u64 {
+    5_000
+}
+
+impl NatsConfig {
+    /// A configuration with defaults for `url`.
+    pub fn new(url: &str) -> NatsConfig {
+        NatsConfig {
+            url: url.to_owned(),
+            stream: default_stream(),
+            subject_prefix: default_prefix(),
+            duplicate_window_secs: default_duplicate_window(),
+            replicas: default_replicas(),
+            max_age_secs: 0,
+            create_stream: true,
+            max_in_flight: default_in_flight(),
+            ack_timeout_ms: default_ack_timeout_ms(),
+            token_env: None,
+        }
+    }
+
+    /// Every problem, as (field, message). `dedup_window_secs` is the merger's window.
+    pub fn problems(&self, dedup_window_secs: u64) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.url.trim().is_empty() {
+            out.push(("url", "must name at least one server".to_owned()));
+        }
+        if self.stream.is_empty() || self.stream.contains(['.', ' ', '*', '>']) {
+            out.push((
+                "stream",
+                format!("{:?} is not a JetStream stream name", self.stream),
+            ));
+        }
+        if self.subject_prefix.is_empty() || self.subject_prefix.contains([' ', '*', '>']) {
+            out.push((
+                "subject_prefix",
+                format!("{:?} is not a subject prefix", self.subject_prefix),
+            ));
+        }
+        if self.duplicate_window_secs <= dedup_window_secs {
+            out.push((
+                "duplicate_window_secs",
+                format!(
+                    "{} s does not exceed the dedup window ({dedup_window_secs} s): a copy published late by the other zone would be stored twice",
+                    self.duplicate_window_secs
+                ),
+            ));
+        }
+        if self.max_in_flight == 0 {
+            out.push(("max_in_flight", "must be positive".to_owned()));
+        }
+        out
+    }
+}
+
+/// Publishes one activity with its id as `Nats-Msg-Id`; returns the future of its ack.
+async fn publish(
+    js: &jetstream::Context,
+    subject: &str,
+    id: &ActivityId,
+    line: &bytes::Bytes,
+) -> Result<AckFuture, StoreError> {
+    let message = jetstream::message::PublishMessage::build()
+        .payload(line.clone())
+        .message_id(id.to_string());
+    let fut: PublishAckFuture = js
+        .send_publish(subject.to_owned(), message)
+        .await
+        .map_err(|e| err(format!("publish: {e}")))?;
+    Ok(fut.into_future())
+}
+
+type AckFuture = Pin<
+    Box<
+        dyn Future<
+                Output = Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+            > + Send,
+    >,
+>;
+
+struct Pending {
+    stream: StreamId,
+    partition: Partition,
+    id: ActivityId,
+    subject: String,
+    line: bytes::Bytes,
+    ack: AckFuture,
+}
+
+/// The JetStream store.
+pub struct NatsStore {
+    js: jetstream::Context,
+    cfg: NatsConfig,
+    names: StreamNames,
+    pending: VecDeque<Pending>,
+    /// A batch a failed publish interrupted: (stream, partition, first id, items sent).
+    partial: Option<(StreamId, Partition, ActivityId, usize)>,
+}
+
+impl std::fmt::Debug for NatsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsStore")
+            .field("stream", &self.cfg.stream)
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+fn err(message: impl std::fmt::Display) -> StoreError {
+    StoreError::transient("nats", message.to_string())
+}
+
+impl NatsStore {
+    /// Connects, then creates or verifies the stream (its subjects and duplicate window).
+    pub async fn connect(
+        cfg: NatsConfig,
+        names: StreamNames,
+        token: Option<String>,
+    ) -> Result<NatsStore, StoreError> {
+        let mut opts = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .name("tandem");
+        if let Some(t) = token {
+            opts = opts.token(t);
+        }
+        let servers: Vec<async_nats::ServerAddr> = cfg
+            .url
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| StoreError::fatal("nats", format!("url {:?}: {e}", cfg.url)))?;
+        let client = tokio::time::timeout(Duration::from_secs(10), opts.connect(servers))
+            .await
+            .map_err(|_| err(format!("cannot reach {} within 10 s", cfg.url)))?
+            .map_err(|e| err(format!("cannot connect to {}: {e}", cfg.url)))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_millis(cfg.ack_timeout_ms))
+            .max_ack_inflight(cfg.max_in_flight.max(1) * 2)
+            .backpressure_on_inflight(true)
+            .build(client);
+        let subjects = vec![format!("{}.>", cfg.subject_prefix)];
+        let want_window = Duration::from_secs(cfg.duplicate_window_secs);
+        let mut stream = match js.get_stream(&cfg.stream).await {
+            Ok(s) => s,
+            Err(e) if cfg.create_stream => {
+                tracing::info!(stream = %cfg.stream, reason = %e, "creating the JetStream stream");
+                js.get_or_create_stream(stream::Config {
+                    name: cfg.stream.clone(),
+                    subjects: subjects.clone(),
+                    duplicate_window: want_window,
+                    num_replicas: cfg.replicas.max(1),
+                    max_age: Duration::from_secs(cfg.max_age_secs),
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| err(format!("creating stream {}: {e}", cfg.stream)))?
+            }
+            Err(e) => {
+                return Err(StoreError::fatal(
+                    "nats",
+                    format!(
+                        "stream {} not found and create_stream is false: {e}",
+                        cfg.stream
+                    ),
+                ));
+            }
+        };
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| err(format!("stream {} info: {e}", cfg.stream)))?;
+        if info.config.duplicate_window < want_window {
+            return Err(StoreError::fatal(
+                "nats",
+                format!(
+                    "stream {} has a duplicate window of {} s; tandem needs at least {} s (duplicate_window_secs) so that copies from the other zone are recognised",
+                    cfg.stream,
+                    info.config.duplicate_window.as_secs(),
+                    cfg.duplicate_window_secs
+                ),
+            ));
+        }
+        if !info.config.subjects.iter().any(|s| s == &subjects[0]) {
+            return Err(StoreError::fatal(
+                "nats",
+                format!(
+                    "stream {} does not capture subjects {}",
+                    cfg.stream, subjects[0]
+                ),
+            ));
+        }
+        Ok(NatsStore {
+            js,
+            cfg,
+            names,
+            pending: VecDeque::new(),
+            partial: None,
+        })
+    }
+
+    fn subject(&self, stream: StreamId, partition: Partition) -> String {
+        let name = self
+            .names
+            .get(usize::from(stream.0))
+            .map_or("unknown", |s| s);
+        format!("{}.{}.{}", self.cfg.subject_prefix, name, partition)
+    }
+
+    /// Collects finished acknowledgements; with `wait`, waits for every pending one.
+    async fn collect(&mut self, wait: bool) -> Result<Vec<Ack>, StoreError> {
+        let mut acks: Vec<Ack> = Vec::new();
+        let mut failed: Option<StoreError> = None;
+        let mut still = VecDeque::with_capacity(self.pending.len());
+        while let Some(mut p) = self.pending.pop_front() {
+            let result = if wait {
+                Some((&mut p.ack).await)
+            } else {
+                (&mut p.ack).now_or_never()
+            };
+            match result {
+                None => still.push_back(p),
+                Some(Ok(ack)) => match acks.last_mut() {
+                    Some(a) if a.stream == p.stream && a.partition == p.partition => {
+                        a.ids.push(p.id);
+                        a.duplicates += usize::from(ack.duplicate);
+                    }
+                    _ => acks.push(Ack {
+                        stream: p.stream,
+                        partition: p.partition,
+                        ids: vec![p.id],
+                        duplicates: usize::from(ack.duplicate),
+                    }),
+                },
+                Some(Err(e)) => {
+                    // Unknown whether the server stored it: publish again, same Nats-Msg-Id.
+                    tracing::warn!(id = %p.id, error = %e, "publish not acknowledged; publishing again");
+                    match publish(&self.js, &p.subject, &p.id, &p.line).await {
+                        Ok(fut) => {
+                            p.ack = fut;
+                            still.push_back(p);
+                        }
+                        Err(e) => {
+                            p.ack = Box::pin(async {
+                                Err(jetstream::context::PublishError::new(
+                                    jetstream::context::PublishErrorKind::TimedOut,
+                                ))
+                            });
+                            still.push_back(p);
+                            failed.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+        }
+        self.pending = still;
+        match failed {
+            Some(e) if acks.is_empty() => Err(e),
+            _ => Ok(acks),
+        }
+    }
+}
+
+impl Store for NatsStore {
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn put(&mut self, batch: &UniqueBatch) -> Result<(), StoreError> {
+        let skip = match (&self.partial, batch.items.first()) {
+            (Some((s, p, first, n)), Some(u))
+                if *s == batch.stream && *p == batch.partition && *first == u.id =>
+            {
+                *n
+            }
+            _ => 0,
+        };
+        self.partial = None;
+        let subject = self.subject(batch.stream, batch.partition);
+        for (i, item) in batch.items.iter().enumerate().skip(skip) {
+            if self.pending.len() >= self.cfg.max_in_flight {
+                // Make room: wait for the oldest acknowledgement.
+                if let Some(mut oldest) = self.pending.pop_front() {
+                    let r = (&mut oldest.ack).await;
+                    oldest.ack = Box::pin(async move { r });
+                    self.pending.push_front(oldest);
+                }
+            }
+            let Unique { id, line, .. } = item;
+            match publish(&self.js, &subject, id, line).await {
+                Ok(ack) => self.pending.push_back(Pending {
+                    stream: batch.stream,
+                    partition: batch.partition,
+                    id: *id,
+                    subject: subject.clone(),
+                    line: line.clone(),
+                    ack,
+                }),
+                Err(e) => {
+                    if i > 0 {
+                        self.partial = Some((batch.stream, batch.partition, batch.items[0].id, i));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn acks(&mut self, force: bool) -> Result<Vec<Ack>, StoreError> {
+        self.collect(force).await
+    }
+
+    fn unacknowledged(&self) -> usize {
+        self.pending.len()
+    }
+}
