@@ -53,6 +53,8 @@ pub struct Loaded {
     pub config: Config,
     /// Credentials per stream, in stream order.
     pub auth: Vec<Auth>,
+    /// Tokens of sinks that name one (`token_env`), by sink name.
+    pub sink_tokens: std::collections::BTreeMap<String, Secret>,
 }
 
 fn problem(field: impl Into<String>, message: impl Into<String>) -> Problem {
@@ -94,13 +96,33 @@ pub fn load(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, 
             Err(p) => problems.extend(p),
         }
     }
+    let mut sink_tokens = std::collections::BTreeMap::new();
+    for (name, sink) in &config.sinks {
+        if let SinkConfig::Nats(n) = sink
+            && let Some(var) = &n.token_env
+        {
+            match env(var) {
+                Some(v) if !v.is_empty() => {
+                    sink_tokens.insert(name.clone(), Secret::new(v));
+                }
+                _ => problems.push(problem(
+                    format!("sinks.{name}.token_env"),
+                    format!("environment variable {var} is not set"),
+                )),
+            }
+        }
+    }
     for p in &mut problems {
         if p.line.is_none() {
             p.line = find_line(text, &p.field);
         }
     }
     if problems.is_empty() {
-        Ok(Loaded { config, auth })
+        Ok(Loaded {
+            config,
+            auth,
+            sink_tokens,
+        })
     } else {
         Err(Problems(problems))
     }
@@ -410,10 +432,13 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         max_backfill_ms = max_backfill_ms.max(s.backfill.window_minutes * s.backfill.minute_ms);
     }
     for (name, sink) in &c.sinks {
-        if let SinkConfig::File(f) = sink {
-            for (field, message) in f.problems() {
-                out.push(problem(format!("sinks.{name}.{field}"), message));
-            }
+        let problems = match sink {
+            SinkConfig::File(f) => f.problems(),
+            SinkConfig::Nats(n) => n.problems(c.merge.dedup_window_secs),
+            SinkConfig::Stdout | SinkConfig::Null => Vec::new(),
+        };
+        for (field, message) in problems {
+            out.push(problem(format!("sinks.{name}.{field}"), message));
         }
     }
     for (field, message) in c.merge.problems() {

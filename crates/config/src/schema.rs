@@ -9,7 +9,7 @@ use tandem_conn::{
 };
 use tandem_merge::MergeConfig;
 use tandem_monitor::MonitorConfig;
-use tandem_sink::{DriverConfig, FileConfig};
+use tandem_sink::{DriverConfig, FileConfig, NatsConfig};
 
 /// A tandem process: its streams, network paths, sinks and the shared stages.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -131,6 +131,8 @@ pub struct AuthConfig {
 pub enum SinkConfig {
     /// Local NDJSON files (the default).
     File(FileConfig),
+    /// NATS JetStream, the shared store of consumers in several zones.
+    Nats(NatsConfig),
     /// Lines on standard output, for piping.
     Stdout,
     /// Discard everything (benchmarks).
@@ -141,6 +143,7 @@ impl SinkConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             SinkConfig::File(_) => "file",
+            SinkConfig::Nats(_) => "nats",
             SinkConfig::Stdout => "stdout",
             SinkConfig::Null => "null",
         }

@@ -27,7 +27,9 @@ use tandem_merge::{DeadLetters, MergeEvent, Shard, ShardSpec};
 use tandem_monitor::{
     ConnectionView, MonitorHandle, MonitorInputs, PartitionView, SinkView, Status, StreamView,
 };
-use tandem_sink::{DrainReport, FileStore, NullStore, SinkHandle, StdoutStore, StreamNames};
+use tandem_sink::{
+    DrainReport, FileStore, NatsStore, NullStore, SinkHandle, StdoutStore, StreamNames,
+};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -83,7 +85,11 @@ impl Pipeline {
     pub async fn start(loaded: Loaded) -> Result<Pipeline, StartError> {
         install_crypto_provider();
         let _ = tandem_monitor::prometheus();
-        let Loaded { config, auth } = loaded;
+        let Loaded {
+            config,
+            auth,
+            sink_tokens,
+        } = loaded;
         let names: StreamNames = Arc::new(
             config
                 .streams
@@ -150,6 +156,21 @@ impl Pipeline {
                         names.clone(),
                         routed,
                         move |sb, u| known.contains(&(sb.stream.clone(), sb.batch.partition, u.id)),
+                        64,
+                    )
+                }
+                SinkConfig::Nats(n) => {
+                    let token = sink_tokens.get(name).map(|t| t.expose().to_owned());
+                    let store = NatsStore::connect(n.clone(), names.clone(), token)
+                        .await
+                        .map_err(|e| err(e.to_string()))?;
+                    tandem_sink::spawn(
+                        name,
+                        store,
+                        delivery,
+                        names.clone(),
+                        routed,
+                        |_, _| false,
                         64,
                     )
                 }

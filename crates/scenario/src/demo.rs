@@ -69,6 +69,9 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, HarnessError> {
         connect_limit: 10,
         connect_window_ms: 61_000,
         fast_retry: false,
+        nats_url: None,
+        max_connections_per_partition: 2,
+        max_memory_activities: 100_000,
     };
     let h = Harness::start(cfg).await?;
     let mut transitions = h.pipeline.alert_transitions();

@@ -44,6 +44,12 @@ pub struct HarnessConfig {
     pub connect_window_ms: u64,
     /// Use second-scale backoffs instead of the upstream's published schedule.
     pub fast_retry: bool,
+    /// Store in this NATS JetStream server (stream `TANDEM`) instead of files.
+    pub nats_url: Option<String>,
+    /// Live connections the simulator allows per partition (two zones need four).
+    pub max_connections_per_partition: usize,
+    /// Unique activities the sink holds in memory before spooling.
+    pub max_memory_activities: usize,
 }
 
 impl HarnessConfig {
@@ -67,6 +73,9 @@ impl HarnessConfig {
             connect_limit: 1_000,
             connect_window_ms: 10_000,
             fast_retry: true,
+            nats_url: None,
+            max_connections_per_partition: 2,
+            max_memory_activities: 100_000,
         }
     }
 
@@ -80,11 +89,23 @@ impl HarnessConfig {
         s.minute_ms = self.minute_ms;
         s.connect_limit = self.connect_limit as usize;
         s.connect_window_ms = self.connect_window_ms.saturating_sub(1_000).max(1);
+        s.max_connections_per_partition = self.max_connections_per_partition;
         s
     }
 
     /// The consumer's configuration, as TOML (what a user would write).
     pub fn consumer_toml(&self, stream_url: &str) -> String {
+        let sink = match &self.nats_url {
+            Some(url) => format!(
+                "kind = \"nats\"\nurl = \"{url}\"\nstream = \"TANDEM\"\nduplicate_window_secs = {}\nack_timeout_ms = 2000",
+                self.dedup_window_secs * 2
+            ),
+            None => format!(
+                "kind = \"file\"\ndir = \"{}/store\"\ngzip = {}\nfsync_interval_ms = 200",
+                self.run_dir.display(),
+                self.gzip
+            ),
+        };
         let mut t = String::new();
         let mut names = Vec::new();
         for (i, ip) in self.paths.iter().enumerate() {
@@ -112,7 +133,7 @@ api = "gnip"
 url = "{stream_url}"
 partitions = {partitions}
 paths = [{paths}]
-sink = "files"
+sink = "store"
 allow_plain_http = true
 
 [stream.auth]
@@ -134,11 +155,8 @@ minute_ms = {minute}
 requests = {limit}
 window_ms = {window}
 
-[sinks.files]
-kind = "file"
-dir = "{dir}/store"
-gzip = {gzip}
-fsync_interval_ms = 200
+[sinks.store]
+{sink}
 
 [merge]
 dedup_window_secs = {dedup}
@@ -147,6 +165,8 @@ dead_letter_dir = "{dir}/dead-letters"
 [delivery]
 spool_dir = "{dir}/spool"
 drain_deadline_ms = 10000
+max_memory_activities = {memory}
+retry_max_ms = 1000
 
 [monitor]
 listen = "{listen}"
@@ -166,8 +186,8 @@ stored_rate_baseline_secs = 60.0
             minute = self.minute_ms,
             limit = self.connect_limit,
             window = self.connect_window_ms,
-            gzip = self.gzip,
             dedup = self.dedup_window_secs,
+            memory = self.max_memory_activities,
             listen = self.monitor_listen,
             grace = self.reconciliation_grace_secs,
             pending = self.alert_pending_secs,
@@ -334,6 +354,26 @@ impl Harness {
             .collect()
     }
 
+    /// Starts another consumer of the same simulator (another zone), writing under
+    /// `run_dir`, through `paths`.
+    pub async fn another_consumer(
+        &self,
+        run_dir: PathBuf,
+        paths: Vec<Option<IpAddr>>,
+    ) -> Result<Pipeline, HarnessError> {
+        let cfg = HarnessConfig {
+            run_dir,
+            paths,
+            monitor_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..self.cfg.clone()
+        };
+        let text = cfg.consumer_toml(&self.sim.stream_url(&self.cfg.stream)?);
+        let loaded = tandem_config::load(&text, &|name| {
+            (name == PASSWORD_VAR).then(|| PASSWORD.to_owned())
+        })?;
+        Ok(Pipeline::start(loaded).await?)
+    }
+
     /// Stops generation and waits until the consumer has stored everything published.
     pub async fn quiesce(&self, timeout: Duration) -> bool {
         let _ = self
@@ -387,7 +427,15 @@ impl Harness {
             })
             .collect();
         let shutdown = self.pipeline.shutdown().await;
-        let stored = crate::store::stored_ids(&self.cfg.run_dir.join("store")).unwrap_or_default();
+        let stored = match &self.cfg.nats_url {
+            Some(url) => crate::nats::stored_ids(url, "TANDEM")
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "cannot read the JetStream stream back");
+                    Default::default()
+                }),
+            None => crate::store::stored_ids(&self.cfg.run_dir.join("store")).unwrap_or_default(),
+        };
         let mut v = Verdict {
             duplicates_removed: dups,
             dead_lettered: dead,

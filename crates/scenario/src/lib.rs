@@ -8,10 +8,12 @@
 //! - [`harness`]: [`Harness`] (simulator + pipeline from a rendered configuration),
 //!   quiescing, and the [`Verdict`].
 //! - [`store`]: reading back what the file sink stored.
+//! - [`nats`]: a real `nats-server -js` for tests, and reading back a JetStream stream.
 //! - [`demo`]: the embedded demo with its fault schedule and live summary.
 
 pub mod demo;
 pub mod harness;
+pub mod nats;
 pub mod store;
 
 pub use harness::{Harness, HarnessConfig, Verdict};

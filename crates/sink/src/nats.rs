@@ -134,19 +134,31 @@ impl NatsConfig {
 }
 
 /// Publishes one activity with its id as `Nats-Msg-Id`; returns the future of its ack.
+///
+/// While the server is away the client buffers and then blocks; the timeout turns that
+/// into an error, so the driver keeps accepting (and spools) instead of stalling the
+/// pipeline. A publish the client still delivers later is harmless: the retry carries the
+/// same `Nats-Msg-Id`.
 async fn publish(
     js: &jetstream::Context,
     subject: &str,
     id: &ActivityId,
     line: &bytes::Bytes,
+    timeout: Duration,
 ) -> Result<AckFuture, StoreError> {
     let message = jetstream::message::PublishMessage::build()
         .payload(line.clone())
         .message_id(id.to_string());
-    let fut: PublishAckFuture = js
-        .send_publish(subject.to_owned(), message)
-        .await
-        .map_err(|e| err(format!("publish: {e}")))?;
+    let fut: PublishAckFuture =
+        tokio::time::timeout(timeout, js.send_publish(subject.to_owned(), message))
+            .await
+            .map_err(|_| {
+                err(format!(
+                    "publish not accepted within {} ms",
+                    timeout.as_millis()
+                ))
+            })?
+            .map_err(|e| err(format!("publish: {e}")))?;
     Ok(fut.into_future())
 }
 
@@ -169,6 +181,7 @@ struct Pending {
 
 /// The JetStream store.
 pub struct NatsStore {
+    client: async_nats::Client,
     js: jetstream::Context,
     cfg: NatsConfig,
     names: StreamNames,
@@ -217,7 +230,7 @@ impl NatsStore {
             .timeout(Duration::from_millis(cfg.ack_timeout_ms))
             .max_ack_inflight(cfg.max_in_flight.max(1) * 2)
             .backpressure_on_inflight(true)
-            .build(client);
+            .build(client.clone());
         let subjects = vec![format!("{}.>", cfg.subject_prefix)];
         let want_window = Duration::from_secs(cfg.duplicate_window_secs);
         let mut stream = match js.get_stream(&cfg.stream).await {
@@ -271,12 +284,22 @@ impl NatsStore {
             ));
         }
         Ok(NatsStore {
+            client,
             js,
             cfg,
             names,
             pending: VecDeque::new(),
             partial: None,
         })
+    }
+
+    /// Whether the client is connected now (publishing while it is not would only block).
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.cfg.ack_timeout_ms)
     }
 
     fn subject(&self, stream: StreamId, partition: Partition) -> String {
@@ -312,10 +335,16 @@ impl NatsStore {
                         duplicates: usize::from(ack.duplicate),
                     }),
                 },
+                Some(Err(e)) if failed.is_some() || !self.connected() => {
+                    // The server is away: keep it for a later round, no new attempt now.
+                    p.ack = Box::pin(async move { Err(e) });
+                    still.push_back(p);
+                    failed.get_or_insert_with(|| err("not connected to the NATS server"));
+                }
                 Some(Err(e)) => {
                     // Unknown whether the server stored it: publish again, same Nats-Msg-Id.
                     tracing::warn!(id = %p.id, error = %e, "publish not acknowledged; publishing again");
-                    match publish(&self.js, &p.subject, &p.id, &p.line).await {
+                    match publish(&self.js, &p.subject, &p.id, &p.line, self.timeout()).await {
                         Ok(fut) => {
                             p.ack = fut;
                             still.push_back(p);
@@ -347,6 +376,10 @@ impl Store for NatsStore {
     }
 
     async fn put(&mut self, batch: &UniqueBatch) -> Result<(), StoreError> {
+        if !self.connected() {
+            // Fail fast: the driver keeps accepting and spools while the server is away.
+            return Err(err("not connected to the NATS server"));
+        }
         let skip = match (&self.partial, batch.items.first()) {
             (Some((s, p, first, n)), Some(u))
                 if *s == batch.stream && *p == batch.partition && *first == u.id =>
@@ -361,13 +394,24 @@ impl Store for NatsStore {
             if self.pending.len() >= self.cfg.max_in_flight {
                 // Make room: wait for the oldest acknowledgement.
                 if let Some(mut oldest) = self.pending.pop_front() {
-                    let r = (&mut oldest.ack).await;
-                    oldest.ack = Box::pin(async move { r });
-                    self.pending.push_front(oldest);
+                    match tokio::time::timeout(self.timeout(), &mut oldest.ack).await {
+                        Ok(r) => {
+                            oldest.ack = Box::pin(async move { r });
+                            self.pending.push_front(oldest);
+                        }
+                        Err(_) => {
+                            self.pending.push_front(oldest);
+                            if i > 0 {
+                                self.partial =
+                                    Some((batch.stream, batch.partition, batch.items[0].id, i));
+                            }
+                            return Err(err("publish acknowledgements are not arriving"));
+                        }
+                    }
                 }
             }
             let Unique { id, line, .. } = item;
-            match publish(&self.js, &subject, id, line).await {
+            match publish(&self.js, &subject, id, line, self.timeout()).await {
                 Ok(ack) => self.pending.push_back(Pending {
                     stream: batch.stream,
                     partition: batch.partition,

@@ -1,0 +1,152 @@
+//! The JetStream sink against a real `nats-server -js` (installed by
+//! `scripts/setup-test-deps`, started here on an ephemeral loopback port).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tandem_core::ActivityId;
+use tandem_e2e::{harness, judge};
+use tandem_monitor::{AlertName, Transition};
+use tandem_scenario::nats::{NatsServer, stored_ids};
+
+/// Two consumers in two "zones" fed the same stream publish to one JetStream stream: it
+/// holds every activity exactly once, and the duplicate acknowledgements equal the second
+/// zone's deliveries (every activity is published once per zone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_zones_store_each_activity_once() {
+    let store = tempfile::tempdir().unwrap();
+    let nats =
+        NatsServer::start(store.path()).expect("nats-server (scripts/setup-test-deps installs it)");
+    let url = nats.url();
+    let (h, dir) = harness(|c| {
+        c.nats_url = Some(url.clone());
+        c.max_connections_per_partition = 4;
+    })
+    .await;
+    let zone_b = h
+        .another_consumer(
+            dir.path().join("zone-b"),
+            vec![Some([127, 0, 0, 4].into()), Some([127, 0, 0, 5].into())],
+        )
+        .await
+        .expect("the second zone starts");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(h.quiesce(Duration::from_secs(20)).await, "zone A caught up");
+    let published: usize = (1..=2)
+        .map(|p| h.sim.truth("decahose", p).unwrap().len())
+        .sum();
+    // Zone B started a moment later: its deliveries are its own unique activities, and
+    // all of them must be acknowledged.
+    let unique_b = || {
+        zone_b
+            .tallies()
+            .iter()
+            .map(|(_, _, t)| t.snapshot().unique)
+            .sum::<u64>()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let stored: u64 = zone_b
+            .tallies()
+            .iter()
+            .map(|(_, _, t)| t.snapshot().stored)
+            .sum();
+        if stored >= unique_b() || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let unique_b = unique_b();
+    let dup_b: u64 = zone_b
+        .tallies()
+        .iter()
+        .map(|(_, _, t)| t.snapshot().store_duplicates)
+        .sum();
+    let stored_b: u64 = zone_b
+        .tallies()
+        .iter()
+        .map(|(_, _, t)| t.snapshot().stored)
+        .sum();
+    let dup_a: u64 = h
+        .pipeline
+        .tallies()
+        .iter()
+        .map(|(_, _, t)| t.snapshot().store_duplicates)
+        .sum();
+    zone_b.shutdown().await;
+    let v = h.finish(Duration::from_secs(10)).await;
+    println!(
+        "two zones: published {published}, zone B delivered {unique_b} and stored {stored_b}, duplicate acks A {dup_a} + B {dup_b}"
+    );
+    judge("two zones into jetstream", &v, None, None);
+    assert!(
+        unique_b as usize >= published * 9 / 10,
+        "zone B consumed the stream too"
+    );
+    assert_eq!(
+        stored_b, unique_b,
+        "zone B's publishes were all acknowledged"
+    );
+    assert_eq!(
+        dup_a + dup_b,
+        unique_b,
+        "the duplicate acks equal the second zone's deliveries"
+    );
+}
+
+/// The NATS server stopped for 30 s and restarted: the sink holds and spools meanwhile,
+/// raises `sink_down`, and afterwards the stream holds every activity exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_for_30_seconds_loses_nothing() {
+    let store = tempfile::tempdir().unwrap();
+    let mut nats =
+        NatsServer::start(store.path()).expect("nats-server (scripts/setup-test-deps installs it)");
+    let url = nats.url();
+    let (h, _dir) = harness(|c| {
+        c.nats_url = Some(url.clone());
+        c.max_memory_activities = 1_000;
+        c.rate_per_sec = 150.0;
+    })
+    .await;
+    let mut alerts = h.pipeline.alert_transitions();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nats.stop();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let held: u64 = h
+        .pipeline
+        .tallies()
+        .iter()
+        .map(|(_, _, t)| t.snapshot().in_flight)
+        .sum();
+    assert!(
+        held > 1_000,
+        "the sink held (and spooled) what it could not store: {held}"
+    );
+    nats.restart().expect("nats-server restarts");
+    let mut fired = false;
+    let resolved = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match alerts.recv().await {
+                Ok(Transition::Fired(v)) if v.key.name == AlertName::SinkDown => fired = true,
+                Ok(Transition::Resolved(r)) if r.key.name == AlertName::SinkDown => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(
+        fired && resolved,
+        "sink_down fired during the outage and resolved after it"
+    );
+    let v = h.finish(Duration::from_secs(60)).await;
+    judge("nats down 30 s", &v, None, None);
+    let ids = stored_ids(&url, "TANDEM").await.unwrap();
+    let all: Vec<ActivityId> = ids.values().flatten().copied().collect();
+    assert_eq!(
+        all.len(),
+        all.iter().collect::<HashSet<_>>().len(),
+        "no message stored twice"
+    );
+}
