@@ -64,6 +64,28 @@ enum Command {
         #[arg(long, default_value_t = 300.0)]
         rate: f64,
     },
+    /// Measure the full pipeline at full speed against the simulator (null, file and
+    /// JetStream sinks) and the official X Python SDK as a baseline.
+    Bench {
+        /// Activities per partition each path streams.
+        #[arg(long, default_value_t = 500_000)]
+        activities: u64,
+        /// Also run into JetStream (starts a nats-server).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        jetstream: bool,
+        /// Activities the X SDK baseline reads.
+        #[arg(long, default_value_t = 20_000)]
+        xdk_activities: u64,
+        /// Working directory (emptied per run).
+        #[arg(long, default_value = "./tandem-data/bench")]
+        work_dir: PathBuf,
+        /// Pipeline runs, comma-separated: null, file, jetstream.
+        #[arg(long, default_value = "null,file,jetstream", value_delimiter = ',')]
+        sinks: Vec<String>,
+        /// Run the X Python SDK baseline.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        xdk: bool,
+    },
     /// Run the upstream simulator as a standalone server.
     Sim {
         /// Simulator configuration (TOML); default: one Decahose stream.
@@ -165,6 +187,25 @@ fn main() -> ExitCode {
             Command::Sim { config, listen } => {
                 sim(config.as_deref(), listen, cli.log_format, &cli.log).await
             }
+            Command::Bench {
+                activities,
+                jetstream,
+                xdk_activities,
+                work_dir,
+                sinks,
+                xdk,
+            } => {
+                bench(
+                    activities,
+                    jetstream,
+                    xdk_activities,
+                    work_dir,
+                    sinks,
+                    xdk,
+                    cli.log_format,
+                )
+                .await
+            }
         }
     });
     match result {
@@ -244,6 +285,39 @@ async fn demo(
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn bench(
+    activities: u64,
+    jetstream: bool,
+    xdk_activities: u64,
+    work_dir: PathBuf,
+    sinks: Vec<String>,
+    xdk: bool,
+    format: LogFormat,
+) -> anyhow::Result<ExitCode> {
+    start_tracing(format, "warn,async_nats=error", None)?;
+    // The baseline uses the project's virtualenv (scripts/python-env creates it).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = std::process::Command::new(root.join("scripts/python-env"))
+        .output()
+        .ok()
+        .filter(|o| xdk && o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    let opts = tandem_scenario::bench::BenchOptions {
+        exe: std::env::current_exe().context("locating the tandem executable")?,
+        work_dir,
+        activities_per_partition: activities,
+        jetstream,
+        python,
+        xdk_activities,
+        sinks,
+    };
+    let report = tandem_scenario::bench::run(opts)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    println!("{report}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn tandem_core_stamp() -> String {

@@ -15,7 +15,6 @@
 //! [`IdentityError::UntrustedNumericId`]).
 
 use serde::Deserialize;
-use sonic_rs::{JsonType, JsonValueTrait, LazyValue};
 
 use crate::ids::ActivityId;
 
@@ -92,26 +91,45 @@ impl IdentityError {
 
 /// Identifies a line (without its `\r\n`) by its top-level keys.
 pub fn identify(line: &[u8]) -> Result<LineKind, IdentityError> {
+    let mut scan = Scan { b: line, i: 0 };
+    scan.ws();
+    if scan.peek() != Some(b'{') {
+        return Err(IdentityError::InvalidJson("not a json object".to_owned()));
+    }
+    scan.i += 1;
     let mut saw_numeric_id = false;
     let mut delete_waiting_for_time: Option<DeleteBody> = None;
     let mut top_level_time: Option<u64> = None;
-
-    for entry in sonic_rs::to_object_iter(line) {
-        let (key, value) = entry.map_err(parse_error)?;
+    let mut first = true;
+    loop {
+        scan.ws();
+        match scan.peek() {
+            Some(b'}') => break,
+            Some(b',') if !first => {
+                scan.i += 1;
+                scan.ws();
+            }
+            _ if first => {}
+            _ => return Err(scan.error("expected ',' or '}'")),
+        }
+        first = false;
+        let key = scan.key()?;
+        let (start, end) = scan.value()?;
+        let raw = &line[start..end];
         match key.as_ref() {
-            "id_str" => return post_id(value.as_str(), &value, "id_str").map(LineKind::Activity),
-            "id" => match value.get_type() {
-                JsonType::String => return string_id(&value).map(LineKind::Activity),
-                JsonType::Number => saw_numeric_id = true,
-                _ => return Err(bad_id("id", &value)),
+            "id_str" => return post_id(string_value(raw), raw, "id_str").map(LineKind::Activity),
+            "id" => match raw.first() {
+                Some(b'"') => return string_id(raw).map(LineKind::Activity),
+                Some(b'-' | b'0'..=b'9') => saw_numeric_id = true,
+                _ => return Err(bad_id("id", raw)),
             },
             "data" => {
-                let id = value.get("id").ok_or(IdentityError::MissingId)?;
-                return post_id(id.as_str(), &id, "data.id").map(LineKind::Activity);
+                let id = nested_string(raw, "id").ok_or(IdentityError::MissingId)?;
+                return post_id(Some(id), raw, "data.id").map(LineKind::Activity);
             }
             "delete" => {
                 let body: DeleteBody =
-                    sonic_rs::from_str(value.as_raw_str()).map_err(|e| IdentityError::BadId {
+                    serde_json::from_slice(raw).map_err(|e| IdentityError::BadId {
                         field: "delete",
                         value: e.to_string(),
                     })?;
@@ -121,18 +139,18 @@ pub fn identify(line: &[u8]) -> Result<LineKind, IdentityError> {
                 }
             }
             "timestamp_ms" => {
-                let ts = value
-                    .as_str()
-                    .and_then(|s| s.parse().ok())
-                    .or_else(|| value.as_u64());
+                let ts = match string_value(raw) {
+                    Some(s) => parse_decimal(&s),
+                    None => std::str::from_utf8(raw).ok().and_then(parse_decimal),
+                };
                 if let (Some(ts), Some(body)) = (ts, delete_waiting_for_time.as_ref()) {
                     return body.identity(ts).map(LineKind::Activity);
                 }
                 top_level_time = ts;
             }
-            "info" => return Ok(LineKind::System(system(SystemKind::Info, &value))),
-            "warn" => return Ok(LineKind::System(system(SystemKind::Warn, &value))),
-            "error" => return Ok(LineKind::System(system(SystemKind::Error, &value))),
+            "info" => return Ok(LineKind::System(system(SystemKind::Info, raw))),
+            "warn" => return Ok(LineKind::System(system(SystemKind::Warn, raw))),
+            "error" => return Ok(LineKind::System(system(SystemKind::Error, raw))),
             _ => {}
         }
     }
@@ -145,11 +163,194 @@ pub fn identify(line: &[u8]) -> Result<LineKind, IdentityError> {
     if saw_numeric_id {
         return Err(IdentityError::UntrustedNumericId);
     }
-    // An empty iteration also covers input that is not an object at all.
-    if !line.trim_ascii_start().starts_with(b"{") {
+    Err(IdentityError::MissingId)
+}
+
+/// The top-level keys of a JSON object with the byte range of each raw value, in document
+/// order (non-validating, like [`identify`]).
+pub fn top_level_fields(
+    line: &[u8],
+) -> Result<Vec<(String, std::ops::Range<usize>)>, IdentityError> {
+    let mut scan = Scan { b: line, i: 0 };
+    scan.ws();
+    if scan.peek() != Some(b'{') {
         return Err(IdentityError::InvalidJson("not a json object".to_owned()));
     }
-    Err(IdentityError::MissingId)
+    scan.i += 1;
+    let mut out = Vec::new();
+    loop {
+        scan.ws();
+        match scan.peek() {
+            Some(b'}') => return Ok(out),
+            Some(b',') if !out.is_empty() => {
+                scan.i += 1;
+                scan.ws();
+            }
+            _ if out.is_empty() => {}
+            _ => return Err(scan.error("expected ',' or '}'")),
+        }
+        let key = scan.key()?.into_owned();
+        let (start, end) = scan.value()?;
+        out.push((key, start..end));
+    }
+}
+
+/// A non-validating walk over the top level of an object: keys are decoded, values are
+/// skipped as raw byte ranges (strings to their closing quote, containers by depth).
+/// Garbage gives an error, never a panic; strict checking is [`validate`]'s job.
+struct Scan<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.i += 1;
+        }
+    }
+
+    fn error(&self, what: &str) -> IdentityError {
+        IdentityError::InvalidJson(format!("{what} at byte {}", self.i))
+    }
+
+    /// Skips a string starting at its opening quote; returns the index after the closing
+    /// quote.
+    fn skip_string(&mut self) -> Result<(), IdentityError> {
+        self.i += 1;
+        loop {
+            let rest = &self.b[self.i..];
+            let Some(pos) = memchr::memchr2(b'"', b'\\', rest) else {
+                return Err(self.error("unterminated string"));
+            };
+            self.i += pos;
+            if self.b[self.i] == b'"' {
+                self.i += 1;
+                return Ok(());
+            }
+            self.i += 2; // an escape: the next byte can never end the string
+            if self.i > self.b.len() {
+                return Err(self.error("unterminated string"));
+            }
+        }
+    }
+
+    /// A key and its colon; the key decoded.
+    fn key(&mut self) -> Result<std::borrow::Cow<'a, str>, IdentityError> {
+        if self.peek() != Some(b'"') {
+            return Err(self.error("expected a key"));
+        }
+        let start = self.i;
+        self.skip_string()?;
+        let b: &'a [u8] = self.b;
+        let raw = &b[start..self.i];
+        self.ws();
+        if self.peek() != Some(b':') {
+            return Err(self.error("expected ':'"));
+        }
+        self.i += 1;
+        self.ws();
+        let inner = &raw[1..raw.len() - 1];
+        if !inner.contains(&b'\\') {
+            return std::str::from_utf8(inner)
+                .map(std::borrow::Cow::Borrowed)
+                .map_err(|e| IdentityError::InvalidUtf8(e.to_string()));
+        }
+        serde_json::from_slice::<String>(raw)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|e| IdentityError::InvalidJson(e.to_string()))
+    }
+
+    /// Skips one value; returns its raw byte range.
+    fn value(&mut self) -> Result<(usize, usize), IdentityError> {
+        let start = self.i;
+        match self.peek() {
+            Some(b'"') => self.skip_string()?,
+            Some(open @ (b'{' | b'[')) => {
+                // Only this container's own bracket pair counts (the other kind nests
+                // inside it balanced); strings are skipped whole.
+                let close = if open == b'{' { b'}' } else { b']' };
+                let mut depth = 0usize;
+                loop {
+                    let Some(pos) = memchr::memchr3(b'"', open, close, &self.b[self.i..]) else {
+                        return Err(self.error("unterminated value"));
+                    };
+                    self.i += pos;
+                    match self.b[self.i] {
+                        b'"' => self.skip_string()?,
+                        c if c == open => {
+                            depth += 1;
+                            self.i += 1;
+                        }
+                        _ => {
+                            depth -= 1;
+                            self.i += 1;
+                            if depth == 0 {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Some(_) => {
+                while !matches!(
+                    self.peek(),
+                    None | Some(b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+                ) {
+                    self.i += 1;
+                }
+                if self.i == start {
+                    return Err(self.error("expected a value"));
+                }
+            }
+            None => return Err(self.error("expected a value")),
+        }
+        Ok((start, self.i))
+    }
+}
+
+/// The decoded text of a raw JSON string value, or `None` if it is not a string.
+fn string_value(raw: &[u8]) -> Option<String> {
+    if raw.first() != Some(&b'"') {
+        return None;
+    }
+    let inner = &raw[1..raw.len().saturating_sub(1)];
+    if !inner.contains(&b'\\') {
+        return std::str::from_utf8(inner).ok().map(str::to_owned);
+    }
+    serde_json::from_slice::<String>(raw).ok()
+}
+
+/// A top-level string field of a nested object (given raw), e.g. `data.id`.
+fn nested_string(raw: &[u8], field: &str) -> Option<String> {
+    let mut scan = Scan { b: raw, i: 0 };
+    if scan.peek() != Some(b'{') {
+        return None;
+    }
+    scan.i += 1;
+    let mut first = true;
+    loop {
+        scan.ws();
+        match scan.peek() {
+            Some(b'}') | None => return None,
+            Some(b',') if !first => {
+                scan.i += 1;
+                scan.ws();
+            }
+            _ if first => {}
+            _ => return None,
+        }
+        first = false;
+        let key = scan.key().ok()?.into_owned();
+        let (s, e) = scan.value().ok()?;
+        if key == field {
+            return string_value(&raw[s..e]);
+        }
+    }
 }
 
 /// Checks the whole line strictly: JSON grammar, a single value, and UTF-8.
@@ -157,49 +358,41 @@ pub fn validate(line: &[u8]) -> Result<(), IdentityError> {
     crate::validate::json(line)
 }
 
-fn parse_error(e: sonic_rs::Error) -> IdentityError {
-    let text = e.to_string();
-    if text.contains("UTF-8") || text.contains("utf-8") || text.contains("utf8") {
-        IdentityError::InvalidUtf8(text)
-    } else {
-        IdentityError::InvalidJson(text)
-    }
-}
-
-fn bad_id(field: &'static str, value: &LazyValue<'_>) -> IdentityError {
-    let mut raw = value.as_raw_str().to_owned();
-    raw.truncate(64);
-    IdentityError::BadId { field, value: raw }
+fn bad_id(field: &'static str, raw: &[u8]) -> IdentityError {
+    let mut text = String::from_utf8_lossy(raw).into_owned();
+    text.truncate(64);
+    IdentityError::BadId { field, value: text }
 }
 
 fn post_id(
-    text: Option<&str>,
-    value: &LazyValue<'_>,
+    text: Option<String>,
+    raw: &[u8],
     field: &'static str,
 ) -> Result<ActivityId, IdentityError> {
-    text.and_then(parse_decimal)
+    text.as_deref()
+        .and_then(parse_decimal)
         .map(ActivityId::Post)
-        .ok_or_else(|| bad_id(field, value))
+        .ok_or_else(|| bad_id(field, raw))
 }
 
 /// A top-level string `id`: Activity Streams (`tag:…:<n>`), a like (32 hex digits), or a
 /// decimal post id.
-fn string_id(value: &LazyValue<'_>) -> Result<ActivityId, IdentityError> {
-    let text = value.as_str().ok_or_else(|| bad_id("id", value))?;
+fn string_id(raw: &[u8]) -> Result<ActivityId, IdentityError> {
+    let text = string_value(raw).ok_or_else(|| bad_id("id", raw))?;
     if text.starts_with("tag:") {
         let tail = text.rsplit(':').next().unwrap_or_default();
         return parse_decimal(tail)
             .map(ActivityId::Post)
-            .ok_or_else(|| bad_id("id", value));
+            .ok_or_else(|| bad_id("id", raw));
     }
     if text.len() == 32 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return u128::from_str_radix(text, 16)
+        return u128::from_str_radix(&text, 16)
             .map(ActivityId::Like)
-            .map_err(|_| bad_id("id", value));
+            .map_err(|_| bad_id("id", raw));
     }
-    parse_decimal(text)
+    parse_decimal(&text)
         .map(ActivityId::Post)
-        .ok_or_else(|| bad_id("id", value))
+        .ok_or_else(|| bad_id("id", raw))
 }
 
 /// Strict decimal: digits only, no sign, no leading `+`, fits in 64 bits.
@@ -210,11 +403,9 @@ fn parse_decimal(text: &str) -> Option<u64> {
     text.parse().ok()
 }
 
-fn system(kind: SystemKind, value: &LazyValue<'_>) -> SystemMessage {
-    let message = value
-        .get("message")
-        .and_then(|m| m.as_str().map(str::to_owned))
-        .unwrap_or_else(|| value.as_raw_str().to_owned());
+fn system(kind: SystemKind, raw: &[u8]) -> SystemMessage {
+    let message =
+        nested_string(raw, "message").unwrap_or_else(|| String::from_utf8_lossy(raw).into_owned());
     SystemMessage { kind, message }
 }
 

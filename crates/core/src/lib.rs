@@ -14,10 +14,12 @@
 //! - [`secret`]: [`Secret`], a credential that never prints.
 //! - [`metric`]: every metric name tandem exports, in one place.
 //! - [`tally`]: per-partition counts shared by the stages, for reconciliation.
+//! - [`latency`]: a lock-free latency histogram (receipt to sink handoff).
 
 pub mod envelope;
 pub mod identity;
 pub mod ids;
+pub mod latency;
 pub mod metric;
 pub mod secret;
 pub mod tally;

@@ -81,6 +81,9 @@ pub const SPOOLED: &str = "tandem_spooled_activities";
 pub const SINK_ERRORS: &str = "tandem_sink_errors_total";
 /// 1 while the store accepts writes, else 0 (label: sink).
 pub const SINK_UP: &str = "tandem_sink_up";
+/// Time from an activity's first receipt to its handoff to the store (histogram; label:
+/// sink).
+pub const HANDOFF_LATENCY: &str = "tandem_handoff_latency_seconds";
 
 // Monitor (labels: stream, partition).
 /// Live connections of a partition.

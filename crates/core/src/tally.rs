@@ -4,10 +4,15 @@
 //! - every line a connection hands on is `raw` (heartbeats are not lines);
 //! - the merger puts each raw line in exactly one of `unique`, `duplicates`,
 //!   `dead_lettered`, `system`: raw = unique + duplicates + dead_lettered + system;
-//! - the sink holds each unique activity until the store acknowledges it:
-//!   unique = stored + in_flight, where `in_flight` is what the sink actually holds
-//!   (memory, spool, awaiting acknowledgement), counted from its own structures, so that a
-//!   loss between the merger and the store shows up as a difference.
+//! - between the merger and the sink each unique activity waits in a bounded channel
+//!   (`queued`), then the sink holds it until the store acknowledges it:
+//!   unique = queued + in_flight + stored, where `in_flight` is what the sink actually
+//!   holds (memory, spool, awaiting acknowledgement), counted at each structure operation,
+//!   so that a loss between the merger and the store shows up as a difference.
+//!
+//! Every move downstream adds to the next counter before subtracting from the previous
+//! one, and [`Tally::snapshot`] reads upstream counters first: an activity in motion may
+//! be counted twice in a snapshot, never missed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,6 +24,8 @@ pub struct Tally {
     pub duplicates: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub system: AtomicU64,
+    /// Unique activities between the merger and the sink (in the channel).
+    pub queued: AtomicU64,
     pub stored: AtomicU64,
     /// Activities the store acknowledged as duplicates of what it already held.
     pub store_duplicates: AtomicU64,
@@ -33,6 +40,7 @@ pub struct TallySnapshot {
     pub duplicates: u64,
     pub dead_lettered: u64,
     pub system: u64,
+    pub queued: u64,
     pub stored: u64,
     pub store_duplicates: u64,
     pub in_flight: u64,
@@ -40,22 +48,34 @@ pub struct TallySnapshot {
 
 impl Tally {
     pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+        counter.fetch_add(n, Ordering::SeqCst);
+    }
+
+    pub fn sub(counter: &AtomicU64, n: u64) {
+        counter.fetch_sub(n, Ordering::SeqCst);
     }
 
     pub fn snapshot(&self) -> TallySnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let get = |c: &AtomicU64| c.load(Ordering::SeqCst);
+        // Upstream first: what moves downstream meanwhile is counted twice, never missed.
+        let raw = get(&self.raw);
+        let unique = get(&self.unique);
+        let duplicates = get(&self.duplicates);
+        let dead_lettered = get(&self.dead_lettered);
+        let system = get(&self.system);
+        let queued = get(&self.queued);
+        let in_flight = get(&self.in_flight);
+        let stored = get(&self.stored);
         TallySnapshot {
-            // Read downstream counts first, so a line in motion is never counted by two
-            // stages in one snapshot.
-            stored: get(&self.stored),
+            raw,
+            unique,
+            duplicates,
+            dead_lettered,
+            system,
+            queued,
+            stored,
             store_duplicates: get(&self.store_duplicates),
-            in_flight: get(&self.in_flight),
-            unique: get(&self.unique),
-            duplicates: get(&self.duplicates),
-            dead_lettered: get(&self.dead_lettered),
-            system: get(&self.system),
-            raw: get(&self.raw),
+            in_flight,
         }
     }
 }
@@ -66,9 +86,9 @@ impl TallySnapshot {
         self.raw as i64 - (self.unique + self.duplicates + self.dead_lettered + self.system) as i64
     }
 
-    /// Unique activities neither stored nor held by the sink: 0 when nothing is lost
-    /// (positive while activities travel from the merger to the sink).
+    /// Unique activities neither queued, held by the sink nor stored: 0 when nothing is
+    /// lost (an activity in motion can make it briefly negative, never positive).
     pub fn unaccounted(&self) -> i64 {
-        self.unique as i64 - self.stored as i64 - self.in_flight as i64
+        self.unique as i64 - self.queued as i64 - self.in_flight as i64 - self.stored as i64
     }
 }

@@ -119,7 +119,7 @@ impl Cursor<'_> {
 
 /// Validates a whole line: exactly one JSON value, optionally surrounded by whitespace.
 pub(crate) fn json(line: &[u8]) -> Result<(), IdentityError> {
-    if let Err(e) = std::str::from_utf8(line) {
+    if let Err(e) = simdutf8::compat::from_utf8(line) {
         return Err(IdentityError::InvalidUtf8(e.to_string()));
     }
     let mut c = Cursor { b: line, i: 0 };

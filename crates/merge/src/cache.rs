@@ -204,6 +204,11 @@ impl DedupCache {
     pub fn window(&self) -> Duration {
         self.narrow.window()
     }
+
+    /// Bytes of hash-set storage of both key widths.
+    pub fn allocated_bytes(&self) -> usize {
+        self.narrow.allocated_bytes() + self.wide.allocated_bytes()
+    }
 }
 
 #[cfg(test)]

@@ -239,6 +239,8 @@ impl Shard {
             }
         }
         let t = &self.spec.tally;
+        // Downstream first: the channel to the sink, then the unique count.
+        Tally::add(&t.queued, unique);
         Tally::add(&t.unique, unique);
         Tally::add(&t.duplicates, dups);
         Tally::add(&t.dead_lettered, dead);

@@ -119,5 +119,5 @@ async fn readyz(State(s): State<AppState>) -> Response {
 
 async fn status_json(State(s): State<AppState>) -> Response {
     let status = s.status.borrow().clone();
-    Json(status).into_response()
+    Json(status.as_ref()).into_response()
 }

@@ -97,6 +97,8 @@ pub struct Counts {
     pub duplicates: u64,
     pub dead_lettered: u64,
     pub system: u64,
+    /// Between the merger and the sink.
+    pub queued: u64,
     pub stored: u64,
     pub store_duplicates: u64,
     pub in_flight: u64,
@@ -433,7 +435,7 @@ impl Monitor {
                 track.raw_history.push_back((now, t.raw));
                 let old_unique = settled(&mut track.unique_history, now, grace);
                 let old_raw = settled(&mut track.raw_history, now, grace);
-                let unaccounted = old_unique.saturating_sub(t.stored + t.in_flight);
+                let unaccounted = old_unique.saturating_sub(t.stored + t.in_flight + t.queued);
                 let classified = t.unique + t.duplicates + t.dead_lettered + t.system;
                 let unclassified = old_raw.saturating_sub(classified);
                 metrics::gauge!(m::RECONCILIATION_DIFFERENCE, &labels)
@@ -569,6 +571,7 @@ impl Monitor {
                         duplicates: t.duplicates,
                         dead_lettered: t.dead_lettered,
                         system: t.system,
+                        queued: t.queued,
                         stored: t.stored,
                         store_duplicates: t.store_duplicates,
                         in_flight: t.in_flight,

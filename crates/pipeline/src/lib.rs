@@ -55,6 +55,9 @@ pub enum StartError {
 pub struct ShutdownReport {
     /// Per sink: what it drained and what waits in its spool.
     pub sinks: Vec<(String, DrainReport)>,
+    /// Ids the merger shards remembered, and the bytes their sets occupied.
+    pub dedup_ids: usize,
+    pub dedup_bytes: usize,
     pub elapsed: Duration,
 }
 
@@ -416,6 +419,14 @@ impl Pipeline {
         self.monitor.transitions.subscribe()
     }
 
+    /// Time from first receipt to handoff to the store, per sink.
+    pub fn handoff_latency(&self) -> Vec<(Arc<str>, Arc<tandem_core::latency::LatencyHistogram>)> {
+        self.sinks
+            .iter()
+            .map(|s| (s.name.clone(), s.handoff.clone()))
+            .collect()
+    }
+
     /// Connection lifecycle events.
     pub fn connection_events(&self) -> tokio::sync::broadcast::Receiver<ConnEvent> {
         self.conn_events.subscribe()
@@ -434,10 +445,13 @@ impl Pipeline {
         for c in self.connections {
             c.join().await;
         }
-        for s in self.shards {
-            let _ = s.await;
-        }
         let mut report = ShutdownReport::default();
+        for s in self.shards {
+            if let Ok(shard) = s.await {
+                report.dedup_ids += shard.cache().len();
+                report.dedup_bytes += shard.cache().allocated_bytes();
+            }
+        }
         for sink in self.sinks {
             let name = sink.name.to_string();
             report.sinks.push((name, sink.finish().await));

@@ -70,6 +70,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, HarnessError> {
         connect_window_ms: 61_000,
         fast_retry: false,
         nats_url: None,
+        null_sink: false,
         max_connections_per_partition: 2,
         max_memory_activities: 100_000,
     };

@@ -46,6 +46,8 @@ pub struct HarnessConfig {
     pub fast_retry: bool,
     /// Store in this NATS JetStream server (stream `TANDEM`) instead of files.
     pub nats_url: Option<String>,
+    /// Discard instead of storing (benchmarks of the pipeline alone).
+    pub null_sink: bool,
     /// Live connections the simulator allows per partition (two zones need four).
     pub max_connections_per_partition: usize,
     /// Unique activities the sink holds in memory before spooling.
@@ -74,6 +76,7 @@ impl HarnessConfig {
             connect_window_ms: 10_000,
             fast_retry: true,
             nats_url: None,
+            null_sink: false,
             max_connections_per_partition: 2,
             max_memory_activities: 100_000,
         }
@@ -96,6 +99,7 @@ impl HarnessConfig {
     /// The consumer's configuration, as TOML (what a user would write).
     pub fn consumer_toml(&self, stream_url: &str) -> String {
         let sink = match &self.nats_url {
+            _ if self.null_sink => "kind = \"null\"".to_owned(),
             Some(url) => format!(
                 "kind = \"nats\"\nurl = \"{url}\"\nstream = \"TANDEM\"\nduplicate_window_secs = {}\nack_timeout_ms = 2000",
                 self.dedup_window_secs * 2

@@ -10,7 +10,9 @@
 //! - [`store`]: reading back what the file sink stored.
 //! - [`nats`]: a real `nats-server -js` for tests, and reading back a JetStream stream.
 //! - [`demo`]: the embedded demo with its fault schedule and live summary.
+//! - [`bench`]: `tandem bench`, the full pipeline at full speed and the X SDK baseline.
 
+pub mod bench;
 pub mod demo;
 pub mod harness;
 pub mod nats;

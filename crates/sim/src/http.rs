@@ -529,9 +529,9 @@ fn serve_stream(
                 }
             });
             stream.admit(entry);
-            match (&stream.corpus, &cfg.corpus) {
-                (Some(corpus), Some(c)) => {
-                    tokio::spawn(writer.run_corpus(corpus.clone(), c.activities_per_partition));
+            match &stream.corpus {
+                Some(corpus) => {
+                    tokio::spawn(writer.run_corpus(corpus.clone()));
                 }
                 _ => {
                     tokio::spawn(writer.run_live(cursor));

@@ -104,6 +104,14 @@ impl Simulator {
                 )));
             }
         }
+        // Built before the port opens (a pre-encoded corpus can take seconds), so that an
+        // open port means ready.
+        let streams = config.streams.clone();
+        let shared = Arc::new(
+            tokio::task::spawn_blocking(move || Shared::new(streams))
+                .await
+                .map_err(|e| SimError::Config(format!("building the streams failed: {e}")))?,
+        );
         let tcp = TcpListener::bind(config.listen)
             .await
             .map_err(|source| SimError::Bind {
@@ -133,7 +141,6 @@ impl Simulator {
                 addr: config.listen,
                 source,
             })?;
-        let shared = Arc::new(Shared::new(config.streams));
         let app =
             http::router(shared.clone()).into_make_service_with_connect_info::<http::ClientAddr>();
         let mut tasks = vec![tokio::spawn(async move {

@@ -115,10 +115,15 @@ impl Shared {
                         conns: Mutex::new(Vec::new()),
                     })
                     .collect();
-                let corpus = cfg
-                    .corpus
-                    .as_ref()
-                    .map(|_| Arc::new(Corpus::build(cfg.content)));
+                let corpus_base = tandem_core::ids::snowflake(unix_ms_now(), idx as u16, 0);
+                let corpus = cfg.corpus.as_ref().map(|c| {
+                    Arc::new(Corpus::build(
+                        cfg.content,
+                        cfg.partitions,
+                        c.activities_per_partition,
+                        corpus_base,
+                    ))
+                });
                 Arc::new(StreamState {
                     idx,
                     generator: Mutex::new(Generator::new(cfg.content, idx as u16, cfg.info_every)),
@@ -128,7 +133,7 @@ impl Shared {
                     stats: Mutex::new(StreamStats::default()),
                     reject: Mutex::new(Vec::new()),
                     corpus,
-                    corpus_base: tandem_core::ids::snowflake(unix_ms_now(), idx as u16, 0),
+                    corpus_base,
                     cfg,
                 })
             })

@@ -365,34 +365,50 @@ impl Writer {
     }
 
     /// Streams the pre-encoded corpus at full speed, then idles with heartbeats.
-    pub(crate) async fn run_corpus(mut self, corpus: Arc<Corpus>, total: u64) {
+    pub(crate) async fn run_corpus(mut self, corpus: Arc<Corpus>) {
         let stream = self.stream.clone();
-        let partitions = u64::from(stream.cfg.partitions.max(1));
-        let offset = u64::from(self.entry.partition - 1);
-        let gzip = self.enc.is_gzip();
-        let mut out = Vec::with_capacity(160 * 1024);
-        self.enc.header(&mut out);
-        let mut k = 0u64;
-        while k < total && !corpus.is_empty() {
-            if self.obey_orders().await == Flow::Stop {
-                return;
+        let partition_no = self.entry.partition;
+        let mut header = Vec::new();
+        self.enc.header(&mut header);
+        if !header.is_empty() && self.send_raw(header).await == Flow::Stop {
+            return;
+        }
+        if self.enc.is_gzip() {
+            // A connection counts the corpus as sent chunk by chunk.
+            let chunks = corpus.chunks(partition_no);
+            let per_chunk = corpus.per_partition().div_ceil(chunks.len().max(1) as u64);
+            let mut sent = 0u64;
+            for chunk in chunks {
+                if self.obey_orders().await == Flow::Stop {
+                    return;
+                }
+                let n = per_chunk.min(corpus.per_partition() - sent);
+                sent += n;
+                self.entry.activities_sent.fetch_add(n, Ordering::Relaxed);
+                self.entry
+                    .bytes_sent
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                if self.tx.send(Ok(chunk.clone())).await.is_err() {
+                    return;
+                }
+                self.last_send = Instant::now();
             }
-            let before = k;
-            while out.len() < 128 * 1024 && k < total {
-                corpus.write_line(
-                    k,
-                    stream.corpus_base + k * partitions + offset,
-                    gzip,
-                    &mut out,
-                );
-                k += 1;
-            }
-            self.entry
-                .activities_sent
-                .fetch_add(k - before, Ordering::Relaxed);
-            let chunk = std::mem::replace(&mut out, Vec::with_capacity(160 * 1024));
-            if self.send_raw(chunk).await == Flow::Stop {
-                return;
+        } else {
+            let mut k = 0;
+            while k < corpus.per_partition() {
+                if self.obey_orders().await == Flow::Stop {
+                    return;
+                }
+                let to = (k + 256).min(corpus.per_partition());
+                let mut out = Vec::with_capacity(256 * 5_000);
+                corpus.plain(partition_no, k, to, &mut out);
+                self.entry
+                    .activities_sent
+                    .fetch_add(to - k, Ordering::Relaxed);
+                k = to;
+                if self.send_raw(out).await == Flow::Stop {
+                    return;
+                }
             }
         }
         let Some(partition) = stream.partition(self.entry.partition) else {

@@ -98,6 +98,8 @@ pub struct SinkHandle {
     pub name: Arc<str>,
     /// False while the store refuses writes.
     pub up: Arc<AtomicBool>,
+    /// Time from first receipt to handoff to the store, over the sink's life.
+    pub handoff: Arc<tandem_core::latency::LatencyHistogram>,
     task: JoinHandle<DrainReport>,
 }
 
@@ -146,6 +148,8 @@ struct Driver<S: Store> {
     stored_total: u64,
     meters: Meters,
     up: Arc<AtomicBool>,
+    handoff: Arc<tandem_core::latency::LatencyHistogram>,
+    handoff_metric: metrics::Histogram,
 }
 
 /// Starts a sink: `store` fed from the returned sender. `tallies` are the partitions'
@@ -206,6 +210,8 @@ pub fn spawn<S: Store>(
         stored_total: 0,
         meters,
         up: Arc::new(AtomicBool::new(true)),
+        handoff: Arc::new(tandem_core::latency::LatencyHistogram::default()),
+        handoff_metric: metrics::histogram!(m::HANDOFF_LATENCY, m::SINK => name.to_owned()),
     };
     let mut replayed = 0usize;
     for mut sb in leftover {
@@ -234,6 +240,7 @@ pub fn spawn<S: Store>(
     let handle = SinkHandle {
         name: driver.name.clone(),
         up: driver.up.clone(),
+        handoff: driver.handoff.clone(),
         task: tokio::spawn(driver.run(rx)),
     };
     Ok((tx, handle))
@@ -269,6 +276,16 @@ impl<S: Store> Driver<S> {
 
     /// Takes a batch from a merger: into memory, or the spool when memory is full or the
     /// spool already holds older batches (order is kept).
+    /// Takes a batch from a merger: it leaves the channel (`queued`) once the driver
+    /// holds it.
+    fn receive(&mut self, batch: UniqueBatch) {
+        let (key, n) = ((batch.stream, batch.partition), batch.items.len() as u64);
+        self.accept(batch);
+        if let Some(t) = self.tallies.get(&key) {
+            Tally::sub(&t.queued, n);
+        }
+    }
+
     fn accept(&mut self, batch: UniqueBatch) {
         let key = (batch.stream, batch.partition);
         let n = batch.items.len();
@@ -333,9 +350,6 @@ impl<S: Store> Driver<S> {
             let key = (ack.stream, ack.partition);
             let n = ack.ids.len() as u64;
             total += n;
-            self.held(key, |h| {
-                h.unacknowledged = h.unacknowledged.saturating_sub(n)
-            });
             let labels = [
                 (m::STREAM, self.stream_name(ack.stream)),
                 (m::PARTITION, ack.partition.to_string()),
@@ -343,10 +357,14 @@ impl<S: Store> Driver<S> {
             ];
             metrics::counter!(m::STORED_ACTIVITIES, &labels).increment(n);
             metrics::counter!(m::SINK_DUPLICATE_ACKS, &labels).increment(ack.duplicates as u64);
+            // Stored first, then out of flight: never counted in neither place.
             if let Some(t) = self.tallies.get(&key) {
                 Tally::add(&t.stored, n);
                 Tally::add(&t.store_duplicates, ack.duplicates as u64);
             }
+            self.held(key, |h| {
+                h.unacknowledged = h.unacknowledged.saturating_sub(n)
+            });
         }
         self.stored_total += total;
         total
@@ -396,10 +414,24 @@ impl<S: Store> Driver<S> {
             if ready {
                 // Take what arrived meanwhile first, so the store sees batches in order.
                 while let Ok(b) = rx.try_recv() {
-                    self.accept(b);
+                    self.receive(b);
                 }
                 let batch = self.next().expect("pending");
                 let (key, n) = ((batch.stream, batch.partition), batch.items.len() as u64);
+                // Added latency: first receipt to handoff, for every activity; the
+                // exported histogram takes the batch's oldest (its worst) only.
+                let handed = Instant::now();
+                for item in &batch.items {
+                    self.handoff
+                        .record(handed.saturating_duration_since(item.received));
+                }
+                if let Some(first) = batch.items.first() {
+                    self.handoff_metric.record(
+                        handed
+                            .saturating_duration_since(first.received)
+                            .as_secs_f64(),
+                    );
+                }
                 match self.store.put(&batch).await {
                     Ok(()) => {
                         self.held(key, |h| h.unacknowledged += n);
@@ -437,7 +469,7 @@ impl<S: Store> Driver<S> {
             };
             tokio::select! {
                 batch = rx.recv(), if open => match batch {
-                    Some(b) => self.accept(b),
+                    Some(b) => self.receive(b),
                     None => open = false,
                 },
                 () = sleep_until(wake) => {

@@ -185,7 +185,12 @@ pub struct NatsStore {
     js: jetstream::Context,
     cfg: NatsConfig,
     names: StreamNames,
+    /// Published, acknowledgement not seen yet (the in-flight window).
     pending: VecDeque<Pending>,
+    /// Acknowledged, not reported yet.
+    done: Vec<Ack>,
+    /// Acknowledgement failed: to be published again.
+    retry: VecDeque<Pending>,
     /// A batch a failed publish interrupted: (stream, partition, first id, items sent).
     partial: Option<(StreamId, Partition, ActivityId, usize)>,
 }
@@ -289,6 +294,8 @@ impl NatsStore {
             cfg,
             names,
             pending: VecDeque::new(),
+            done: Vec::new(),
+            retry: VecDeque::new(),
             partial: None,
         })
     }
@@ -310,63 +317,84 @@ impl NatsStore {
         format!("{}.{}.{}", self.cfg.subject_prefix, name, partition)
     }
 
-    /// Collects finished acknowledgements; with `wait`, waits for every pending one.
-    async fn collect(&mut self, wait: bool) -> Result<Vec<Ack>, StoreError> {
-        let mut acks: Vec<Ack> = Vec::new();
-        let mut failed: Option<StoreError> = None;
+    fn record(&mut self, p: &Pending, ack: &jetstream::publish::PublishAck) {
+        match self.done.last_mut() {
+            Some(a) if a.stream == p.stream && a.partition == p.partition => {
+                a.ids.push(p.id);
+                a.duplicates += usize::from(ack.duplicate);
+            }
+            _ => self.done.push(Ack {
+                stream: p.stream,
+                partition: p.partition,
+                ids: vec![p.id],
+                duplicates: usize::from(ack.duplicate),
+            }),
+        }
+    }
+
+    fn settle(
+        &mut self,
+        p: Pending,
+        result: Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+    ) {
+        match result {
+            Ok(ack) => self.record(&p, &ack),
+            Err(e) => {
+                // Unknown whether the server stored it: publish again, same Nats-Msg-Id.
+                tracing::warn!(id = %p.id, error = %e, "publish not acknowledged; it will be published again");
+                self.retry.push_back(p);
+            }
+        }
+    }
+
+    /// Moves every finished acknowledgement out of the window, without waiting.
+    fn harvest(&mut self) {
         let mut still = VecDeque::with_capacity(self.pending.len());
         while let Some(mut p) = self.pending.pop_front() {
-            let result = if wait {
-                Some((&mut p.ack).await)
-            } else {
-                (&mut p.ack).now_or_never()
-            };
-            match result {
+            match (&mut p.ack).now_or_never() {
+                Some(result) => self.settle(p, result),
                 None => still.push_back(p),
-                Some(Ok(ack)) => match acks.last_mut() {
-                    Some(a) if a.stream == p.stream && a.partition == p.partition => {
-                        a.ids.push(p.id);
-                        a.duplicates += usize::from(ack.duplicate);
-                    }
-                    _ => acks.push(Ack {
-                        stream: p.stream,
-                        partition: p.partition,
-                        ids: vec![p.id],
-                        duplicates: usize::from(ack.duplicate),
-                    }),
-                },
-                Some(Err(e)) if failed.is_some() || !self.connected() => {
-                    // The server is away: keep it for a later round, no new attempt now.
-                    p.ack = Box::pin(async move { Err(e) });
-                    still.push_back(p);
-                    failed.get_or_insert_with(|| err("not connected to the NATS server"));
-                }
-                Some(Err(e)) => {
-                    // Unknown whether the server stored it: publish again, same Nats-Msg-Id.
-                    tracing::warn!(id = %p.id, error = %e, "publish not acknowledged; publishing again");
-                    match publish(&self.js, &p.subject, &p.id, &p.line, self.timeout()).await {
-                        Ok(fut) => {
-                            p.ack = fut;
-                            still.push_back(p);
-                        }
-                        Err(e) => {
-                            p.ack = Box::pin(async {
-                                Err(jetstream::context::PublishError::new(
-                                    jetstream::context::PublishErrorKind::TimedOut,
-                                ))
-                            });
-                            still.push_back(p);
-                            failed.get_or_insert(e);
-                        }
-                    }
-                }
             }
         }
         self.pending = still;
-        match failed {
-            Some(e) if acks.is_empty() => Err(e),
-            _ => Ok(acks),
+    }
+
+    /// Waits for the oldest acknowledgement (bounded by the ack timeout).
+    async fn wait_oldest(&mut self) -> Result<(), StoreError> {
+        let Some(mut p) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        match tokio::time::timeout(self.timeout(), &mut p.ack).await {
+            Ok(result) => {
+                self.settle(p, result);
+                Ok(())
+            }
+            Err(_) => {
+                self.pending.push_front(p);
+                Err(err("publish acknowledgements are not arriving"))
+            }
         }
+    }
+
+    /// Publishes again what was not acknowledged; stops at the first failure.
+    async fn republish(&mut self) -> Result<(), StoreError> {
+        while let Some(mut p) = self.retry.pop_front() {
+            if !self.connected() {
+                self.retry.push_front(p);
+                return Err(err("not connected to the NATS server"));
+            }
+            match publish(&self.js, &p.subject, &p.id, &p.line, self.timeout()).await {
+                Ok(ack) => {
+                    p.ack = ack;
+                    self.pending.push_back(p);
+                }
+                Err(e) => {
+                    self.retry.push_front(p);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -392,22 +420,13 @@ impl Store for NatsStore {
         let subject = self.subject(batch.stream, batch.partition);
         for (i, item) in batch.items.iter().enumerate().skip(skip) {
             if self.pending.len() >= self.cfg.max_in_flight {
-                // Make room: wait for the oldest acknowledgement.
-                if let Some(mut oldest) = self.pending.pop_front() {
-                    match tokio::time::timeout(self.timeout(), &mut oldest.ack).await {
-                        Ok(r) => {
-                            oldest.ack = Box::pin(async move { r });
-                            self.pending.push_front(oldest);
-                        }
-                        Err(_) => {
-                            self.pending.push_front(oldest);
-                            if i > 0 {
-                                self.partial =
-                                    Some((batch.stream, batch.partition, batch.items[0].id, i));
-                            }
-                            return Err(err("publish acknowledgements are not arriving"));
-                        }
-                    }
+                self.harvest();
+                if self.pending.len() >= self.cfg.max_in_flight
+                    && let Err(e) = self.wait_oldest().await
+                {
+                    self.partial =
+                        (i > 0).then(|| (batch.stream, batch.partition, batch.items[0].id, i));
+                    return Err(e);
                 }
             }
             let Unique { id, line, .. } = item;
@@ -421,9 +440,8 @@ impl Store for NatsStore {
                     ack,
                 }),
                 Err(e) => {
-                    if i > 0 {
-                        self.partial = Some((batch.stream, batch.partition, batch.items[0].id, i));
-                    }
+                    self.partial =
+                        (i > 0).then(|| (batch.stream, batch.partition, batch.items[0].id, i));
                     return Err(e);
                 }
             }
@@ -432,10 +450,23 @@ impl Store for NatsStore {
     }
 
     async fn acks(&mut self, force: bool) -> Result<Vec<Ack>, StoreError> {
-        self.collect(force).await
+        self.harvest();
+        let republished = self.republish().await;
+        if force {
+            while !self.pending.is_empty() {
+                if self.wait_oldest().await.is_err() {
+                    break;
+                }
+            }
+        }
+        let done = std::mem::take(&mut self.done);
+        match republished {
+            Err(e) if done.is_empty() => Err(e),
+            _ => Ok(done),
+        }
     }
 
     fn unacknowledged(&self) -> usize {
-        self.pending.len()
+        self.pending.len() + self.retry.len()
     }
 }

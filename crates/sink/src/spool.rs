@@ -15,6 +15,9 @@ use bytes::Bytes;
 use tandem_core::{ActivityId, PathId, StreamId, Unique, UniqueBatch};
 use tokio::time::Instant;
 
+/// How often the spool is made durable while it grows.
+const SYNC_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// A spooled batch, with its stream named.
 #[derive(Debug, Clone)]
 pub struct SpooledBatch {
@@ -25,6 +28,7 @@ pub struct SpooledBatch {
 #[derive(Debug)]
 pub struct Spool {
     path: PathBuf,
+    synced: Instant,
     writer: Option<BufWriter<File>>,
     read_at: u64,
     /// Activities in the spool.
@@ -50,6 +54,7 @@ impl Spool {
         Ok((
             Spool {
                 path,
+                synced: Instant::now(),
                 writer: None,
                 read_at: 0,
                 len: 0,
@@ -93,7 +98,12 @@ impl Spool {
         w.write_all(&(rec.len() as u32).to_le_bytes())?;
         w.write_all(&rec)?;
         w.flush()?;
-        w.get_ref().sync_data()?;
+        // Spooled activities are as durable as those held in memory until the store takes
+        // them: an fsync per batch would only slow the spool down when it is needed most.
+        if self.synced.elapsed() >= SYNC_EVERY {
+            w.get_ref().sync_data()?;
+            self.synced = Instant::now();
+        }
         self.len += batch.items.len() as u64;
         Ok(())
     }

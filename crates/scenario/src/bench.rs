@@ -1,0 +1,374 @@
+//! `tandem bench`: the full pipeline against the simulator streaming a pre-encoded corpus
+//! at full speed, over 2 partitions × 2 paths on loopback, into the null sink, the file
+//! sink and JetStream; then the official X Python SDK against the same simulator as the
+//! baseline a user would otherwise start from.
+//!
+//! The simulator runs as a separate process (`tandem sim`), so the CPU figures are the
+//! consumer's alone. CPU time and peak RSS come from `/proc/self` (Linux).
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tandem_pipeline::Pipeline;
+
+use crate::harness::{HarnessConfig, PASSWORD_VAR};
+
+/// Benchmark settings.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The `tandem` executable (runs the simulator process).
+    pub exe: PathBuf,
+    pub work_dir: PathBuf,
+    /// Activities per partition streamed by each path (2 partitions, 2 paths).
+    pub activities_per_partition: u64,
+    /// Also run the pipeline into JetStream (needs `nats-server`).
+    pub jetstream: bool,
+    /// Python interpreter with `xdk` for the baseline (`None`: no baseline).
+    pub python: Option<PathBuf>,
+    pub xdk_activities: u64,
+    /// Which pipeline runs: any of `null`, `file`, `jetstream`.
+    pub sinks: Vec<String>,
+}
+
+/// One pipeline run.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub label: String,
+    pub raw: u64,
+    pub unique: u64,
+    pub secs: f64,
+    pub cpu_secs: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub peak_rss_mb: f64,
+    pub bytes_per_id: f64,
+    /// CPU the simulator process used meanwhile (taken from the same cores).
+    pub sim_cpu_secs: f64,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// CPU seconds (user + system) of this process.
+fn cpu_secs() -> f64 {
+    cpu_secs_of("self")
+}
+
+/// CPU seconds (user + system) of a process (`self` or a pid).
+fn cpu_secs_of(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of /proc/<pid>/stat, counted after the command name; USER_HZ is 100.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Peak resident memory (MB) since the last reset.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmHWM:").map(|v| {
+                v.trim()
+                    .trim_end_matches(" kB")
+                    .trim()
+                    .parse::<f64>()
+                    .unwrap_or(0.0)
+            })
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn reset_peak_rss() {
+    // Writing 5 to clear_refs resets the peak resident set size.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The simulator in its own process.
+struct SimProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for SimProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_sim(exe: &Path, dir: &Path, stream_toml: &str) -> std::io::Result<SimProcess> {
+    let port = free_port()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let config = dir.join(format!("sim-{port}.toml"));
+    std::fs::write(&config, format!("listen = \"{addr}\"\n{stream_toml}"))?;
+    let child = Command::new(exe)
+        .args(["--log", "warn", "sim", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let sim = SimProcess { child, addr };
+    // The simulator opens its port once its corpus is built.
+    for _ in 0..2_400 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(sim);
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Err(std::io::Error::other("the simulator did not open its port"))
+}
+
+fn gnip_corpus(n: u64) -> String {
+    format!(
+        r#"[[stream]]
+name = "decahose"
+partitions = 2
+heartbeat_interval_ms = 1000
+connect_limit = 10000
+info_every = 0
+[stream.api]
+kind = "gnip"
+stream_type = "sample10"
+account = "demo"
+label = "prod"
+username = "demo@example.com"
+password = "demo-password"
+[stream.corpus]
+activities_per_partition = {n}
+"#
+    )
+}
+
+async fn pipeline_run(
+    opts: &BenchOptions,
+    label: &str,
+    tweak: impl FnOnce(&mut HarnessConfig),
+) -> Result<RunResult, String> {
+    let dir = opts.work_dir.join(label.replace(' ', "-"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let n = opts.activities_per_partition;
+    let sim = start_sim(&opts.exe, &dir, &gnip_corpus(n)).map_err(|e| format!("simulator: {e}"))?;
+    let mut cfg = HarnessConfig::fast(dir.clone());
+    cfg.heartbeat_ms = 1_000;
+    cfg.heartbeat_margin_ms = 9_000;
+    // Both paths stream flat out; a path starved for a while by the scheduler is not dead.
+    cfg.data_silence_ms = 60_000;
+    cfg.dedup_window_secs = 900;
+    cfg.reconciliation_grace_secs = 60;
+    tweak(&mut cfg);
+    let url = format!(
+        "http://{}/stream/sample10/accounts/demo/publishers/twitter/prod.json",
+        sim.addr
+    );
+    let text = cfg.consumer_toml(&url);
+    let loaded = tandem_config::load(&text, &|v| {
+        (v == PASSWORD_VAR).then(|| "demo-password".to_owned())
+    })
+    .map_err(|e| e.to_string())?;
+    reset_peak_rss();
+    let sim_pid = sim.child.id().to_string();
+    let sim_cpu0 = cpu_secs_of(&sim_pid);
+    let cpu0 = cpu_secs();
+    let t0 = Instant::now();
+    let pipeline = Pipeline::start(loaded).await.map_err(|e| e.to_string())?;
+    let want = 2 * n;
+    let deadline = t0 + Duration::from_secs(600);
+    let (raw, unique) = loop {
+        let (mut raw, mut unique, mut stored) = (0, 0, 0);
+        for (_, _, t) in pipeline.tallies() {
+            let s = t.snapshot();
+            raw += s.raw;
+            unique += s.unique;
+            stored += s.stored;
+        }
+        if stored >= want {
+            break (raw, unique);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{label}: only {stored} of {want} stored after 600 s"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_secs() - cpu0;
+    let sim_cpu = cpu_secs_of(&sim_pid) - sim_cpu0;
+    let rss = peak_rss_mb();
+    let latency = pipeline.handoff_latency();
+    let (p50, p99) = latency
+        .first()
+        .map(|(_, h)| {
+            (
+                h.quantile(0.5).unwrap_or_default(),
+                h.quantile(0.99).unwrap_or_default(),
+            )
+        })
+        .unwrap_or_default();
+    let report = pipeline.shutdown().await;
+    drop(sim);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(RunResult {
+        label: label.to_owned(),
+        raw,
+        unique,
+        secs,
+        cpu_secs: cpu,
+        p50_ms: p50.as_secs_f64() * 1000.0,
+        p99_ms: p99.as_secs_f64() * 1000.0,
+        peak_rss_mb: rss,
+        bytes_per_id: report.dedup_bytes as f64 / report.dedup_ids.max(1) as f64,
+        sim_cpu_secs: sim_cpu,
+    })
+}
+
+/// The X SDK baseline: one connection to the simulator's corpus of the same native posts
+/// (gzip, served on the v2 filtered-stream path the SDK reads), parsed by the SDK.
+fn xdk_run(opts: &BenchOptions, python: &Path) -> Result<(u64, f64, f64), String> {
+    let dir = opts.work_dir.join("xdk");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let n = opts.xdk_activities;
+    let stream = format!(
+        r#"[[stream]]
+name = "filtered"
+partitions = 1
+heartbeat_interval_ms = 1000
+connect_limit = 10000
+info_every = 0
+content = "posts"
+[stream.api]
+kind = "v2"
+path = "/2/tweets/search/stream"
+bearer_token = "bench-token"
+[stream.corpus]
+activities_per_partition = {n}
+"#
+    );
+    let sim = start_sim(&opts.exe, &dir, &stream).map_err(|e| format!("simulator: {e}"))?;
+    let script = r#"
+import sys, time
+from xdk import Client
+client = Client(base_url=sys.argv[1], bearer_token="bench-token")
+want = int(sys.argv[2])
+t0, c0 = time.perf_counter(), time.process_time()
+n = 0
+for item in client.stream.posts():
+    n += 1
+    if n >= want:
+        break
+print(n, time.perf_counter() - t0, time.process_time() - c0)
+"#;
+    let out = Command::new(python)
+        .args([
+            "-c",
+            script,
+            &format!("http://{}", sim.addr),
+            &n.to_string(),
+        ])
+        .output()
+        .map_err(|e| format!("python: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "xdk client failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<f64> = text
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    match f.as_slice() {
+        [count, secs, cpu] => Ok((*count as u64, *secs, *cpu)),
+        _ => Err(format!("unexpected xdk output: {text}")),
+    }
+}
+
+/// Runs everything and returns the printed report.
+pub async fn run(opts: BenchOptions) -> Result<String, String> {
+    std::fs::create_dir_all(&opts.work_dir).map_err(|e| e.to_string())?;
+    let wants = |s: &str| opts.sinks.iter().any(|x| x == s);
+    let mut results = Vec::new();
+    if wants("null") {
+        results.push(pipeline_run(&opts, "null sink", |c| c.null_sink = true).await?);
+    }
+    if wants("file") {
+        results.push(pipeline_run(&opts, "file sink", |_| {}).await?);
+    }
+    let mut notes = Vec::new();
+    if opts.jetstream && wants("jetstream") {
+        let store = opts.work_dir.join("nats-store");
+        let _ = std::fs::remove_dir_all(&store);
+        match crate::nats::NatsServer::start(&store) {
+            Ok(server) => {
+                let url = server.url();
+                let js_opts = BenchOptions {
+                    activities_per_partition: opts.activities_per_partition.min(50_000),
+                    ..opts.clone()
+                };
+                results.push(
+                    pipeline_run(&js_opts, "jetstream sink", |c| c.nats_url = Some(url)).await?,
+                );
+            }
+            Err(e) => notes.push(format!("jetstream run skipped: {e}")),
+        }
+    }
+    let xdk = opts.python.as_ref().map(|py| xdk_run(&opts, py));
+    let mut out = String::new();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let _ = writeln!(
+        out,
+        "tandem bench: {} activities per partition, 2 partitions x 2 paths over loopback, gzip, {} CPUs; simulator in its own process",
+        opts.activities_per_partition, cpus
+    );
+    let _ = writeln!(
+        out,
+        "{:<16} {:>10} {:>10} {:>11} {:>9} {:>9} {:>10} {:>6} {:>9}",
+        "run", "raw/s", "unique/s", "CPU-µs/raw", "p50 ms", "p99 ms", "peak RSS", "B/id", "sim CPU"
+    );
+    for r in &results {
+        let _ = writeln!(
+            out,
+            "{:<16} {:>10.0} {:>10.0} {:>11.2} {:>9.2} {:>9.2} {:>7.0} MB {:>6.1} {:>8.0}%",
+            r.label,
+            r.raw as f64 / r.secs,
+            r.unique as f64 / r.secs,
+            r.cpu_secs * 1e6 / r.raw.max(1) as f64,
+            r.p50_ms,
+            r.p99_ms,
+            r.peak_rss_mb,
+            r.bytes_per_id,
+            r.sim_cpu_secs / r.secs * 100.0
+        );
+    }
+    match xdk {
+        Some(Ok((n, secs, cpu))) => {
+            let _ = writeln!(
+                out,
+                "{:<16} {:>10.0} {:>10} {:>11.2}   (official X Python SDK, the same posts gzipped on one connection, no dedup: {n} in {secs:.1} s)",
+                "xdk baseline",
+                n as f64 / secs,
+                "-",
+                cpu * 1e6 / n.max(1) as f64
+            );
+        }
+        Some(Err(e)) => notes.push(format!("xdk baseline failed: {e}")),
+        None => notes.push(
+            "xdk baseline not run (no Python interpreter with xdk; scripts/python-env makes one)"
+                .to_owned(),
+        ),
+    }
+    for n in notes {
+        let _ = writeln!(out, "note: {n}");
+    }
+    Ok(out)
+}
