@@ -116,6 +116,36 @@ async fn readme_metrics_are_exported_with_their_labels() {
         .publish(&h.cfg.stream, 1, vec![bytes::Bytes::from_static(info)])
         .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // Both paths of partition 2 down past backfill: a gap repaired by recovery.
+    h.sim
+        .fault(Fault::Reject {
+            stream: h.cfg.stream.clone(),
+            partition: Some(2),
+            status: 503,
+            count: None,
+            for_ms: Some(8_000),
+        })
+        .unwrap();
+    h.sim
+        .fault(Fault::Drop {
+            target: Target {
+                partition: Some(2),
+                ..Target::default()
+            },
+        })
+        .unwrap();
+    let repaired = h
+        .wait(Duration::from_secs(40), |s| {
+            s.streams.iter().flat_map(|st| &st.partitions).any(|p| {
+                p.partition == 2
+                    && !p.repair_gaps.is_empty()
+                    && p.repair_gaps
+                        .iter()
+                        .all(|g| g.state == tandem_core::GapState::Repaired)
+            })
+        })
+        .await;
+    assert!(repaired, "the partition 2 gap was repaired");
     let url = format!("http://{}/metrics", h.pipeline.http_addr());
     let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
     let got = scraped(&text);

@@ -461,6 +461,9 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     for (field, message) in c.monitor.problems() {
         out.push(problem(format!("monitor.{field}"), message));
     }
+    for (field, message) in c.repair.problems() {
+        out.push(problem(format!("repair.{field}"), message));
+    }
     out
 }
 

@@ -9,6 +9,7 @@ use tandem_conn::{
 };
 use tandem_merge::MergeConfig;
 use tandem_monitor::MonitorConfig;
+use tandem_repair::RepairConfig;
 use tandem_sink::{DriverConfig, FileConfig, NatsConfig};
 
 /// A tandem process: its streams, network paths, sinks and the shared stages.
@@ -33,6 +34,9 @@ pub struct Config {
     /// Alert thresholds and the HTTP endpoint.
     #[serde(default)]
     pub monitor: MonitorConfig,
+    /// The coverage ledger and recovery of gaps longer than backfill reaches.
+    #[serde(default)]
+    pub repair: RepairConfig,
 }
 
 /// Which upstream API a stream speaks.

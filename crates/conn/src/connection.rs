@@ -466,12 +466,17 @@ impl Runner {
                 let gap_ms = now.saturating_sub(since) + 2_000;
                 let minutes = (gap_ms.div_ceil(cfg.minute_ms)).max(1);
                 if minutes > cfg.window_minutes {
+                    // The backfill reaches back to `now - reach`; the two seconds of
+                    // slack let its start (taken when the answer comes) join the interval
+                    // handed to recovery, which also adds a margin on each side.
                     let reach = cfg.window_minutes * cfg.minute_ms;
+                    let end_ms = (now + 2_000).saturating_sub(reach);
+                    self.spec.partition.hand_over(end_ms);
                     self.emit(ConnEvent::UncoveredBeyondBackfill {
                         stream: self.spec.key.stream.clone(),
                         partition: self.spec.key.partition,
                         start_ms: since,
-                        end_ms: now.saturating_sub(reach),
+                        end_ms,
                     });
                     cfg.window_minutes
                 } else {

@@ -72,7 +72,8 @@ pub enum ConnEvent {
     /// 503 answers persisted past the escalation threshold.
     Escalated { key: ConnKey, persisted: Duration },
     /// The partition was uncovered for longer than backfill reaches: `[start_ms, end_ms)`
-    /// (wall clock) must come from recovery.
+    /// (content time, ms) must come from recovery. The partition's complete prefix now
+    /// runs past it: the interval is gap repair's to close.
     UncoveredBeyondBackfill {
         stream: Arc<str>,
         partition: Partition,

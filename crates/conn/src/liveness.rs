@@ -97,6 +97,15 @@ impl PartitionLiveness {
         self.state.lock().expect("liveness lock").settle()
     }
 
+    /// `[complete_until, until_ms)` is handed to gap repair (recovery): the partition
+    /// counts as complete up to `until_ms`, so that the connection about to backfill the
+    /// rest joins the prefix again.
+    pub fn hand_over(&self, until_ms: u64) {
+        let mut st = self.state.lock().expect("liveness lock");
+        st.complete_until_ms = st.complete_until_ms.max(until_ms);
+        st.settle();
+    }
+
     /// A connection became live, delivering from `from_ms` (content time: the connect time,
     /// or where its backfill starts).
     pub fn set_live(&self, path: usize, from_ms: u64) {

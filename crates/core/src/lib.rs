@@ -14,9 +14,11 @@
 //! - [`secret`]: [`Secret`], a credential that never prints.
 //! - [`metric`]: every metric name tandem exports, in one place.
 //! - [`tally`]: per-partition counts shared by the stages, for reconciliation.
+//! - [`gap`]: coverage gaps beyond backfill as gap repair reports them ([`GapView`]).
 //! - [`latency`]: a lock-free latency histogram (receipt to sink handoff).
 
 pub mod envelope;
+pub mod gap;
 pub mod identity;
 pub mod ids;
 pub mod latency;
@@ -27,6 +29,7 @@ pub mod time;
 mod validate;
 
 pub use envelope::{Batch, Origin, PathId, StreamId, Unique, UniqueBatch};
+pub use gap::{GapState, GapView};
 pub use identity::{IdentityError, LineKind, SystemKind, SystemMessage, identify, validate};
 pub use ids::{ActivityId, DedupKey};
 pub use secret::Secret;

@@ -126,6 +126,11 @@ impl<K: Hash + Eq + Copy> GenerationalSet<K> {
         self.len == 0
     }
 
+    /// Every remembered key, newest generation first.
+    pub fn iter(&self) -> impl Iterator<Item = &K> {
+        self.gens.iter().rev().flat_map(|g| g.ids.iter())
+    }
+
     /// Ids forgotten before their window ended.
     pub fn evicted_early(&self) -> u64 {
         self.evicted_early
@@ -203,6 +208,16 @@ impl DedupCache {
 
     pub fn window(&self) -> Duration {
         self.narrow.window()
+    }
+
+    /// Post ids (the only keys that carry their creation time) created at or after
+    /// `since_ms`: the edge of a gap, read while it is still remembered.
+    pub fn posts_since(&self, since_ms: u64) -> Vec<tandem_core::ActivityId> {
+        self.narrow
+            .iter()
+            .filter(|&&id| tandem_core::ids::snowflake_unix_ms(id) >= since_ms)
+            .map(|&id| tandem_core::ActivityId::Post(id))
+            .collect()
     }
 
     /// Bytes of hash-set storage of both key widths.

@@ -24,4 +24,4 @@ pub mod shard;
 pub use cache::{DedupCache, GenerationalSet};
 pub use config::MergeConfig;
 pub use deadletter::DeadLetters;
-pub use shard::{MergeEvent, Shard, ShardSpec};
+pub use shard::{MergeEvent, Shard, ShardControl, ShardSpec};

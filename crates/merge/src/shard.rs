@@ -22,6 +22,16 @@ use crate::cache::DedupCache;
 use crate::config::MergeConfig;
 use crate::deadletter::{DeadLetters, Source};
 
+/// Orders for a running shard (from gap repair).
+#[derive(Debug)]
+pub enum ShardControl {
+    /// Reply with the remembered post ids created at or after `since_ms`.
+    PostsSince {
+        since_ms: u64,
+        reply: tokio::sync::oneshot::Sender<Vec<ActivityId>>,
+    },
+}
+
 /// What a shard tells the monitor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MergeEvent {
@@ -297,9 +307,20 @@ impl Shard {
     /// Runs the shard: batches in, unique batches out (waiting when the sink is slow).
     /// Ends when every sender of `rx` is gone; returns the shard for inspection.
     pub fn spawn(
+        self,
+        rx: mpsc::Receiver<Batch>,
+        tx: mpsc::Sender<UniqueBatch>,
+    ) -> JoinHandle<Shard> {
+        let (_control_tx, control) = mpsc::unbounded_channel();
+        self.spawn_with_control(rx, tx, control)
+    }
+
+    /// Runs the shard with a control channel for gap repair.
+    pub fn spawn_with_control(
         mut self,
         mut rx: mpsc::Receiver<Batch>,
         tx: mpsc::Sender<UniqueBatch>,
+        mut control: mpsc::UnboundedReceiver<ShardControl>,
     ) -> JoinHandle<Shard> {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -326,6 +347,12 @@ impl Shard {
                             }
                         }
                     }
+                    Some(order) = control.recv() => match order {
+                        ShardControl::PostsSince { since_ms, reply } => {
+                            let _ = reply.send(self.cache.posts_since(since_ms));
+                        }
+
+                    },
                     _ = tick.tick() => self.report(Instant::now()),
                 }
             }

@@ -52,6 +52,9 @@ pub enum AlertName {
     DedupHorizonWeakened,
     /// A sink cannot write.
     SinkDown,
+    /// A coverage gap cannot be repaired (likes streams, older than the upstream's
+    /// recovery retention, or refused): its activities are missing from the store.
+    GapUnrecoverable,
 }
 
 impl AlertName {
@@ -66,6 +69,7 @@ impl AlertName {
             AlertName::StoredRateDrop => "stored_rate_drop",
             AlertName::DedupHorizonWeakened => "dedup_horizon_weakened",
             AlertName::SinkDown => "sink_down",
+            AlertName::GapUnrecoverable => "gap_unrecoverable",
         }
     }
 
@@ -75,6 +79,7 @@ impl AlertName {
             | AlertName::ConnectionFatal
             | AlertName::ReconciliationMismatch
             | AlertName::SinkDown
+            | AlertName::GapUnrecoverable
             | AlertName::UpstreamUnavailable => Severity::Critical,
             AlertName::PartitionImbalance
             | AlertName::ConnectionStale
@@ -86,7 +91,7 @@ impl AlertName {
 
 impl AlertName {
     /// Every alert, for registering their series at zero.
-    pub const ALL: [AlertName; 9] = [
+    pub const ALL: [AlertName; 10] = [
         AlertName::PartitionDown,
         AlertName::PartitionImbalance,
         AlertName::ConnectionStale,
@@ -96,6 +101,7 @@ impl AlertName {
         AlertName::StoredRateDrop,
         AlertName::DedupHorizonWeakened,
         AlertName::SinkDown,
+        AlertName::GapUnrecoverable,
     ];
 }
 

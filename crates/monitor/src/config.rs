@@ -37,6 +37,10 @@ pub struct MonitorConfig {
     /// Baselines below this many activities per second are too thin to judge.
     #[serde(default = "default_min_rate")]
     pub stored_rate_min_per_sec: f64,
+    /// How long `gap_unrecoverable` fires after a gap is found that the upstream cannot
+    /// replay (the data of that interval is lost; the alert is a notice, not a state).
+    #[serde(default = "default_unrecoverable_secs")]
+    pub unrecoverable_gap_alert_secs: u64,
     /// Alertmanager-compatible endpoint (`http://alertmanager:9093`) that receives every
     /// firing and resolved alert (`POST /api/v2/alerts`).
     #[serde(default)]
@@ -70,6 +74,9 @@ fn default_drop_pending_secs() -> f64 {
 fn default_min_rate() -> f64 {
     1.0
 }
+fn default_unrecoverable_secs() -> u64 {
+    3_600
+}
 
 impl Default for MonitorConfig {
     fn default() -> Self {
@@ -83,6 +90,7 @@ impl Default for MonitorConfig {
             stored_rate_baseline_secs: default_baseline_secs(),
             stored_rate_pending_secs: default_drop_pending_secs(),
             stored_rate_min_per_sec: default_min_rate(),
+            unrecoverable_gap_alert_secs: default_unrecoverable_secs(),
             webhook_url: None,
         }
     }

@@ -24,6 +24,6 @@ pub use alert::{AlertKey, AlertName, AlertView, Alerts, Phase, Resolved, Severit
 pub use config::MonitorConfig;
 pub use http::{prometheus, serve};
 pub use monitor::{
-    ConnectionView, CoverageGap, MonitorHandle, MonitorInputs, PartitionView, SinkView, Status,
-    StreamView, spawn,
+    ConnectionStatus, ConnectionView, Counts, CoverageGap, MonitorHandle, MonitorInputs,
+    PartitionStatus, PartitionView, SinkStatus, SinkView, Status, StreamStatus, StreamView, spawn,
 };

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tandem_conn::{ConnEvent, ConnKey, ConnPhase, ConnSnapshot, StaleReason};
 use tandem_core::metric as m;
 use tandem_core::time::unix_ms_now;
-use tandem_core::{Partition, Tally, TallySnapshot};
+use tandem_core::{GapState, GapView, Partition, Tally, TallySnapshot};
 use tandem_merge::MergeEvent;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -33,6 +33,8 @@ pub struct PartitionView {
     pub partition: Partition,
     pub tally: Arc<Tally>,
     pub connections: Vec<ConnectionView>,
+    /// Gaps beyond backfill, as gap repair reports them.
+    pub gaps: watch::Receiver<Vec<GapView>>,
 }
 
 /// One stream.
@@ -114,7 +116,10 @@ pub struct PartitionStatus {
     pub configured_connections: usize,
     pub counts: Counts,
     pub connections: Vec<ConnectionStatus>,
+    /// Intervals without a live connection (the latest 50).
     pub coverage_gaps: Vec<CoverageGap>,
+    /// Gaps beyond backfill and their repair.
+    pub repair_gaps: Vec<GapView>,
 }
 
 /// Status of one stream.
@@ -167,6 +172,8 @@ struct PartitionTrack {
     gaps: VecDeque<CoverageGap>,
     unique_history: VecDeque<(Instant, u64)>,
     raw_history: VecDeque<(Instant, u64)>,
+    /// When each unrecoverable gap (by start) was first seen.
+    lost_seen: HashMap<u64, Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -463,6 +470,41 @@ impl Monitor {
                     || format!("{live} of {configured} connections live"),
                     now,
                 );
+                let repair_gaps = p.gaps.borrow().clone();
+                let notice = Duration::from_secs(self.cfg.unrecoverable_gap_alert_secs);
+                let track = self
+                    .partitions
+                    .get_mut(&(stream.name.clone(), p.partition))
+                    .expect("tracked above");
+                let mut lost = Vec::new();
+                for g in repair_gaps
+                    .iter()
+                    .filter(|g| g.state == GapState::Unrecoverable)
+                {
+                    let seen = *track.lost_seen.entry(g.start_ms).or_insert(now);
+                    if now.duration_since(seen) < notice {
+                        lost.push(g);
+                    }
+                }
+                let lost_note = lost
+                    .iter()
+                    .map(|g| {
+                        format!(
+                            "{:.0} s from {} ({})",
+                            (g.end_ms - g.start_ms) as f64 / 1000.0,
+                            tandem_core::time::rfc3339_ms(g.start_ms),
+                            g.reason.as_deref().unwrap_or("refused")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                self.observe(
+                    key(AlertName::GapUnrecoverable, &name, Some(p.partition), None),
+                    !lost.is_empty(),
+                    Duration::ZERO,
+                    || format!("coverage gap cannot be repaired: {lost_note}"),
+                    now,
+                );
                 self.observe(key(AlertName::ReconciliationMismatch, &name, Some(p.partition), None), unaccounted + unclassified > 0, Duration::ZERO,
                     || format!("{unaccounted} unique activities neither stored nor in flight after {} s; {unclassified} raw lines unclassified", grace.as_secs()), now);
                 let weak = self
@@ -579,6 +621,7 @@ impl Monitor {
                     },
                     connections: conns,
                     coverage_gaps: gaps,
+                    repair_gaps,
                 });
             }
             stream_status.stored_per_sec = self.stored_rate(&stream.name, stored_total, now);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tandem_conn::{
     ConnEvent, ConnKey, ConnPhase, ConnSnapshot, ErrorKind, StaleReason, StreamError,
 };
-use tandem_core::Tally;
+use tandem_core::{GapState, GapView, Tally};
 use tandem_merge::MergeEvent;
 use tandem_monitor::*;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -17,6 +17,8 @@ struct Fixture {
     /// conns[partition - 1][path]
     conns: Vec<Vec<watch::Sender<ConnSnapshot>>>,
     tallies: Vec<Arc<Tally>>,
+    /// gaps[partition - 1]
+    gaps: Vec<watch::Sender<Vec<GapView>>>,
     sink_up: Arc<AtomicBool>,
     conn_events: mpsc::UnboundedSender<ConnEvent>,
     merge_events: mpsc::UnboundedSender<MergeEvent>,
@@ -43,7 +45,10 @@ fn fixture() -> Fixture {
     let mut conns = Vec::new();
     let mut tallies = Vec::new();
     let mut partitions = Vec::new();
+    let mut gaps = Vec::new();
     for p in 1..=2u32 {
+        let (gaps_tx, gaps_rx) = watch::channel(Vec::new());
+        gaps.push(gaps_tx);
         let tally = Arc::new(Tally::default());
         let mut senders = Vec::new();
         let mut views = Vec::new();
@@ -59,6 +64,7 @@ fn fixture() -> Fixture {
             partition: p,
             tally: tally.clone(),
             connections: views,
+            gaps: gaps_rx,
         });
         conns.push(senders);
         tallies.push(tally);
@@ -87,6 +93,7 @@ fn fixture() -> Fixture {
     Fixture {
         conns,
         tallies,
+        gaps,
         sink_up,
         conn_events,
         merge_events,
@@ -337,5 +344,32 @@ async fn sink_down() {
     assert_eq!(v.key.stream, "files");
     f.sink_up.store(true, Ordering::SeqCst);
     f.resolves(AlertName::SinkDown, Duration::from_secs(1))
+        .await;
+}
+
+/// A gap the upstream cannot replay: fires at once, as a notice that resolves after
+/// `unrecoverable_gap_alert_secs` (1 h by default).
+#[tokio::test(start_paused = true)]
+async fn gap_unrecoverable() {
+    let mut f = fixture();
+    f.gaps[1].send_replace(vec![GapView {
+        start_ms: 1_000_000,
+        end_ms: 1_600_000,
+        state: GapState::Unrecoverable,
+        found_ms: 1_700_000,
+        repaired_ms: None,
+        chunks_done: 0,
+        chunks: 0,
+        reason: Some("likes streams have no recovery".into()),
+    }]);
+    let v = f
+        .fires(AlertName::GapUnrecoverable, Duration::from_secs(1))
+        .await;
+    assert_eq!(v.key.partition, Some(2));
+    assert!(v.message.contains("600 s"), "{}", v.message);
+    assert!(v.message.contains("likes"), "{}", v.message);
+    f.quiet(AlertName::GapUnrecoverable, Duration::from_secs(3_590))
+        .await;
+    f.resolves(AlertName::GapUnrecoverable, Duration::from_secs(20))
         .await;
 }

@@ -1,12 +1,14 @@
 //! Wires the stages into a running consumer: connections → merger shards → sinks, with
 //! the monitor watching, from a loaded configuration.
 //!
-//! [`Pipeline::start`] builds, per sink, a store and its driver (rebuilding the merger's
-//! memory from what the store holds), per stream a connect budget and one HTTP client per
-//! path, per partition a tally, a liveness record, a merger shard and one connection per
-//! path; then the monitor and its HTTP endpoint. [`Pipeline::shutdown`] stops in data-flow
-//! order so that nothing in flight is lost: connections stop, shards drain into the
-//! sinks, sinks drain into their stores.
+//! [`Pipeline::start`] loads the coverage ledgers, builds, per sink, a store and its driver
+//! (rebuilding the merger's memory from what the store holds since the dedup window or the
+//! ledger's last complete instant, whichever is older), per stream a connect budget and
+//! one HTTP client per path, per partition a tally, a liveness record seeded from the
+//! ledger, a merger shard, one connection per path and gap repair; then the monitor and
+//! its HTTP endpoint. [`Pipeline::shutdown`] stops in data-flow order so that nothing in
+//! flight is lost: connections and recoveries stop, shards drain into the sinks, sinks
+//! drain into their stores, and the ledgers are written last.
 //!
 //! # Layout
 //! - this file: [`Pipeline`], [`StartError`], [`ShutdownReport`].
@@ -27,6 +29,7 @@ use tandem_merge::{DeadLetters, MergeEvent, Shard, ShardSpec};
 use tandem_monitor::{
     ConnectionView, MonitorHandle, MonitorInputs, PartitionView, SinkView, Status, StreamView,
 };
+use tandem_repair::{PartitionLedger, PartitionRepair, RecoverySpec, RepairHandle};
 use tandem_sink::{
     DrainReport, FileStore, NatsStore, NullStore, SinkHandle, StdoutStore, StreamNames,
 };
@@ -41,6 +44,8 @@ pub enum StartError {
     Stream { stream: String, message: String },
     #[error("sink {sink}: {message}")]
     Sink { sink: String, message: String },
+    #[error("coverage ledger {file}: {message}")]
+    Ledger { file: String, message: String },
     #[error("dead-letter directory {dir}: {source}")]
     DeadLetters { dir: String, source: std::io::Error },
     #[error("monitor endpoint {addr}: {source}")]
@@ -74,6 +79,24 @@ pub struct Pipeline {
     tallies: Vec<(Arc<str>, Partition, Arc<Tally>)>,
     /// Lifecycle events, re-broadcast for observers other than the monitor.
     conn_events: tokio::sync::broadcast::Sender<ConnEvent>,
+    repairs: Vec<RepairHandle>,
+}
+
+/// The path name recovered lines carry (in metrics and dead letters).
+pub const RECOVERY_PATH: &str = "recovery";
+
+/// The account whose recovery jobs a stream's count against: the Gnip account in the URL,
+/// or (X API v2) the URL itself.
+fn account_of(url: &str) -> String {
+    let mut parts = url.split('/');
+    while let Some(p) = parts.next() {
+        if p == "accounts"
+            && let Some(account) = parts.next()
+        {
+            return account.to_owned();
+        }
+    }
+    url.split('?').next().unwrap_or(url).to_owned()
 }
 
 fn api_kind(s: &StreamConfig) -> ApiKind {
@@ -101,6 +124,34 @@ impl Pipeline {
                 .collect(),
         );
         let window = Duration::from_secs(config.merge.dedup_window_secs);
+
+        // Coverage ledgers: where each partition was known complete when the last run
+        // stopped, and the gaps it left open.
+        let mut ledgers: HashMap<(StreamId, Partition), (std::path::PathBuf, PartitionLedger)> =
+            HashMap::new();
+        let margin_ms = config.repair.margin_secs * 1000;
+        let mut oldest_edge_ms = u64::MAX;
+        for (i, s) in config.streams.iter().enumerate() {
+            let parts: Vec<Partition> = s
+                .only_partitions
+                .clone()
+                .unwrap_or_else(|| (1..=s.partitions).collect());
+            for p in parts {
+                let path = tandem_repair::ledger::path(&config.repair.ledger_dir, &s.name, p);
+                let ledger = PartitionLedger::load(&path).map_err(|e| StartError::Ledger {
+                    file: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                if ledger.complete_until_ms > 0 {
+                    oldest_edge_ms =
+                        oldest_edge_ms.min(ledger.complete_until_ms.saturating_sub(margin_ms));
+                }
+                for g in ledger.open_gaps() {
+                    oldest_edge_ms = oldest_edge_ms.min(g.start_ms.saturating_sub(margin_ms));
+                }
+                ledgers.insert((StreamId(i as u16), p), (path, ledger));
+            }
+        }
 
         // Partitions and their tallies.
         let mut tallies: HashMap<(StreamId, Partition), Arc<Tally>> = HashMap::new();
@@ -139,7 +190,11 @@ impl Pipeline {
                 SinkConfig::File(f) => {
                     let (store, _repair) = FileStore::open(f.clone(), names.clone())
                         .map_err(|e| err(format!("{}: {e}", f.dir.display())))?;
-                    let since = unix_ms_now().saturating_sub(window.as_millis() as u64);
+                    // Ids stored within the dedup window, and since the edge of the last
+                    // coverage the ledger knows (what a replay after a restart repeats).
+                    let since = unix_ms_now()
+                        .saturating_sub(window.as_millis() as u64)
+                        .min(oldest_edge_ms);
                     let recent = tandem_sink::recent_ids(&f.dir, since, f.bucket_secs)
                         .map_err(|e| err(format!("reading recent ids: {e}")))?;
                     for (k, ids) in recent {
@@ -212,15 +267,10 @@ impl Pipeline {
         let (merge_events_tx, merge_events_rx) = mpsc::unbounded_channel::<MergeEvent>();
         let (monitor_conn_tx, monitor_conn_rx) = mpsc::unbounded_channel::<ConnEvent>();
         let (broadcast_tx, _) = tokio::sync::broadcast::channel(1024);
-        {
-            let broadcast_tx = broadcast_tx.clone();
-            tokio::spawn(async move {
-                while let Some(ev) = conn_events_rx.recv().await {
-                    let _ = broadcast_tx.send(ev.clone());
-                    let _ = monitor_conn_tx.send(ev);
-                }
-            });
-        }
+        let mut repair_events: HashMap<(Arc<str>, Partition), mpsc::UnboundedSender<ConnEvent>> =
+            HashMap::new();
+        let mut repairs = Vec::new();
+        let mut recovery_jobs: HashMap<String, Arc<tokio::sync::Semaphore>> = HashMap::new();
 
         let mut connections = Vec::new();
         let mut shards = Vec::new();
@@ -270,6 +320,18 @@ impl Pipeline {
                 .iter()
                 .map(|p| Arc::<str>::from(p.as_str()))
                 .collect();
+            // The merger names recovered lines' origin after a path of its own.
+            let recovery_path = PathId(path_names.len() as u8);
+            let mut merger_paths = path_names.clone();
+            merger_paths.push(Arc::from(RECOVERY_PATH));
+            let jobs = recovery_jobs
+                .entry(account_of(&s.url))
+                .or_insert_with(|| {
+                    Arc::new(tokio::sync::Semaphore::new(
+                        config.repair.max_jobs_per_account,
+                    ))
+                })
+                .clone();
             let sink = sink_tx
                 .get(&s.sink)
                 .ok_or_else(|| err(format!("no sink {}", s.sink)))?;
@@ -277,13 +339,18 @@ impl Pipeline {
             for &p in &partitions_of[i] {
                 let tally = tallies[&(sid, p)].clone();
                 tally_list.push((sname.clone(), p, tally.clone()));
-                let liveness = Arc::new(PartitionLiveness::new(s.paths.len()));
+                let (ledger_path, ledger) = ledgers
+                    .remove(&(sid, p))
+                    .expect("a ledger was loaded for every partition");
+                let hint = (ledger.complete_until_ms > 0).then_some(ledger.complete_until_ms);
+                let liveness =
+                    Arc::new(PartitionLiveness::new(s.paths.len()).with_complete_until(hint));
                 let mut shard = Shard::new(
                     ShardSpec {
                         stream: sid,
                         stream_name: sname.clone(),
                         partition: p,
-                        paths: path_names.clone(),
+                        paths: merger_paths.clone(),
                         config: config.merge.clone(),
                         tally: tally.clone(),
                         dead_letters: dead_letters.clone(),
@@ -296,7 +363,48 @@ impl Pipeline {
                     tracing::info!(stream = %s.name, partition = p, ids = n, "dedup cache rebuilt from the store");
                 }
                 let (batch_tx, batch_rx) = mpsc::channel::<Batch>(s.read.channel_batches);
-                shards.push(shard.spawn(batch_rx, sink.clone()));
+                let (control_tx, control_rx) = mpsc::unbounded_channel();
+                shards.push(shard.spawn_with_control(batch_rx, sink.clone(), control_rx));
+                let (events_tx, events_rx) = mpsc::unbounded_channel();
+                repair_events.insert((sname.clone(), p), events_tx);
+                let repair = tandem_repair::spawn(
+                    PartitionRepair {
+                        stream: sname.clone(),
+                        partition: p,
+                        config: config.repair.clone(),
+                        ledger_path,
+                        ledger,
+                        liveness: liveness.clone(),
+                        tally: tally.clone(),
+                        control: control_tx,
+                        recovery: (!s.likes).then(|| {
+                            Arc::new(RecoverySpec {
+                                key: ConnKey {
+                                    stream: sname.clone(),
+                                    partition: p,
+                                    path: Arc::from(RECOVERY_PATH),
+                                },
+                                origin: Origin {
+                                    stream: sid,
+                                    partition: p,
+                                    path: recovery_path,
+                                },
+                                endpoint: endpoint.clone(),
+                                client: clients[0].clone(),
+                                retry: s.retry.clone(),
+                                liveness: s.liveness.clone(),
+                                read: s.read.clone(),
+                                tally: tally.clone(),
+                                out: batch_tx.clone(),
+                                jobs: jobs.clone(),
+                            })
+                        }),
+                    },
+                    events_rx,
+                    shutdown_rx.clone(),
+                );
+                let gaps = repair.gaps.clone();
+                repairs.push(repair);
                 let mut views = Vec::new();
                 for (j, client) in clients.iter().enumerate() {
                     let key = ConnKey {
@@ -337,6 +445,7 @@ impl Pipeline {
                     partition: p,
                     tally,
                     connections: views,
+                    gaps,
                 });
             }
             stream_views.push(StreamView {
@@ -347,6 +456,30 @@ impl Pipeline {
         }
         drop(sink_tx);
         drop(merge_events_tx);
+        {
+            // Every observer gets every event; gap repair only its partition's.
+            let broadcast_tx = broadcast_tx.clone();
+            tokio::spawn(async move {
+                while let Some(ev) = conn_events_rx.recv().await {
+                    let partition = match &ev {
+                        ConnEvent::Connected { key, .. } => {
+                            Some((key.stream.clone(), key.partition))
+                        }
+                        ConnEvent::UncoveredBeyondBackfill {
+                            stream, partition, ..
+                        } => Some((stream.clone(), *partition)),
+                        _ => None,
+                    };
+                    if let Some(k) = partition
+                        && let Some(tx) = repair_events.get(&k)
+                    {
+                        let _ = tx.send(ev.clone());
+                    }
+                    let _ = broadcast_tx.send(ev.clone());
+                    let _ = monitor_conn_tx.send(ev);
+                }
+            });
+        }
 
         let monitor = tandem_monitor::spawn(
             config.monitor.clone(),
@@ -394,6 +527,7 @@ impl Pipeline {
             http_addr,
             tallies: tally_list,
             conn_events: broadcast_tx,
+            repairs,
         })
     }
 
@@ -455,6 +589,9 @@ impl Pipeline {
         for sink in self.sinks {
             let name = sink.name.to_string();
             report.sinks.push((name, sink.finish().await));
+        }
+        for r in self.repairs {
+            r.finish().await;
         }
         // One last evaluation so /status and the counts reflect the drained state.
         tokio::time::sleep(Duration::from_millis(50)).await;

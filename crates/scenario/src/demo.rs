@@ -73,6 +73,10 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, HarnessError> {
         null_sink: false,
         max_connections_per_partition: 2,
         max_memory_activities: 100_000,
+        repair_margin_secs: 30,
+        repair_chunk_secs: 3_600,
+        likes: false,
+        recovery_rate_per_sec: 5_000,
     };
     let h = Harness::start(cfg).await?;
     let mut transitions = h.pipeline.alert_transitions();

@@ -15,7 +15,8 @@ use tandem_sim::{RateProfile, SimConfig, Simulator, StreamConfig};
 /// The simulator's credentials; the consumer reads the password from this variable.
 pub const PASSWORD_VAR: &str = "TANDEM_SIM_PASSWORD";
 const USER: &str = "demo@example.com";
-const PASSWORD: &str = "demo-password";
+/// The simulator's password (a consumer run as a process gets it in [`PASSWORD_VAR`]).
+pub const PASSWORD: &str = "demo-password";
 
 /// How a run is set up. Times are in milliseconds unless named otherwise.
 #[derive(Debug, Clone)]
@@ -52,6 +53,13 @@ pub struct HarnessConfig {
     pub max_connections_per_partition: usize,
     /// Unique activities the sink holds in memory before spooling.
     pub max_memory_activities: usize,
+    /// Recovery margin on each side of a gap, and chunk length, in seconds.
+    pub repair_margin_secs: u64,
+    pub repair_chunk_secs: u64,
+    /// The stream is a likes stream (no recovery).
+    pub likes: bool,
+    /// Activities per second the simulator's recovery delivers.
+    pub recovery_rate_per_sec: u64,
 }
 
 impl HarnessConfig {
@@ -79,10 +87,15 @@ impl HarnessConfig {
             null_sink: false,
             max_connections_per_partition: 2,
             max_memory_activities: 100_000,
+            repair_margin_secs: 1,
+            repair_chunk_secs: 3_600,
+            likes: false,
+            recovery_rate_per_sec: 5_000,
         }
     }
 
-    fn sim_stream(&self) -> StreamConfig {
+    /// The simulator's stream, configured like the consumer.
+    pub fn sim_stream(&self) -> StreamConfig {
         let mut s = StreamConfig::decahose(&self.stream, "demo", USER, PASSWORD);
         s.partitions = self.partitions;
         // Generation starts once the consumer is connected: what was published before
@@ -93,6 +106,10 @@ impl HarnessConfig {
         s.connect_limit = self.connect_limit as usize;
         s.connect_window_ms = self.connect_window_ms.saturating_sub(1_000).max(1);
         s.max_connections_per_partition = self.max_connections_per_partition;
+        s.recovery_rate_per_sec = self.recovery_rate_per_sec;
+        if self.likes {
+            s.content = tandem_sim::Content::Likes;
+        }
         s
     }
 
@@ -139,6 +156,7 @@ partitions = {partitions}
 paths = [{paths}]
 sink = "store"
 allow_plain_http = true
+likes = {likes}
 
 [stream.auth]
 username = "{USER}"
@@ -180,6 +198,12 @@ partition_down_pending_secs = {pending}
 imbalance_pending_secs = {pending}
 stored_rate_pending_secs = 5.0
 stored_rate_baseline_secs = 60.0
+
+[repair]
+ledger_dir = "{dir}/ledger"
+margin_secs = {repair_margin}
+chunk_secs = {repair_chunk}
+ledger_flush_ms = 200
 "#,
             stream = self.stream,
             partitions = self.partitions,
@@ -195,6 +219,9 @@ stored_rate_baseline_secs = 60.0
             listen = self.monitor_listen,
             grace = self.reconciliation_grace_secs,
             pending = self.alert_pending_secs,
+            likes = self.likes,
+            repair_margin = self.repair_margin_secs,
+            repair_chunk = self.repair_chunk_secs,
         );
         t
     }
@@ -420,16 +447,6 @@ impl Harness {
             dups += s.duplicates;
             dead += s.dead_lettered;
         }
-        let truth = self.truth();
-        let records: Vec<(Partition, tandem_sim::TruthRecord)> = (1..=self.cfg.partitions)
-            .flat_map(|p| {
-                self.sim
-                    .truth(&self.cfg.stream, p)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(move |r| (p, r))
-            })
-            .collect();
         let shutdown = self.pipeline.shutdown().await;
         let stored = match &self.cfg.nats_url {
             Some(url) => crate::nats::stored_ids(url, "TANDEM")
@@ -440,17 +457,47 @@ impl Harness {
                 }),
             None => crate::store::stored_ids(&self.cfg.run_dir.join("store")).unwrap_or_default(),
         };
-        let mut v = Verdict {
-            duplicates_removed: dups,
-            dead_lettered: dead,
-            shutdown,
-            settled,
-            ..Verdict::default()
-        };
-        for p in 1..=self.cfg.partitions {
+        let mut v = compare(&self.cfg, &self.sim, &stored);
+        v.duplicates_removed = dups;
+        v.dead_lettered = dead;
+        v.shutdown = shutdown;
+        v.settled = settled;
+        v
+    }
+}
+
+/// Compares what the simulator published with what the store holds.
+pub fn compare(
+    cfg: &HarnessConfig,
+    sim: &Simulator,
+    stored: &HashMap<(String, Partition), Vec<ActivityId>>,
+) -> Verdict {
+    let mut v = Verdict::default();
+    let records: Vec<(Partition, tandem_sim::TruthRecord)> = (1..=cfg.partitions)
+        .flat_map(|p| {
+            sim.truth(&cfg.stream, p)
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |r| (p, r))
+        })
+        .collect();
+    {
+        let truth: HashMap<Partition, HashSet<ActivityId>> = (1..=cfg.partitions)
+            .map(|p| {
+                (
+                    p,
+                    records
+                        .iter()
+                        .filter(|(q, _)| *q == p)
+                        .map(|(_, r)| r.id)
+                        .collect(),
+                )
+            })
+            .collect();
+        for p in 1..=cfg.partitions {
             let published = truth.get(&p).cloned().unwrap_or_default();
             let lines = stored
-                .get(&(self.cfg.stream.clone(), p))
+                .get(&(cfg.stream.clone(), p))
                 .cloned()
                 .unwrap_or_default();
             let distinct: HashSet<ActivityId> = lines.iter().copied().collect();

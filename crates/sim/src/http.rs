@@ -469,6 +469,12 @@ fn serve_stream(
                 "backfill and recovery cannot be combined",
             );
         }
+        if cfg.content == crate::config::Content::Likes {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "recovery is not available for likes streams",
+            );
+        }
         Some((start_ms, end_ms))
     } else {
         None

@@ -81,7 +81,8 @@ async fn live_stream_is_gzip_ndjson_with_heartbeats() {
 /// Partitions carry disjoint data, and each partition's lines are exactly its ground truth.
 #[tokio::test]
 async fn partitions_are_disjoint_and_match_ground_truth() {
-    let sim = start(vec![fast_gnip("d", 400.0)]).await;
+    // Generation starts once both connections are open: they see everything.
+    let sim = start(vec![fast_gnip("d", 0.0)]).await;
     let mut p1 = Stream::open(
         &url(&sim, "d", "partition=1"),
         Auth::Basic(USER, PASS),
@@ -94,6 +95,8 @@ async fn partitions_are_disjoint_and_match_ground_truth() {
         true,
     )
     .await;
+    sim.set_rate("d", RateProfile::Constant { per_sec: 400.0 })
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     sim.set_rate("d", RateProfile::Constant { per_sec: 0.0 })
         .unwrap();

@@ -1,0 +1,25 @@
+//! Gap repair: a durable coverage ledger per stream partition, and recovery requests for
+//! every interval both connections of a partition missed for longer than backfill
+//! reaches, so that the store ends up with every activity exactly once.
+//!
+//! Backfill is the connections' own business (they reconnect with the minutes the
+//! partition was uncovered). What backfill cannot reach is handed over here, split into
+//! chunks and recovered in parallel with the live stream, at most two jobs at once per
+//! account; the recovered lines go through the same merger and sink as live ones.
+//!
+//! # Layout
+//! - [`config`]: [`RepairConfig`] (ledger directory, chunk size, margin, retention, jobs).
+//! - [`ledger`]: the persisted [`PartitionLedger`] (complete-until, gaps, chunks) and the
+//!   edge id files.
+//! - [`recovery`]: one recovery chunk: request, read, resume, completion.
+//! - [`repairer`]: the per-partition loop ([`spawn`]).
+
+pub mod config;
+pub mod ledger;
+pub mod recovery;
+pub mod repairer;
+
+pub use config::RepairConfig;
+pub use ledger::PartitionLedger;
+pub use recovery::{ChunkOutcome, RecoverySpec};
+pub use repairer::{PartitionRepair, RepairHandle, spawn};

@@ -1,0 +1,565 @@
+//! Gap repair of one stream partition: keeps its coverage ledger, and closes every gap
+//! backfill could not reach with recovery requests.
+//!
+//! - The connections decide between backfill and recovery (they know when they reconnect
+//!   and how long the partition was uncovered). A gap backfill cannot reach arrives here
+//!   as [`ConnEvent::UncoveredBeyondBackfill`]; reconnects with backfill are counted as
+//!   backfill repairs.
+//! - A gap becomes recovery chunks over the gap plus a margin on each side, run at most
+//!   `max_jobs_per_account` at once (the account's semaphore is shared by all partitions),
+//!   in parallel with the live stream. Each finished chunk is marked in the ledger, so a
+//!   restart resumes with the chunks still missing.
+//! - Before the first chunk runs, the post ids stored since the gap's start minus the
+//!   margin are saved next to the ledger (the *edge file*); once the live stream has run
+//!   past the gap's end, so are those stored after it. Recovered copies of them are
+//!   removed however old they are ([`crate::recovery`]).
+//! - The ledger's `complete_until_ms` only moves once everything received up to then has
+//!   been settled (stored, or classified as a duplicate, dead letter or system message):
+//!   after a crash, what was received but not yet stored comes back through backfill or
+//!   recovery instead of being lost.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram};
+use tandem_conn::{ConnEvent, PartitionLiveness};
+use tandem_core::metric as m;
+use tandem_core::time::{rfc3339_ms, unix_ms_now};
+use tandem_core::{ActivityId, GapState, GapView, Partition, Tally};
+use tandem_merge::ShardControl;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::config::RepairConfig;
+use crate::ledger::{self, Gap, PartitionLedger};
+use crate::recovery::{ChunkOutcome, EdgeIds, RecoverySpec, recover};
+
+/// Everything the repair of one partition needs.
+#[derive(Debug)]
+pub struct PartitionRepair {
+    pub stream: Arc<str>,
+    pub partition: Partition,
+    pub config: RepairConfig,
+    pub ledger_path: PathBuf,
+    /// The ledger as loaded at start.
+    pub ledger: PartitionLedger,
+    pub liveness: Arc<PartitionLiveness>,
+    pub tally: Arc<Tally>,
+    /// The partition's merger, asked for the ids stored around a gap's edges.
+    pub control: mpsc::UnboundedSender<ShardControl>,
+    /// How to recover; `None` for streams without a recovery API (likes), whose gaps
+    /// beyond backfill are unrecoverable. Dropped at shutdown: it holds a sender of the
+    /// merger's channel.
+    pub recovery: Option<Arc<RecoverySpec>>,
+}
+
+/// A running repair.
+#[derive(Debug)]
+pub struct RepairHandle {
+    /// The partition's gaps, for `/status`.
+    pub gaps: watch::Receiver<Vec<GapView>>,
+    drained: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RepairHandle {
+    /// Writes the ledger one last time, after the sinks have drained (so that the coverage
+    /// it records includes everything they stored), and waits until it is written.
+    pub async fn finish(self) {
+        let _ = self.drained.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the repair of a partition. `events` carries the partition's connection events;
+/// a `true` on `shutdown` stops it: running recoveries stop where they are (they resume
+/// at the next start) and let go of the merger's channel, then the repair waits for
+/// [`RepairHandle::finish`] to write the ledger.
+pub fn spawn(
+    repair: PartitionRepair,
+    events: mpsc::UnboundedReceiver<ConnEvent>,
+    shutdown: watch::Receiver<bool>,
+) -> RepairHandle {
+    let (views, gaps) = watch::channel(Vec::new());
+    let labels = vec![
+        (m::STREAM, repair.stream.to_string()),
+        (m::PARTITION, repair.partition.to_string()),
+    ];
+    let with_kind = |kind: &str| {
+        let mut l = labels.clone();
+        l.push((m::KIND, kind.to_owned()));
+        metrics::counter!(m::GAPS_REPAIRED, &l)
+    };
+    let meters = Meters {
+        open: metrics::gauge!(m::GAPS_OPEN, &labels),
+        by_backfill: with_kind("backfill"),
+        by_recovery: with_kind("recovery"),
+        unrecoverable: metrics::counter!(m::GAPS_UNRECOVERABLE, &labels),
+        duration: metrics::histogram!(m::GAP_REPAIR_DURATION, &labels),
+    };
+    meters.by_backfill.increment(0);
+    meters.by_recovery.increment(0);
+    meters.unrecoverable.increment(0);
+    let durable = repair.ledger.complete_until_ms;
+    let (drained, drained_rx) = oneshot::channel();
+    let r = Repairer {
+        r: repair,
+        shutdown: shutdown.clone(),
+        running: HashSet::new(),
+        tasks: HashMap::new(),
+        jobs: JoinSet::new(),
+        edges: HashMap::new(),
+        pending: VecDeque::new(),
+        last_pushed: durable,
+        dirty: false,
+        views,
+        meters,
+    };
+    RepairHandle {
+        gaps,
+        drained,
+        task: tokio::spawn(r.run(events, shutdown, drained_rx)),
+    }
+}
+
+#[derive(Debug)]
+struct Meters {
+    open: Gauge,
+    by_backfill: Counter,
+    by_recovery: Counter,
+    unrecoverable: Counter,
+    duration: Histogram,
+}
+
+/// A chunk by its gap's start and its own start.
+type ChunkKey = (u64, u64);
+
+struct Repairer {
+    r: PartitionRepair,
+    shutdown: watch::Receiver<bool>,
+    running: HashSet<ChunkKey>,
+    tasks: HashMap<tokio::task::Id, ChunkKey>,
+    jobs: JoinSet<(ChunkKey, ChunkOutcome)>,
+    /// Edge ids of open gaps, loaded when a chunk of the gap first runs.
+    edges: HashMap<u64, EdgeIds>,
+    /// (complete-until, raw count) samples waiting for the raw count to settle.
+    pending: VecDeque<(u64, u64)>,
+    last_pushed: u64,
+    dirty: bool,
+    views: watch::Sender<Vec<GapView>>,
+    meters: Meters,
+}
+
+impl Repairer {
+    async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<ConnEvent>,
+        mut shutdown: watch::Receiver<bool>,
+        drained: oneshot::Receiver<()>,
+    ) {
+        let open = self.r.ledger.open_gaps().count();
+        if open > 0 {
+            tracing::info!(stream = %self.r.stream, partition = self.r.partition, gaps = open, "resuming the repair of open gaps");
+        }
+        self.publish();
+        self.schedule();
+        let every = Duration::from_millis(self.r.config.ledger_flush_ms.max(50));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                Some(ev) = events.recv() => match ev {
+                    ConnEvent::UncoveredBeyondBackfill { start_ms, end_ms, .. } => {
+                        self.gap_found(start_ms, end_ms).await;
+                    }
+                    ConnEvent::Connected { backfill_minutes, .. } if backfill_minutes > 0 => {
+                        self.meters.by_backfill.increment(1);
+                    }
+                    _ => {}
+                },
+                Some(done) = self.jobs.join_next_with_id() => self.chunk_ended(done),
+                _ = tick.tick() => self.tick().await,
+                () = tandem_conn::connection::stopped(&mut shutdown) => break,
+            }
+        }
+        // Running chunks see the shutdown themselves; give them a moment to say so.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !self.jobs.is_empty() {
+            match tokio::time::timeout_at(deadline, self.jobs.join_next_with_id()).await {
+                Ok(Some(done)) => self.chunk_ended(done),
+                _ => break,
+            }
+        }
+        self.jobs.abort_all();
+        while self.jobs.join_next().await.is_some() {}
+        self.r.recovery = None;
+        self.save();
+        let _ = drained.await;
+        self.settle();
+        self.save();
+    }
+
+    /// A gap beyond backfill `[start_ms, end_ms)`.
+    async fn gap_found(&mut self, start_ms: u64, end_ms: u64) {
+        if end_ms <= start_ms {
+            return;
+        }
+        let cfg = &self.r.config;
+        let margin = cfg.margin_secs * 1000;
+        let chunk_ms = cfg.chunk_secs * 1000;
+        let now = unix_ms_now();
+        tracing::warn!(
+            stream = %self.r.stream, partition = self.r.partition,
+            start = %rfc3339_ms(start_ms), end = %rfc3339_ms(end_ms),
+            secs = (end_ms - start_ms) as f64 / 1000.0, "coverage gap beyond backfill"
+        );
+
+        // Adjacent to the latest gap (a reconnect that failed again): extend it.
+        if let Some(g) = self
+            .r
+            .ledger
+            .gaps
+            .iter_mut()
+            .rev()
+            .find(|g| g.state != GapState::Repaired)
+            && start_ms >= g.start_ms
+            && start_ms <= g.end_ms + margin
+        {
+            if g.state == GapState::Unrecoverable {
+                g.end_ms = g.end_ms.max(end_ms);
+            } else if end_ms > g.end_ms {
+                let (from, to) = (g.end_ms + margin, end_ms + margin);
+                let gap_start = g.start_ms;
+                g.end_ms = end_ms;
+                g.end_edge_saved = false;
+                let mut rest = ledger::chunks(from, to, chunk_ms);
+                if let Some(last) = g.chunks.last_mut()
+                    && !last.done
+                    && last.failed.is_none()
+                    && !self.running.contains(&(gap_start, last.start_ms))
+                    && to - last.start_ms <= chunk_ms
+                {
+                    last.end_ms = to;
+                    rest.clear();
+                }
+                g.chunks.extend(rest);
+            }
+            self.save();
+            self.publish();
+            self.schedule();
+            return;
+        }
+
+        let mut gap = Gap {
+            start_ms,
+            end_ms,
+            state: GapState::Open,
+            found_ms: now,
+            repaired_ms: None,
+            chunks: Vec::new(),
+            reason: None,
+            end_edge_saved: false,
+        };
+        let oldest = now.saturating_sub(cfg.retention_secs * 1000) + 60_000;
+        if self.r.recovery.is_none() {
+            gap.state = GapState::Unrecoverable;
+            gap.reason = Some("likes streams have no recovery".to_owned());
+        } else if end_ms <= oldest {
+            gap.state = GapState::Unrecoverable;
+            gap.reason = Some(format!(
+                "older than the upstream's recovery retention ({} s)",
+                cfg.retention_secs
+            ));
+        } else if start_ms < oldest {
+            // The part past retention is lost; the rest can still come back.
+            let lost = Gap {
+                end_ms: oldest,
+                state: GapState::Unrecoverable,
+                reason: Some(format!(
+                    "older than the upstream's recovery retention ({} s)",
+                    cfg.retention_secs
+                )),
+                ..gap.clone()
+            };
+            self.unrecoverable(&lost);
+            self.r.ledger.gaps.push(lost);
+            gap.start_ms = oldest;
+        }
+        if gap.state == GapState::Unrecoverable {
+            self.unrecoverable(&gap);
+            self.r.ledger.gaps.push(gap);
+        } else {
+            let ids = self.posts_since(gap.start_ms.saturating_sub(margin)).await;
+            let file = ledger::edge_ids_path(&self.r.ledger_path, gap.start_ms);
+            if let Err(e) = ledger::append_edge_ids(&file, &ids) {
+                tracing::error!(file = %file.display(), error = %e, "cannot save the ids at a gap's start edge; its margin may store duplicates");
+            }
+            gap.chunks = ledger::chunks(
+                gap.start_ms.saturating_sub(margin),
+                gap.end_ms + margin,
+                chunk_ms,
+            );
+            tracing::info!(
+                stream = %self.r.stream, partition = self.r.partition, chunks = gap.chunks.len(),
+                edge_ids = ids.len(), "recovery planned"
+            );
+            self.r.ledger.gaps.push(gap);
+        }
+        self.save();
+        self.publish();
+        self.schedule();
+    }
+
+    fn unrecoverable(&self, gap: &Gap) {
+        self.meters.unrecoverable.increment(1);
+        tracing::error!(
+            stream = %self.r.stream, partition = self.r.partition,
+            start = %rfc3339_ms(gap.start_ms), end = %rfc3339_ms(gap.end_ms),
+            reason = gap.reason.as_deref().unwrap_or(""), "coverage gap cannot be repaired"
+        );
+    }
+
+    /// Post ids the merger remembers created at or after `since_ms`.
+    async fn posts_since(&self, since_ms: u64) -> Vec<ActivityId> {
+        let (reply, answer) = oneshot::channel();
+        if self
+            .r
+            .control
+            .send(ShardControl::PostsSince { since_ms, reply })
+            .is_err()
+        {
+            return Vec::new();
+        }
+        match tokio::time::timeout(Duration::from_secs(5), answer).await {
+            Ok(Ok(ids)) => ids,
+            _ => {
+                tracing::warn!(stream = %self.r.stream, partition = self.r.partition, "the merger did not answer with the ids at a gap's edge");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Starts chunks of open gaps, oldest first, up to the job limit.
+    fn schedule(&mut self) {
+        let limit = self.r.config.max_jobs_per_account;
+        let mut wanted = Vec::new();
+        for g in self.r.ledger.open_gaps() {
+            for c in &g.chunks {
+                let key = (g.start_ms, c.start_ms);
+                if !c.done && c.failed.is_none() && !self.running.contains(&key) {
+                    wanted.push((key, c.end_ms));
+                }
+            }
+        }
+        let Some(spec) = self.r.recovery.clone() else {
+            return;
+        };
+        for (key, end_ms) in wanted {
+            if self.running.len() >= limit {
+                break;
+            }
+            let edge = self.edge_ids(key.0);
+            let spec = spec.clone();
+            let shutdown = self.shutdown.clone();
+            let handle = self.jobs.spawn(async move {
+                let outcome = recover(&spec, key.1, end_ms, edge, shutdown).await;
+                (key, outcome)
+            });
+            self.tasks.insert(handle.id(), key);
+            self.running.insert(key);
+        }
+    }
+
+    fn edge_ids(&mut self, gap_start: u64) -> EdgeIds {
+        let path = ledger::edge_ids_path(&self.r.ledger_path, gap_start);
+        self.edges
+            .entry(gap_start)
+            .or_insert_with(|| {
+                let ids = ledger::load_edge_ids(&path).unwrap_or_else(|e| {
+                    tracing::error!(file = %path.display(), error = %e, "cannot read a gap's edge ids");
+                    Vec::new()
+                });
+                Arc::new(
+                    ids.into_iter()
+                        .filter_map(|id| match id {
+                            ActivityId::Post(n) => Some(n),
+                            _ => None,
+                        })
+                        .collect(),
+                )
+            })
+            .clone()
+    }
+
+    fn chunk_ended(
+        &mut self,
+        done: Result<(tokio::task::Id, (ChunkKey, ChunkOutcome)), tokio::task::JoinError>,
+    ) {
+        let (key, outcome) = match done {
+            Ok((id, (key, outcome))) => {
+                self.tasks.remove(&id);
+                (key, outcome)
+            }
+            Err(e) => {
+                let key = self.tasks.remove(&e.id());
+                tracing::error!(error = %e, "a recovery task failed");
+                if let Some(key) = key {
+                    self.running.remove(&key);
+                    self.schedule();
+                }
+                return;
+            }
+        };
+        self.running.remove(&key);
+        let Some(g) = self
+            .r
+            .ledger
+            .gaps
+            .iter_mut()
+            .find(|g| g.start_ms == key.0 && g.state == GapState::Open)
+        else {
+            return;
+        };
+        let Some(c) = g.chunks.iter_mut().find(|c| c.start_ms == key.1) else {
+            return;
+        };
+        match outcome {
+            ChunkOutcome::Completed {
+                activities,
+                requests,
+            } => {
+                c.done = true;
+                tracing::info!(
+                    stream = %self.r.stream, partition = self.r.partition,
+                    start = %rfc3339_ms(c.start_ms), end = %rfc3339_ms(c.end_ms),
+                    activities, requests, "recovery chunk completed"
+                );
+            }
+            ChunkOutcome::Unrecoverable(reason) => {
+                tracing::error!(
+                    stream = %self.r.stream, partition = self.r.partition,
+                    start = %rfc3339_ms(c.start_ms), end = %rfc3339_ms(c.end_ms),
+                    reason = %reason, "recovery chunk refused"
+                );
+                c.failed = Some(reason);
+            }
+            ChunkOutcome::Shutdown => return,
+        }
+        let all_done = g.chunks.iter().all(|c| c.done);
+        let ended = g.chunks.iter().all(|c| c.done || c.failed.is_some());
+        if all_done {
+            let now = unix_ms_now();
+            g.state = GapState::Repaired;
+            g.repaired_ms = Some(now);
+            self.meters.by_recovery.increment(1);
+            self.meters
+                .duration
+                .record(now.saturating_sub(g.found_ms) as f64 / 1000.0);
+            tracing::info!(
+                stream = %self.r.stream, partition = self.r.partition,
+                start = %rfc3339_ms(g.start_ms), end = %rfc3339_ms(g.end_ms),
+                repair_secs = now.saturating_sub(g.found_ms) as f64 / 1000.0, "coverage gap repaired"
+            );
+        } else if ended {
+            g.state = GapState::Unrecoverable;
+            g.reason = g.chunks.iter().find_map(|c| c.failed.clone());
+            let gap = g.clone();
+            self.unrecoverable(&gap);
+        }
+        if all_done || ended {
+            let start = key.0;
+            self.edges.remove(&start);
+            let file = ledger::edge_ids_path(&self.r.ledger_path, start);
+            let _ = std::fs::remove_file(file);
+        }
+        self.save();
+        self.publish();
+        self.schedule();
+    }
+
+    /// Moves the durable coverage on, saves edge ids past gaps' ends, writes the ledger.
+    async fn tick(&mut self) {
+        let complete = self.r.liveness.complete_until();
+        if complete > self.last_pushed {
+            self.last_pushed = complete;
+            let raw = self.r.tally.raw.load(std::sync::atomic::Ordering::SeqCst);
+            self.pending.push_back((complete, raw));
+        }
+        self.settle();
+
+        let margin = self.r.config.margin_secs * 1000;
+        let due: Vec<(u64, u64)> = self
+            .r
+            .ledger
+            .open_gaps()
+            .filter(|g| !g.end_edge_saved && complete >= g.end_ms + 2 * margin)
+            .map(|g| (g.start_ms, g.end_ms))
+            .collect();
+        for (start, end) in due {
+            let ids: Vec<ActivityId> = self
+                .posts_since(end.saturating_sub(margin))
+                .await
+                .into_iter()
+                .filter(|id| id.created_unix_ms().is_some_and(|t| t <= end + 2 * margin))
+                .collect();
+            let file = ledger::edge_ids_path(&self.r.ledger_path, start);
+            match ledger::append_edge_ids(&file, &ids) {
+                Ok(()) => {
+                    self.edges.remove(&start);
+                    if let Some(g) = self.r.ledger.gaps.iter_mut().find(|g| g.start_ms == start) {
+                        g.end_edge_saved = true;
+                    }
+                    self.dirty = true;
+                }
+                Err(e) => {
+                    tracing::error!(file = %file.display(), error = %e, "cannot save the ids at a gap's end edge")
+                }
+            }
+        }
+
+        let before = self.r.ledger.gaps.len();
+        let keep_from = unix_ms_now().saturating_sub(self.r.config.retention_secs * 1000);
+        self.r.ledger.prune(keep_from);
+        if self.r.ledger.gaps.len() != before {
+            self.dirty = true;
+            self.publish();
+        }
+        if self.dirty {
+            self.save();
+        }
+    }
+
+    /// Takes the coverage samples whose raw lines have all been settled.
+    fn settle(&mut self) {
+        let t = self.r.tally.snapshot();
+        let settled = t.duplicates + t.dead_lettered + t.system + t.stored + t.store_duplicates;
+        while let Some(&(complete, raw)) = self.pending.front() {
+            if raw > settled {
+                break;
+            }
+            self.pending.pop_front();
+            if complete > self.r.ledger.complete_until_ms {
+                self.r.ledger.complete_until_ms = complete;
+                self.dirty = true;
+            }
+        }
+    }
+
+    fn save(&mut self) {
+        match self.r.ledger.save(&self.r.ledger_path) {
+            Ok(()) => self.dirty = false,
+            Err(e) => {
+                tracing::error!(file = %self.r.ledger_path.display(), error = %e, "cannot write the coverage ledger")
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let open = self.r.ledger.open_gaps().count();
+        self.meters.open.set(open as f64);
+        let views = self.r.ledger.gaps.iter().map(Gap::view).collect();
+        self.views.send_replace(views);
+    }
+}
