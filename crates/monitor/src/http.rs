@@ -31,6 +31,9 @@ pub fn prometheus() -> PrometheusHandle {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(m::PATH_LAG.to_owned()), &seconds)
                 .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(m::HANDOFF_LATENCY.to_owned()), &seconds)
+                })
+                .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full(m::GAP_REPAIR_DURATION.to_owned()),
                         &repair,

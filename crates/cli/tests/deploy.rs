@@ -1,0 +1,872 @@
+//! The deployment artefacts checked without a cluster: Prometheus rules (`promtool check` and
+//! `promtool test`), the scrape config, the NATS configuration, the Kubernetes manifests and
+//! the systemd unit, the Grafana dashboards; and, against a real Prometheus scraping a
+//! running `tandem demo`, that every dashboard query returns data and every metric the
+//! rules and dashboards use is exported by the binary with the labels they use.
+//!
+//! `promtool`, `prometheus`, `nats-server` and `systemd-analyze` come from
+//! `scripts/setup-test-deps`; a test that cannot find one fails and says so.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn deploy(rel: &str) -> PathBuf {
+    repo().join("deploy").join(rel)
+}
+
+/// A tool the test setup installs; missing is a failure, never a skip.
+fn tool(name: &str) -> PathBuf {
+    let candidates = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    candidates
+        .into_iter()
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not found: run scripts/setup-test-deps"))
+}
+
+/// Runs `cmd` and fails with its output unless it succeeded.
+fn succeed(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("the command starts");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("an ephemeral port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn yaml_docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_saphyr::from_multiple::<Value>(&text)
+        .unwrap_or_else(|e| panic!("{} is not valid YAML: {e}", path.display()))
+}
+
+/// `v` at a slash-separated path of keys (or array indices), failing with the file's name.
+fn at<'a>(v: &'a Value, path: &str, what: &str) -> &'a Value {
+    let found = path
+        .split('/')
+        .try_fold(v, |v, key| match key.parse::<usize>() {
+            Ok(i) => v.get(i),
+            Err(_) => v.get(key),
+        });
+    found.unwrap_or_else(|| panic!("{what}: missing {path}"))
+}
+
+fn text<'a>(v: &'a Value, path: &str, what: &str) -> &'a str {
+    at(v, path, what)
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: {path} is not a string"))
+}
+
+// ---------------------------------------------------------------------------- Prometheus
+
+#[test]
+fn alert_rules_pass_promtool_check_and_unit_tests() {
+    let promtool = tool("promtool");
+    let out = succeed(
+        Command::new(&promtool)
+            .args(["check", "rules"])
+            .arg(deploy("prometheus/rules.yml")),
+    );
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    // The unit tests fire and resolve the pair's alerts (imbalance across two consumers
+    // among them) from series of two consumers.
+    let out = succeed(
+        Command::new(&promtool)
+            .args(["test", "rules"])
+            .arg(deploy("prometheus/rules_test.yml")),
+    );
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    let tests = std::fs::read_to_string(deploy("prometheus/rules_test.yml")).unwrap();
+    for alert in alert_names() {
+        assert!(
+            tests.contains(&format!("alertname: {alert}")),
+            "rules_test.yml has no test for {alert}"
+        );
+    }
+    succeed(
+        Command::new(&promtool)
+            .args(["check", "config"])
+            .arg(deploy("prometheus/prometheus.yml")),
+    );
+}
+
+/// Every alert of rules.yml.
+fn alert_names() -> Vec<String> {
+    rule_exprs()
+        .into_iter()
+        .filter_map(|(name, _)| name.strip_prefix("alert ").map(str::to_owned))
+        .collect()
+}
+
+/// (`alert NAME` or `record NAME`, expression) of every rule in rules.yml.
+fn rule_exprs() -> Vec<(String, String)> {
+    let what = "rules.yml";
+    let doc = &yaml_docs(&deploy("prometheus/rules.yml"))[0];
+    let mut out = Vec::new();
+    for group in at(doc, "groups", what).as_array().unwrap() {
+        for rule in at(group, "rules", what).as_array().unwrap() {
+            let name = match (rule.get("alert"), rule.get("record")) {
+                (Some(a), _) => format!("alert {}", a.as_str().unwrap()),
+                (_, Some(r)) => format!("record {}", r.as_str().unwrap()),
+                _ => panic!("{what}: a rule with neither alert nor record"),
+            };
+            out.push((name, text(rule, "expr", what).to_owned()));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------- NATS
+
+#[test]
+fn nats_configuration_is_valid_and_the_stream_outlasts_the_dedup_window() {
+    succeed(
+        Command::new(tool("nats-server"))
+            .env("SERVER_NAME", "nats-0")
+            .env("ZONE", "a")
+            .arg("-t")
+            .arg("-c")
+            .arg(deploy("nats/nats-server.conf")),
+    );
+    let stream: Value =
+        serde_json::from_slice(&std::fs::read(deploy("nats/stream.json")).unwrap()).unwrap();
+    let what = "nats/stream.json";
+    assert_eq!(at(&stream, "num_replicas", what), 3, "one replica per zone");
+    for zone in ["a", "b"] {
+        let cfg = zone_config(zone);
+        let sink = &cfg["sinks"]["jetstream"];
+        assert_eq!(sink["stream"].as_str(), Some(text(&stream, "name", what)));
+        let window_ns = at(&stream, "duplicate_window", what).as_u64().unwrap();
+        let configured = sink["duplicate_window_secs"].as_integer().unwrap() as u64;
+        assert_eq!(
+            window_ns,
+            configured * 1_000_000_000,
+            "zone {zone}: same window"
+        );
+        let dedup = cfg["merge"]["dedup_window_secs"].as_integer().unwrap() as u64;
+        assert!(
+            configured > dedup,
+            "duplicate window must exceed the dedup window"
+        );
+        let prefix = sink
+            .get("subject_prefix")
+            .and_then(|v| v.as_str())
+            .unwrap_or("tandem");
+        let subjects = at(&stream, "subjects", what).as_array().unwrap();
+        assert!(
+            subjects
+                .iter()
+                .any(|s| s.as_str() == Some(&format!("{prefix}.>"))),
+            "the stream takes the consumers' subjects"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------- Kubernetes
+
+/// Every document under deploy/k8s, with the file it came from.
+fn manifests() -> Vec<(String, Value)> {
+    let mut files: Vec<_> = std::fs::read_dir(deploy("k8s"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            yaml_docs(p).into_iter().map(move |d| (name.clone(), d))
+        })
+        .collect()
+}
+
+fn of_kind<'a>(all: &'a [(String, Value)], kind: &str) -> Vec<&'a Value> {
+    all.iter()
+        .filter(|(_, d)| d["kind"] == kind)
+        .map(|(_, d)| d)
+        .collect()
+}
+
+fn named<'a>(all: &'a [(String, Value)], kind: &str, name: &str) -> Option<&'a Value> {
+    of_kind(all, kind)
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == name)
+}
+
+/// The `tandem.toml` of a zone's ConfigMap.
+fn zone_config(zone: &str) -> toml::Table {
+    let all = manifests();
+    let cm = named(&all, "ConfigMap", &format!("tandem-zone-{zone}"))
+        .unwrap_or_else(|| panic!("no ConfigMap tandem-zone-{zone}"));
+    text(cm, "data/tandem.toml", "ConfigMap")
+        .parse()
+        .expect("the ConfigMap's tandem.toml is TOML")
+}
+
+fn labels_match(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+#[test]
+fn kubernetes_manifests_parse_and_hang_together() {
+    let all = manifests();
+    assert!(!all.is_empty());
+    for (file, d) in &all {
+        let what = format!("{file} ({})", d["kind"]);
+        text(d, "apiVersion", &what);
+        let kind = text(d, "kind", &what);
+        text(d, "metadata/name", &what);
+        if kind != "Namespace" {
+            assert_eq!(text(d, "metadata/namespace", &what), "tandem", "{what}");
+        }
+    }
+    let deployments = of_kind(&all, "Deployment");
+    assert_eq!(deployments.len(), 2, "one consumer per zone");
+    let mut zones = BTreeSet::new();
+    for d in &deployments {
+        let what = format!("Deployment {}", d["metadata"]["name"]);
+        let what = what.as_str();
+        assert_eq!(at(d, "spec/replicas", what), 1, "{what}");
+        assert_eq!(text(d, "spec/strategy/type", what), "Recreate", "{what}");
+        assert!(
+            labels_match(
+                at(d, "spec/selector/matchLabels", what),
+                at(d, "spec/template/metadata/labels", what)
+            ),
+            "{what}: the selector matches the pod template"
+        );
+        let term = at(
+            d,
+            "spec/template/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms/0/matchExpressions/0",
+            what,
+        );
+        assert_eq!(text(term, "key", what), "topology.kubernetes.io/zone");
+        zones.insert(term["values"].to_string());
+
+        let pod = at(d, "spec/template/spec", what);
+        let c = at(pod, "containers/0", what);
+        text(c, "image", what);
+        let port = text(c, "ports/0/name", what);
+        assert_eq!(c["ports"][0]["containerPort"], 9464, "{what}");
+        for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+            assert_eq!(text(c, &format!("{probe}/httpGet/path"), what), path);
+            assert_eq!(text(c, &format!("{probe}/httpGet/port"), what), port);
+        }
+        assert_eq!(at(pod, "securityContext/runAsNonRoot", what), true);
+
+        // Config from its ConfigMap, mounted where the arguments look for it.
+        let cm_name = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|v| v["configMap"]["name"].as_str())
+            .unwrap_or_else(|| panic!("{what}: no ConfigMap volume"));
+        let cm = named(&all, "ConfigMap", cm_name)
+            .unwrap_or_else(|| panic!("{what}: ConfigMap {cm_name} is not defined"));
+        let args: Vec<&str> = at(c, "args", what)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let config_path = args[args.iter().position(|a| *a == "--config").unwrap() + 1];
+        let mount = c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "config")
+            .unwrap();
+        assert_eq!(
+            Path::new(config_path),
+            Path::new(text(mount, "mountPath", what)).join("tandem.toml")
+        );
+        let cfg: toml::Table = text(cm, "data/tandem.toml", what).parse().unwrap();
+
+        // The grace period covers the sink drain.
+        let drain_ms = cfg["delivery"]["drain_deadline_ms"].as_integer().unwrap();
+        let grace = at(pod, "terminationGracePeriodSeconds", what)
+            .as_i64()
+            .unwrap();
+        assert!(
+            grace * 1000 > drain_ms,
+            "{what}: grace {grace} s <= drain {drain_ms} ms"
+        );
+
+        // Credentials from the Secret, under the variable the config reads.
+        let env = &c["env"][0];
+        let secret = text(env, "valueFrom/secretKeyRef/name", what);
+        let key = text(env, "valueFrom/secretKeyRef/key", what);
+        let defined = named(&all, "Secret", secret)
+            .unwrap_or_else(|| panic!("{what}: Secret {secret} is not defined"));
+        assert!(defined["stringData"].get(key).is_some());
+        let password_env = cfg["stream"][0]["auth"]["password_env"].as_str().unwrap();
+        assert_eq!(text(env, "name", what), password_env);
+
+        // State (ledger, spool) on a claim that exists, where the config writes it.
+        let claim = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|v| v["persistentVolumeClaim"]["claimName"].as_str())
+            .unwrap_or_else(|| panic!("{what}: no state volume"));
+        assert!(named(&all, "PersistentVolumeClaim", claim).is_some());
+        let state = c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "state")
+            .map(|m| text(m, "mountPath", what))
+            .unwrap();
+        for dir in [
+            cfg["repair"]["ledger_dir"].as_str(),
+            cfg["delivery"]["spool_dir"].as_str(),
+        ] {
+            assert!(
+                dir.unwrap().starts_with(state),
+                "{what}: {dir:?} not on {state}"
+            );
+        }
+
+        // A service selects this consumer.
+        assert!(
+            of_kind(&all, "Service").iter().any(|s| labels_match(
+                &s["spec"]["selector"],
+                &d["spec"]["template"]["metadata"]["labels"]
+            )),
+            "{what}: no Service selects it"
+        );
+    }
+    assert_eq!(
+        zones.len(),
+        2,
+        "the two consumers are pinned to different zones"
+    );
+}
+
+/// Each zone's configuration passes `tandem check`, and the pair splits the upstream's
+/// limits: two connections per partition in all, half the connect budget each.
+#[test]
+fn zone_configurations_pass_tandem_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut connections = 0;
+    for zone in ["a", "b"] {
+        let cfg = zone_config(zone);
+        let path = dir.path().join(format!("zone-{zone}.toml"));
+        std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+        let out = succeed(
+            Command::new(env!("CARGO_BIN_EXE_tandem"))
+                .arg("check")
+                .arg("--config")
+                .arg(&path)
+                .env("GNIP_PASSWORD", "from-the-secret"),
+        );
+        println!("{}", String::from_utf8_lossy(&out.stdout));
+        let stream = &cfg["stream"][0];
+        connections += stream["paths"].as_array().unwrap().len();
+        assert_eq!(stream["budget"]["requests"].as_integer(), Some(5));
+    }
+    assert_eq!(
+        connections, 2,
+        "the pair holds two connections per partition"
+    );
+}
+
+#[test]
+fn systemd_unit_verifies_and_outlasts_the_drain() {
+    let unit = std::fs::read_to_string(deploy("systemd/tandem.service")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("tandem.service");
+    std::fs::write(
+        &local,
+        unit.replace("/usr/local/bin/tandem", env!("CARGO_BIN_EXE_tandem")),
+    )
+    .unwrap();
+    let out = succeed(
+        Command::new(tool("systemd-analyze"))
+            .arg("verify")
+            .arg(&local),
+    );
+    let complaints = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        complaints.trim().is_empty(),
+        "systemd-analyze: {complaints}"
+    );
+    let stop_secs: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .and_then(|v| v.trim_end_matches('s').parse().ok())
+        .expect("TimeoutStopSec in seconds");
+    let example: toml::Table = std::fs::read_to_string(deploy("tandem.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let drain_ms = example["delivery"]["drain_deadline_ms"]
+        .as_integer()
+        .unwrap() as u64;
+    assert!(stop_secs * 1000 > drain_ms);
+    let docker = std::fs::read_to_string(deploy("Dockerfile")).unwrap();
+    assert!(docker.matches("FROM ").count() >= 2, "multi-stage");
+    let user = docker
+        .lines()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("the image sets a user");
+    assert!(
+        !user.starts_with("root") && !user.starts_with("0"),
+        "non-root"
+    );
+}
+
+// ---------------------------------------------------------------------------- dashboards
+
+/// A dashboard query: where it is, and its PromQL with Grafana's variables.
+#[derive(Debug, Clone)]
+struct Query {
+    origin: String,
+    expr: String,
+}
+
+fn dashboards() -> Vec<(String, Value)> {
+    let mut files: Vec<_> = std::fs::read_dir(repo().join("dashboards"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "overview and connection boards");
+    files
+        .iter()
+        .map(|p| {
+            let d = serde_json::from_slice(&std::fs::read(p).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            (p.file_name().unwrap().to_string_lossy().into_owned(), d)
+        })
+        .collect()
+}
+
+/// Every panel query and every variable's selector (from `label_values(selector, label)`).
+fn dashboard_queries() -> Vec<Query> {
+    let mut out = Vec::new();
+    for (file, d) in dashboards() {
+        for p in d["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                out.push(Query {
+                    origin: format!("{file}: {} {}", p["title"], t["refId"]),
+                    expr: t["expr"].as_str().unwrap().to_owned(),
+                });
+            }
+        }
+        for v in d["templating"]["list"].as_array().unwrap() {
+            if v["type"] == "query" {
+                let q = v["definition"].as_str().unwrap();
+                let inner = q
+                    .strip_prefix("label_values(")
+                    .and_then(|q| q.rsplit_once(','))
+                    .map(|(selector, _)| selector.to_owned())
+                    .unwrap_or_else(|| panic!("{file}: variable query {q}"));
+                out.push(Query {
+                    origin: format!("{file}: variable {}", v["name"]),
+                    expr: inner,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The query as Grafana would send it with every variable on "All".
+fn substitute(expr: &str) -> String {
+    expr.replace("$__rate_interval", "20s")
+        .replace("$__range", "10m")
+        .replace("$stream", ".*")
+        .replace("$partition", ".*")
+        .replace("$path", ".*")
+        .replace("$instance", ".*")
+}
+
+#[test]
+fn dashboards_are_importable_and_every_query_parses() {
+    for (file, d) in dashboards() {
+        assert!(d["uid"].is_string() && d["title"].is_string(), "{file}");
+        let vars = d["templating"]["list"].as_array().unwrap();
+        assert!(
+            vars.iter()
+                .any(|v| v["type"] == "datasource" && v["name"] == "datasource"),
+            "{file}: the datasource is a variable"
+        );
+        let mut ids = BTreeSet::new();
+        for p in d["panels"].as_array().unwrap() {
+            assert!(
+                ids.insert(p["id"].as_u64().unwrap()),
+                "{file}: duplicate panel id"
+            );
+            if p["type"] != "row" {
+                assert_eq!(
+                    p["datasource"]["uid"], "${datasource}",
+                    "{file}: {}",
+                    p["title"]
+                );
+                assert!(p["targets"].as_array().is_some_and(|t| !t.is_empty()));
+            }
+        }
+    }
+    // promtool parses every query as the expression of a recording rule.
+    let queries = dashboard_queries();
+    let mut rules = String::from("groups:\n  - name: dashboard-queries\n    rules:\n");
+    for (i, q) in queries.iter().enumerate() {
+        rules.push_str(&format!(
+            "      - record: dashboard_query_{i}\n        expr: {}\n",
+            serde_json::to_string(&substitute(&q.expr)).unwrap()
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboard-queries.yml");
+    std::fs::write(&file, rules).unwrap();
+    succeed(
+        Command::new(tool("promtool"))
+            .args(["check", "rules"])
+            .arg(&file),
+    );
+    println!("{} dashboard queries parse", queries.len());
+}
+
+// ---------------------------------------------------------------------------- live
+
+/// A child process killed when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn get(url: &str) -> Result<String, String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--fail", url])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The series a Prometheus instant query returns.
+fn instant(prom: u16, expr: &str) -> Result<Vec<Value>, String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--get"])
+        .arg(format!("http://127.0.0.1:{prom}/api/v1/query"))
+        .arg("--data-urlencode")
+        .arg(format!("query={expr}"))
+        .output()
+        .map_err(|e| e.to_string())?;
+    let body: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&out.stdout)))?;
+    if body["status"] != "success" {
+        return Err(body.to_string());
+    }
+    Ok(body["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+/// Metric series names of an exposition, each with the label names it carries.
+fn exported(metrics_text: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in metrics_text.lines().filter(|l| !l.starts_with('#')) {
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let labels = out.entry(line[..name_end].to_owned()).or_default();
+        if let Some(rest) = line[name_end..].strip_prefix('{') {
+            let body = &rest[..rest.rfind('}').unwrap_or(rest.len())];
+            for pair in body.split("\",") {
+                if let Some((k, _)) = pair.split_once('=') {
+                    labels.insert(k.trim().to_owned());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `tandem_*` series names an expression reads.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = expr[i..].find("tandem_") {
+        let start = i + pos;
+        let boundary = start == 0
+            || !(bytes[start - 1].is_ascii_alphanumeric()
+                || bytes[start - 1] == b'_'
+                || bytes[start - 1] == b':');
+        let end = expr[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .map_or(expr.len(), |e| start + e);
+        if boundary && !expr[start..end].contains(':') {
+            out.insert(expr[start..end].to_owned());
+        }
+        i = end;
+    }
+    out
+}
+
+/// Label names an expression uses: in matchers and in `by`/`without`/`on`/`ignoring`.
+fn label_names(expr: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for keyword in [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ] {
+        let mut rest = expr;
+        while let Some(pos) = rest.find(keyword) {
+            let before_ok = pos == 0
+                || !rest.as_bytes()[pos - 1].is_ascii_alphanumeric()
+                    && rest.as_bytes()[pos - 1] != b'_';
+            let after = rest[pos + keyword.len()..].trim_start();
+            if before_ok && after.starts_with('(') {
+                let list = &after[1..after.find(')').unwrap()];
+                out.extend(
+                    list.split(',')
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_owned),
+                );
+            }
+            rest = &rest[pos + keyword.len()..];
+        }
+    }
+    let mut rest = expr;
+    while let Some(open) = rest.find('{') {
+        let close = open + rest[open..].find('}').unwrap();
+        for matcher in rest[open + 1..close].split(',') {
+            if let Some(end) = matcher.find(['=', '!']) {
+                let name = matcher[..end].trim();
+                if !name.is_empty() {
+                    out.insert(name.to_owned());
+                }
+            }
+        }
+        rest = &rest[close + 1..];
+    }
+    out
+}
+
+/// Labels Prometheus adds to every scraped series (or the histogram bucket label).
+const TARGET_LABELS: [&str; 3] = ["job", "instance", "zone"];
+
+/// Problems with an expression's metrics: missing from the exposition, or lacking a label
+/// the expression uses.
+fn contract_problems(
+    origin: &str,
+    expr: &str,
+    exported: &BTreeMap<String, BTreeSet<String>>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let metrics = metric_names(expr);
+    for metric in &metrics {
+        let Some(has) = exported.get(metric) else {
+            problems.push(format!("{origin}: {metric} is not exported"));
+            continue;
+        };
+        for label in label_names(expr) {
+            if TARGET_LABELS.contains(&label.as_str()) || has.contains(&label) {
+                continue;
+            }
+            problems.push(format!(
+                "{origin}: {metric} has no label {label:?} (has {has:?})"
+            ));
+        }
+    }
+    problems
+}
+
+/// The whole chain for real: `tandem demo` (the binary) serves metrics, a real Prometheus on
+/// an ephemeral loopback port scrapes it every second and evaluates the pair's rules, and
+/// every dashboard query returns data while the demo's faults play out. The same scrape
+/// proves that every metric the rules and dashboards read is exported with the labels they
+/// use.
+#[test]
+fn dashboard_queries_return_data_from_prometheus_scraping_a_running_demo() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_port = free_port();
+    let demo_secs = 60;
+    let demo_log = std::fs::File::create(dir.path().join("demo.out")).unwrap();
+    let _demo = Running(
+        Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["--log", "warn", "demo", "--duration"])
+            .arg(format!("{demo_secs}s"))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .stdout(Stdio::from(demo_log.try_clone().unwrap()))
+            .stderr(Stdio::from(demo_log))
+            .spawn()
+            .expect("tandem demo starts"),
+    );
+    let started = Instant::now();
+
+    let prom_port = free_port();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n  - {rules}\n\
+             scrape_configs:\n  - job_name: tandem\n    static_configs:\n      \
+             - targets: ['127.0.0.1:{metrics_port}']\n        labels:\n          zone: a\n",
+            rules = deploy("prometheus/rules.yml").display()
+        ),
+    )
+    .unwrap();
+    let prom_log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let _prometheus = Running(
+        Command::new(tool("prometheus"))
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(prom_log))
+            .spawn()
+            .expect("prometheus starts"),
+    );
+    let ready = |url: &str, within: Duration| {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if get(url).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        false
+    };
+    assert!(
+        ready(
+            &format!("http://127.0.0.1:{prom_port}/-/ready"),
+            Duration::from_secs(30)
+        ),
+        "prometheus is ready: {}",
+        std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+    );
+    assert!(
+        ready(
+            &format!("http://127.0.0.1:{metrics_port}/metrics"),
+            Duration::from_secs(30)
+        ),
+        "the demo serves metrics: {}",
+        std::fs::read_to_string(dir.path().join("demo.out")).unwrap_or_default()
+    );
+
+    // The demo drops a path at 20 %, stalls one at 40 % and takes a partition down at 60 %
+    // of its run; by 75 % every kind of series the boards show exists.
+    let wait_until = Duration::from_secs(demo_secs * 3 / 4);
+    std::thread::sleep(wait_until.saturating_sub(started.elapsed()));
+    let queries = dashboard_queries();
+    let deadline = started + Duration::from_secs(demo_secs - 3);
+    let mut empty: Vec<String>;
+    loop {
+        empty = queries
+            .iter()
+            .filter_map(|q| match instant(prom_port, &substitute(&q.expr)) {
+                Ok(series) if !series.is_empty() => None,
+                Ok(_) => Some(format!("{}: no data for {}", q.origin, q.expr)),
+                Err(e) => Some(format!("{}: {e}", q.origin)),
+            })
+            .collect();
+        if empty.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert!(
+        empty.is_empty(),
+        "dashboard queries without data:\n{}",
+        empty.join("\n")
+    );
+    println!("{} dashboard queries return data", queries.len());
+
+    // The rules evaluate on real series: the pair's recording rule has the partitions.
+    let live = instant(prom_port, "tandem:partition_live_connections:sum").unwrap();
+    assert_eq!(live.len(), 2, "both partitions: {live:?}");
+
+    // Every metric used by a rule or a dashboard is exported, with the labels used.
+    let scrape = get(&format!("http://127.0.0.1:{metrics_port}/metrics")).unwrap();
+    let exported = exported(&scrape);
+    let mut problems = Vec::new();
+    let mut used = BTreeSet::new();
+    for (name, expr) in rule_exprs() {
+        used.extend(metric_names(&expr));
+        problems.extend(contract_problems(
+            &format!("rules.yml {name}"),
+            &expr,
+            &exported,
+        ));
+    }
+    for q in &queries {
+        used.extend(metric_names(&q.expr));
+        problems.extend(contract_problems(&q.origin, &q.expr, &exported));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    println!(
+        "{} metrics used by rules and dashboards, all exported",
+        used.len()
+    );
+}
+
+#[test]
+fn the_contract_check_catches_a_missing_metric_and_a_missing_label() {
+    let exported = exported(
+        "# TYPE tandem_live_connections gauge\n\
+         tandem_live_connections{stream=\"decahose\",partition=\"1\"} 2\n\
+         tandem_path_lag_seconds_bucket{stream=\"d\",partition=\"1\",path=\"a\",le=\"0.1\"} 3\n",
+    );
+    let ok = "sum by (stream, partition) (tandem_live_connections{job=\"tandem\"})";
+    assert!(contract_problems("ok", ok, &exported).is_empty());
+    let bucket =
+        "histogram_quantile(0.9, sum by (le, path) (rate(tandem_path_lag_seconds_bucket[1m])))";
+    assert!(contract_problems("bucket", bucket, &exported).is_empty());
+    let missing = "sum(rate(tandem_nonexistent_total[1m]))";
+    assert_eq!(contract_problems("m", missing, &exported).len(), 1);
+    let bad_label = "sum by (path) (tandem_live_connections)";
+    assert_eq!(contract_problems("l", bad_label, &exported).len(), 1);
+    assert_eq!(
+        metric_names("tandem:partition_live_connections:sum > tandem_live_connections"),
+        BTreeSet::from(["tandem_live_connections".to_owned()])
+    );
+}
