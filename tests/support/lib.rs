@@ -49,3 +49,21 @@ pub fn judge(name: &str, v: &Verdict, detect: Option<Duration>, repair: Option<D
         v.lost_examples
     );
 }
+
+/// The sum of a metric's series in this process's Prometheus exposition, over the series
+/// whose labels include every `(name, value)` of `labels`.
+pub fn metric_sum(name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = tandem_monitor::prometheus().render();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            let wanted = metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}

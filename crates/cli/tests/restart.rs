@@ -81,17 +81,13 @@ async fn sigkill_and_restart_after_a_gap() {
     let mut cfg = HarnessConfig::fast(dir.path().to_path_buf());
     cfg.monitor_listen = free_port();
     let sim = Simulator::start(SimConfig {
-        streams: vec![cfg.sim_stream()],
+        streams: cfg.sim_streams(),
         ..SimConfig::default()
     })
     .await
     .unwrap();
     let config = dir.path().join("tandem.toml");
-    std::fs::write(
-        &config,
-        cfg.consumer_toml(&sim.stream_url(&cfg.stream).unwrap()),
-    )
-    .unwrap();
+    std::fs::write(&config, cfg.consumer_toml(&cfg.stream_urls(&sim).unwrap())).unwrap();
     let log = dir.path().join("tandem.log");
     let addr = cfg.monitor_listen;
 

@@ -406,7 +406,7 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         if !c.sinks.contains_key(&s.sink) {
             out.push(problem(at("sink"), format!("no [sinks.{}]", s.sink)));
         }
-        for p in s.retry.problems() {
+        for p in s.retry.problems(s.backfill.minute_ms) {
             out.push(problem(at(&format!("retry.{}", p.field)), p.message));
         }
         for p in s.liveness.problems(s.api == ApiConfig::Gnip) {

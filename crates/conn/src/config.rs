@@ -267,8 +267,9 @@ fn invalid(field: &'static str, message: impl Into<String>) -> InvalidSetting {
 }
 
 impl RetryConfig {
-    /// Every problem with the schedule.
-    pub fn problems(&self) -> Vec<InvalidSetting> {
+    /// Every problem with the schedule. `minute_ms` is the length of an upstream minute
+    /// (`backfill.minute_ms`: 60 000 against the real service).
+    pub fn problems(&self, minute_ms: u64) -> Vec<InvalidSetting> {
         let mut out = Vec::new();
         if self.backoff_multiplier < 1.0 || !self.backoff_multiplier.is_finite() {
             out.push(invalid(
@@ -300,10 +301,10 @@ impl RetryConfig {
                 ));
             }
         }
-        if self.rate_limit_initial_backoff_ms < 60_000 {
+        if self.rate_limit_initial_backoff_ms < minute_ms {
             out.push(invalid(
                 "rate_limit_initial_backoff_ms",
-                "the upstream asks for at least 60000 ms after a 429",
+                format!("the upstream asks for at least a minute ({minute_ms} ms) after a 429"),
             ));
         }
         out

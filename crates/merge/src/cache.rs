@@ -10,8 +10,11 @@
 //! about 15 bytes per 64-bit id on average (hashbrown, 1 control byte per slot, load
 //! between 7/16 and 7/8), measured by `cargo bench -p tandem-merge`.
 //!
-//! A hard cap bounds memory: at the cap the oldest generation is dropped early, and those
-//! ids are counted as evicted early, since a late copy of one of them would pass.
+//! A hard cap bounds memory. A generation also closes when it holds `cap / G` ids, so at
+//! the cap the oldest generation, dropped early, is only a `G`-th of the ids: the newest
+//! ids are always kept, and copies that arrive close together are still caught. The ids
+//! dropped before their window ended are counted as evicted early, since a late copy of
+//! one of them would pass.
 
 use std::collections::VecDeque;
 use std::hash::Hash;
@@ -59,9 +62,12 @@ impl<K: Hash + Eq + Copy> GenerationalSet<K> {
         }
     }
 
+    /// Starts a new generation when the current one is a span old or holds its share of
+    /// the cap, then drops what no longer fits.
     fn rotate(&mut self, now: Instant) {
         let current = self.gens.back().expect("always one generation");
-        if now.duration_since(current.started) < self.span {
+        let share = (self.cap / self.max_gens).max(1);
+        if now.duration_since(current.started) < self.span && current.ids.len() < share {
             return;
         }
         // Size the new generation like the last one, so it does not rehash while growing.
@@ -70,9 +76,20 @@ impl<K: Hash + Eq + Copy> GenerationalSet<K> {
             started: now,
             ids: HashSet::with_capacity(expect + expect / 8),
         });
-        while self.gens.len() > self.max_gens {
-            let old = self.gens.pop_front().expect("more than max_gens");
+        self.trim(now);
+    }
+
+    /// Drops the oldest generations while there are more than `G` or more ids than the
+    /// cap; a generation whose successor started less than a window ago still held ids
+    /// inside their window, which are counted as evicted early.
+    fn trim(&mut self, now: Instant) {
+        while self.gens.len() > self.max_gens || (self.len > self.cap && self.gens.len() > 1) {
+            let old = self.gens.pop_front().expect("more than one generation");
             self.len -= old.ids.len();
+            let successor = self.gens.front().expect("one generation left").started;
+            if now.duration_since(successor) < self.window {
+                self.evicted_early += old.ids.len() as u64;
+            }
         }
     }
 
@@ -88,15 +105,13 @@ impl<K: Hash + Eq + Copy> GenerationalSet<K> {
         if self.contains(&key) {
             return false;
         }
-        if self.len >= self.cap {
-            self.evict_early(now);
-        }
         self.gens
             .back_mut()
             .expect("always one generation")
             .ids
             .insert(key);
         self.len += 1;
+        self.trim(now);
         true
     }
 
@@ -104,18 +119,6 @@ impl<K: Hash + Eq + Copy> GenerationalSet<K> {
     /// the current generation, which only lengthens how long it is kept.
     pub fn remember(&mut self, key: K, now: Instant) {
         self.insert(key, now);
-    }
-
-    fn evict_early(&mut self, now: Instant) {
-        if self.gens.len() == 1 {
-            self.gens.push_back(Generation {
-                started: now,
-                ids: HashSet::new(),
-            });
-        }
-        let old = self.gens.pop_front().expect("at least two generations");
-        self.len -= old.ids.len();
-        self.evicted_early += old.ids.len() as u64;
     }
 
     pub fn len(&self) -> usize {
@@ -282,6 +285,39 @@ mod tests {
         assert!(s.len() <= 1_000);
         assert!(s.evicted_early() >= 4_000);
         assert!(s.horizon(Instant::now()) < 15 * MIN);
+    }
+
+    /// At the cap only the oldest share goes: ids inserted a moment ago (copies arriving
+    /// close together) are still remembered, however fast ids come in.
+    #[tokio::test(start_paused = true)]
+    async fn at_the_cap_the_newest_ids_are_kept() {
+        let mut s = GenerationalSet::new(15 * MIN, 4, 1_000, Instant::now());
+        for i in 0..10_000u64 {
+            assert!(s.insert(i, Instant::now()));
+            // The newest three quarters of the cap are always there.
+            let keep = (i + 1).min(750);
+            if i % 97 != 0 {
+                continue;
+            }
+            assert!(
+                (i + 1 - keep..=i).all(|k| s.contains(&k)),
+                "after inserting {i}"
+            );
+        }
+        assert!(s.len() <= 1_000);
+        assert_eq!(s.evicted_early(), 10_000 - s.len() as u64);
+    }
+
+    /// Ids dropped after their window ended are not counted as early.
+    #[tokio::test(start_paused = true)]
+    async fn expiry_by_time_is_not_early() {
+        let mut s = GenerationalSet::new(MIN, 4, 1_000_000, Instant::now());
+        for i in 0..100u64 {
+            s.insert(i, Instant::now());
+            tokio::time::advance(Duration::from_secs(5)).await;
+        }
+        assert!(s.len() < 100);
+        assert_eq!(s.evicted_early(), 0);
     }
 
     /// Posts and other identities are kept apart, each exact.

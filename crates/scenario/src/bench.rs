@@ -169,7 +169,7 @@ async fn pipeline_run(
         "http://{}/stream/sample10/accounts/demo/publishers/twitter/prod.json",
         sim.addr
     );
-    let text = cfg.consumer_toml(&url);
+    let text = cfg.consumer_toml(&[url]);
     let loaded = tandem_config::load(&text, &|v| {
         (v == PASSWORD_VAR).then(|| "demo-password".to_owned())
     })

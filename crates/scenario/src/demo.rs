@@ -77,6 +77,8 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, HarnessError> {
         repair_chunk_secs: 3_600,
         likes: false,
         recovery_rate_per_sec: 5_000,
+        extra_streams: Vec::new(),
+        max_ids_per_partition: None,
     };
     let h = Harness::start(cfg).await?;
     let mut transitions = h.pipeline.alert_transitions();

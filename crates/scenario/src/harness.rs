@@ -60,6 +60,11 @@ pub struct HarnessConfig {
     pub likes: bool,
     /// Activities per second the simulator's recovery delivers.
     pub recovery_rate_per_sec: u64,
+    /// Further streams of the same shape, on the same simulator and consumer (a stream that
+    /// fails alone while `stream` keeps running).
+    pub extra_streams: Vec<String>,
+    /// The merger's cap on remembered ids per partition (`None`: the default).
+    pub max_ids_per_partition: Option<usize>,
 }
 
 impl HarnessConfig {
@@ -91,12 +96,43 @@ impl HarnessConfig {
             repair_chunk_secs: 3_600,
             likes: false,
             recovery_rate_per_sec: 5_000,
+            extra_streams: Vec::new(),
+            max_ids_per_partition: None,
         }
     }
 
-    /// The simulator's stream, configured like the consumer.
-    pub fn sim_stream(&self) -> StreamConfig {
-        let mut s = StreamConfig::decahose(&self.stream, "demo", USER, PASSWORD);
+    /// Every stream the consumer reads: `stream` first, then `extra_streams`.
+    pub fn stream_names(&self) -> Vec<String> {
+        std::iter::once(self.stream.clone())
+            .chain(self.extra_streams.iter().cloned())
+            .collect()
+    }
+
+    /// The simulator's streams, configured like the consumer.
+    pub fn sim_streams(&self) -> Vec<StreamConfig> {
+        self.stream_names()
+            .iter()
+            .map(|name| self.sim_stream(name))
+            .collect()
+    }
+
+    /// The URL of each of [`HarnessConfig::stream_names`] on `sim`.
+    pub fn stream_urls(&self, sim: &Simulator) -> Result<Vec<String>, tandem_sim::SimError> {
+        self.stream_names()
+            .iter()
+            .map(|name| sim.stream_url(name))
+            .collect()
+    }
+
+    /// The simulator's stream `name`, configured like the consumer.
+    pub fn sim_stream(&self, name: &str) -> StreamConfig {
+        let mut s = StreamConfig::decahose(name, "demo", USER, PASSWORD);
+        // Further streams of the account get their own label (and so their own URL).
+        if name != self.stream
+            && let tandem_sim::Api::Gnip { label, .. } = &mut s.api
+        {
+            *label = name.to_owned();
+        }
         s.partitions = self.partitions;
         // Generation starts once the consumer is connected: what was published before
         // its first connection was never offered to it.
@@ -113,8 +149,10 @@ impl HarnessConfig {
         s
     }
 
-    /// The consumer's configuration, as TOML (what a user would write).
-    pub fn consumer_toml(&self, stream_url: &str) -> String {
+    /// The consumer's configuration, as TOML (what a user would write); `urls` holds the
+    /// URL of each of [`HarnessConfig::stream_names`], in order.
+    pub fn consumer_toml(&self, urls: &[String]) -> String {
+        assert_eq!(urls.len(), self.stream_names().len(), "one URL per stream");
         let sink = match &self.nats_url {
             _ if self.null_sink => "kind = \"null\"".to_owned(),
             Some(url) => format!(
@@ -144,14 +182,14 @@ impl HarnessConfig {
         } else {
             ""
         };
-        let dir = self.run_dir.display();
-        let _ = write!(
-            t,
-            r#"
+        for (name, url) in self.stream_names().iter().zip(urls) {
+            let _ = write!(
+                t,
+                r#"
 [[stream]]
-name = "{stream}"
+name = "{name}"
 api = "gnip"
-url = "{stream_url}"
+url = "{url}"
 partitions = {partitions}
 paths = [{paths}]
 sink = "store"
@@ -163,7 +201,8 @@ username = "{USER}"
 password_env = "{PASSWORD_VAR}"
 
 [stream.retry]
-{retry}
+{retry}rate_limit_initial_backoff_ms = {minute}
+rate_limit_max_backoff_ms = {minute_x16}
 [stream.liveness]
 heartbeat_interval_ms = {hb}
 heartbeat_margin_ms = {margin}
@@ -176,13 +215,32 @@ minute_ms = {minute}
 [stream.budget]
 requests = {limit}
 window_ms = {window}
-
+"#,
+                partitions = self.partitions,
+                paths = names.join(", "),
+                hb = self.heartbeat_ms,
+                margin = self.heartbeat_margin_ms,
+                silence = self.data_silence_ms,
+                minute = self.minute_ms,
+                minute_x16 = self.minute_ms * 16,
+                limit = self.connect_limit,
+                window = self.connect_window_ms,
+                likes = self.likes,
+            );
+        }
+        let max_ids = self
+            .max_ids_per_partition
+            .map_or_else(String::new, |n| format!("max_ids_per_partition = {n}\n"));
+        let dir = self.run_dir.display();
+        let _ = write!(
+            t,
+            r#"
 [sinks.store]
 {sink}
 
 [merge]
 dedup_window_secs = {dedup}
-dead_letter_dir = "{dir}/dead-letters"
+{max_ids}dead_letter_dir = "{dir}/dead-letters"
 
 [delivery]
 spool_dir = "{dir}/spool"
@@ -205,21 +263,11 @@ margin_secs = {repair_margin}
 chunk_secs = {repair_chunk}
 ledger_flush_ms = 200
 "#,
-            stream = self.stream,
-            partitions = self.partitions,
-            paths = names.join(", "),
-            hb = self.heartbeat_ms,
-            margin = self.heartbeat_margin_ms,
-            silence = self.data_silence_ms,
-            minute = self.minute_ms,
-            limit = self.connect_limit,
-            window = self.connect_window_ms,
             dedup = self.dedup_window_secs,
             memory = self.max_memory_activities,
             listen = self.monitor_listen,
             grace = self.reconciliation_grace_secs,
             pending = self.alert_pending_secs,
-            likes = self.likes,
             repair_margin = self.repair_margin_secs,
             repair_chunk = self.repair_chunk_secs,
         );
@@ -245,6 +293,9 @@ pub struct Harness {
     pub pipeline: Pipeline,
     pub cfg: HarnessConfig,
     pub config_text: String,
+    /// Activities stored by earlier runs of the consumer (before a restart), per stream
+    /// and partition: the current run's tallies start from zero.
+    stored_before: HashMap<(String, Partition), u64>,
 }
 
 /// What the store holds against what the simulator published.
@@ -295,37 +346,71 @@ impl Verdict {
     }
 }
 
+/// Starts a consumer from its configuration text, with the simulator's credentials.
+async fn start_consumer(config_text: &str) -> Result<Pipeline, HarnessError> {
+    let loaded = tandem_config::load(config_text, &|name| {
+        (name == PASSWORD_VAR).then(|| PASSWORD.to_owned())
+    })?;
+    Ok(Pipeline::start(loaded).await?)
+}
+
 impl Harness {
     /// Starts the simulator (on an ephemeral loopback port) and a consumer of it.
     pub async fn start(cfg: HarnessConfig) -> Result<Harness, HarnessError> {
         tandem_conn::install_crypto_provider();
         let sim = Simulator::start(SimConfig {
-            streams: vec![cfg.sim_stream()],
+            streams: cfg.sim_streams(),
             ..SimConfig::default()
         })
         .await?;
-        let url = sim.stream_url(&cfg.stream)?;
-        let config_text = cfg.consumer_toml(&url);
-        let loaded = tandem_config::load(&config_text, &|name| {
-            (name == PASSWORD_VAR).then(|| PASSWORD.to_owned())
-        })?;
-        let pipeline = Pipeline::start(loaded).await?;
+        let config_text = cfg.consumer_toml(&cfg.stream_urls(&sim)?);
+        let pipeline = start_consumer(&config_text).await?;
         let h = Harness {
             sim,
             pipeline,
             cfg,
             config_text,
+            stored_before: HashMap::new(),
         };
         if !h.wait_connected(Duration::from_secs(15)).await {
             tracing::warn!("not every connection came up within 15 s; generating anyway");
         }
-        h.sim.set_rate(
-            &h.cfg.stream,
-            RateProfile::Constant {
-                per_sec: h.cfg.rate_per_sec,
-            },
-        )?;
+        for name in h.cfg.stream_names() {
+            h.sim.set_rate(
+                &name,
+                RateProfile::Constant {
+                    per_sec: h.cfg.rate_per_sec,
+                },
+            )?;
+        }
         Ok(h)
+    }
+
+    /// Stops the consumer (an orderly shutdown, as after SIGTERM) and starts it again with
+    /// the same configuration: what an operator does after fixing credentials.
+    pub async fn restart(self) -> Result<(Harness, ShutdownReport), HarnessError> {
+        let Harness {
+            sim,
+            pipeline,
+            cfg,
+            config_text,
+            mut stored_before,
+        } = self;
+        // Read after the drain: shutdown stores what was still in flight.
+        let tallies = pipeline.tallies().to_vec();
+        let report = pipeline.shutdown().await;
+        for (stream, p, t) in tallies {
+            *stored_before.entry((stream.to_string(), p)).or_default() += t.snapshot().stored;
+        }
+        let pipeline = start_consumer(&config_text).await?;
+        let h = Harness {
+            sim,
+            pipeline,
+            cfg,
+            config_text,
+            stored_before,
+        };
+        Ok((h, report))
     }
 
     pub fn status(&self) -> Arc<Status> {
@@ -335,7 +420,7 @@ impl Harness {
     /// Waits until every partition has a live connection on every path.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let want = self.cfg.paths.len();
-        let partitions = self.cfg.partitions as usize;
+        let partitions = self.cfg.partitions as usize * self.cfg.stream_names().len();
         // A status with no partitions yet (before the monitor's first evaluation) proves
         // nothing: every partition must be present and fully connected.
         self.wait(timeout, |s| {
@@ -368,21 +453,22 @@ impl Harness {
         }
     }
 
-    /// Distinct published activities per partition.
-    fn truth(&self) -> HashMap<Partition, HashSet<ActivityId>> {
-        (1..=self.cfg.partitions)
-            .map(|p| {
-                (
-                    p,
-                    self.sim
-                        .truth(&self.cfg.stream, p)
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|r| r.id)
-                        .collect(),
-                )
-            })
-            .collect()
+    /// Distinct published activities per stream and partition.
+    fn truth(&self) -> HashMap<(String, Partition), HashSet<ActivityId>> {
+        let mut out = HashMap::new();
+        for stream in self.cfg.stream_names() {
+            for p in 1..=self.cfg.partitions {
+                let ids = self
+                    .sim
+                    .truth(&stream, p)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|r| r.id)
+                    .collect();
+                out.insert((stream.clone(), p), ids);
+            }
+        }
+        out
     }
 
     /// Starts another consumer of the same simulator (another zone), writing under
@@ -398,26 +484,26 @@ impl Harness {
             monitor_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             ..self.cfg.clone()
         };
-        let text = cfg.consumer_toml(&self.sim.stream_url(&self.cfg.stream)?);
-        let loaded = tandem_config::load(&text, &|name| {
-            (name == PASSWORD_VAR).then(|| PASSWORD.to_owned())
-        })?;
-        Ok(Pipeline::start(loaded).await?)
+        start_consumer(&cfg.consumer_toml(&cfg.stream_urls(&self.sim)?)).await
     }
 
     /// Stops generation and waits until the consumer has stored everything published.
     pub async fn quiesce(&self, timeout: Duration) -> bool {
-        let _ = self
-            .sim
-            .set_rate(&self.cfg.stream, RateProfile::Constant { per_sec: 0.0 });
+        for name in self.cfg.stream_names() {
+            let _ = self
+                .sim
+                .set_rate(&name, RateProfile::Constant { per_sec: 0.0 });
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         let mut stable_since: Option<tokio::time::Instant> = None;
         loop {
             let truth = self.truth();
-            let settled = self.pipeline.tallies().iter().all(|(_, p, t)| {
+            let settled = self.pipeline.tallies().iter().all(|(stream, p, t)| {
                 let s = t.snapshot();
-                let published = truth.get(p).map_or(0, HashSet::len) as u64;
-                s.unique >= published
+                let key = (stream.to_string(), *p);
+                let published = truth.get(&key).map_or(0, HashSet::len) as u64;
+                let before = self.stored_before.get(&key).copied().unwrap_or(0);
+                s.unique + before >= published
                     && s.stored == s.unique
                     && s.in_flight == 0
                     && s.unclassified() == 0
@@ -473,33 +559,13 @@ pub fn compare(
     stored: &HashMap<(String, Partition), Vec<ActivityId>>,
 ) -> Verdict {
     let mut v = Verdict::default();
-    let records: Vec<(Partition, tandem_sim::TruthRecord)> = (1..=cfg.partitions)
-        .flat_map(|p| {
-            sim.truth(&cfg.stream, p)
-                .unwrap_or_default()
-                .into_iter()
-                .map(move |r| (p, r))
-        })
-        .collect();
-    {
-        let truth: HashMap<Partition, HashSet<ActivityId>> = (1..=cfg.partitions)
-            .map(|p| {
-                (
-                    p,
-                    records
-                        .iter()
-                        .filter(|(q, _)| *q == p)
-                        .map(|(_, r)| r.id)
-                        .collect(),
-                )
-            })
-            .collect();
+    for stream in cfg.stream_names() {
         for p in 1..=cfg.partitions {
-            let published = truth.get(&p).cloned().unwrap_or_default();
+            let records = sim.truth(&stream, p).unwrap_or_default();
+            let published: HashSet<ActivityId> = records.iter().map(|r| r.id).collect();
             let lines = stored
-                .get(&(cfg.stream.clone(), p))
-                .cloned()
-                .unwrap_or_default();
+                .get(&(stream.clone(), p))
+                .map_or(&[][..], Vec::as_slice);
             let distinct: HashSet<ActivityId> = lines.iter().copied().collect();
             v.published += published.len();
             v.stored_lines += lines.len();
@@ -508,13 +574,13 @@ pub fn compare(
             let lost: Vec<ActivityId> = published.difference(&distinct).copied().collect();
             v.lost += lost.len();
             for id in lost.iter().take(5) {
-                if let Some(r) = records.iter().find(|(q, r)| *q == p && r.id == *id) {
-                    v.lost_detail.push(*r);
+                if let Some(r) = records.iter().find(|r| r.id == *id) {
+                    v.lost_detail.push((p, *r));
                 }
             }
             v.lost_examples.extend(lost.into_iter().take(5));
             v.not_published += distinct.difference(&published).count();
         }
-        v
     }
+    v
 }
