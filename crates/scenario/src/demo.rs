@@ -79,6 +79,9 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, HarnessError> {
         recovery_rate_per_sec: 5_000,
         extra_streams: Vec::new(),
         max_ids_per_partition: None,
+        sim_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        url_host: None,
+        resolve_ips: Vec::new(),
     };
     let h = Harness::start(cfg).await?;
     let mut transitions = h.pipeline.alert_transitions();

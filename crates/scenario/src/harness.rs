@@ -65,6 +65,14 @@ pub struct HarnessConfig {
     pub extra_streams: Vec<String>,
     /// The merger's cap on remembered ids per partition (`None`: the default).
     pub max_ids_per_partition: Option<usize>,
+    /// Where the simulator listens (port 0: any free port).
+    pub sim_listen: SocketAddr,
+    /// The host name in the stream URLs instead of the simulator's address, so that a
+    /// path's `resolve_ip` applies (paths reaching the simulator over different links).
+    pub url_host: Option<String>,
+    /// Per path, the address the upstream host resolves to on that path (`resolve_ip`);
+    /// empty or `None`: ordinary resolution.
+    pub resolve_ips: Vec<Option<IpAddr>>,
 }
 
 impl HarnessConfig {
@@ -98,6 +106,9 @@ impl HarnessConfig {
             recovery_rate_per_sec: 5_000,
             extra_streams: Vec::new(),
             max_ids_per_partition: None,
+            sim_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            url_host: None,
+            resolve_ips: Vec::new(),
         }
     }
 
@@ -118,9 +129,18 @@ impl HarnessConfig {
 
     /// The URL of each of [`HarnessConfig::stream_names`] on `sim`.
     pub fn stream_urls(&self, sim: &Simulator) -> Result<Vec<String>, tandem_sim::SimError> {
+        let base = sim.base_url();
         self.stream_names()
             .iter()
-            .map(|name| sim.stream_url(name))
+            .map(|name| {
+                let url = sim.stream_url(name)?;
+                Ok(match &self.url_host {
+                    Some(host) => {
+                        format!("http://{host}:{}{}", sim.addr().port(), &url[base.len()..])
+                    }
+                    None => url,
+                })
+            })
             .collect()
     }
 
@@ -174,6 +194,9 @@ impl HarnessConfig {
             let _ = writeln!(t, "[[path]]\nname = \"{name}\"");
             if let Some(ip) = ip {
                 let _ = writeln!(t, "source_address = \"{ip}\"");
+            }
+            if let Some(Some(ip)) = self.resolve_ips.get(i) {
+                let _ = writeln!(t, "resolve_ip = \"{ip}\"");
             }
             names.push(format!("\"{name}\""));
         }
@@ -359,6 +382,7 @@ impl Harness {
     pub async fn start(cfg: HarnessConfig) -> Result<Harness, HarnessError> {
         tandem_conn::install_crypto_provider();
         let sim = Simulator::start(SimConfig {
+            listen: cfg.sim_listen,
             streams: cfg.sim_streams(),
             ..SimConfig::default()
         })
