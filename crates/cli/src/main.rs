@@ -3,7 +3,12 @@
 //!
 //! # Layout
 //! - `main.rs`: arguments, tracing, and one function per subcommand (`run`, `check`,
-//!   `demo`, `sim`).
+//!   `demo`, `sim`, `bench`).
+//! - `tests/cli.rs`: the binary's arguments, `check` on good and broken configurations.
+//! - `tests/restart.rs`: SIGKILL during a gap and a restart that repairs it.
+//! - `tests/deploy.rs`: the deployment artefacts (`deploy/`, `dashboards/`) against
+//!   `promtool`, `nats-server`, `systemd-analyze`, and a real Prometheus scraping `tandem
+//!   demo`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -359,9 +359,9 @@ pub fn validate(line: &[u8]) -> Result<(), IdentityError> {
 }
 
 fn bad_id(field: &'static str, raw: &[u8]) -> IdentityError {
-    let mut text = String::from_utf8_lossy(raw).into_owned();
-    text.truncate(64);
-    IdentityError::BadId { field, value: text }
+    // At most 64 characters of the offending value (a byte cut could split a character).
+    let value = String::from_utf8_lossy(raw).chars().take(64).collect();
+    IdentityError::BadId { field, value }
 }
 
 fn post_id(
@@ -474,6 +474,17 @@ mod tests {
     use super::*;
 
     const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../samples");
+
+    /// Found by the fuzzer: a bad id whose 64th byte falls inside a character panicked
+    /// while being quoted in the error.
+    #[test]
+    fn bad_id_with_a_long_multibyte_value_is_an_error() {
+        let line = format!("{{\"data\":{{\"id\":\"{}éé\"}}}}", "1".repeat(63));
+        match identify(line.as_bytes()) {
+            Err(IdentityError::BadId { value, .. }) => assert_eq!(value.chars().count(), 64),
+            other => panic!("{other:?}"),
+        }
+    }
 
     fn sample(name: &str) -> Vec<u8> {
         let text = std::fs::read(format!("{SAMPLES}/{name}")).unwrap();

@@ -1,80 +1,12 @@
 //! Identity extraction checked against a full `serde_json` parse, on generated documents
 //! with nested-id traps, whitespace, key order, escapes and unicode, and on the samples.
 
-use proptest::prelude::*;
-use serde_json::Value;
-use tandem_core::{ActivityId, LineKind, identify, validate};
+mod reference;
 
-/// The reference: the identity rules of UPSTREAM.md §3 applied to a full parse.
-fn reference(line: &[u8]) -> Option<Result<ActivityId, ()>> {
-    let v: Value = serde_json::from_slice(line).ok()?;
-    let obj = v.as_object()?;
-    let decimal = |s: &str| {
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| s.parse::<u64>().ok())
-            .flatten()
-    };
-    if let Some(s) = obj.get("id_str").and_then(Value::as_str) {
-        return Some(decimal(s).map(ActivityId::Post).ok_or(()));
-    }
-    if let Some(s) = obj.get("id").and_then(Value::as_str) {
-        if s.starts_with("tag:") {
-            return Some(
-                decimal(s.rsplit(':').next().unwrap_or_default())
-                    .map(ActivityId::Post)
-                    .ok_or(()),
-            );
-        }
-        if s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Some(Ok(ActivityId::Like(u128::from_str_radix(s, 16).unwrap())));
-        }
-        return Some(decimal(s).map(ActivityId::Post).ok_or(()));
-    }
-    if let Some(data) = obj.get("data") {
-        return Some(
-            data.get("id")
-                .and_then(Value::as_str)
-                .and_then(decimal)
-                .map(ActivityId::Post)
-                .ok_or(()),
-        );
-    }
-    if let Some(d) = obj.get("delete") {
-        let ts = d
-            .get("timestamp_ms")
-            .and_then(|t| t.as_str().and_then(decimal).or_else(|| t.as_u64()))?;
-        if let Some(s) = d.get("status") {
-            return Some(
-                s.get("id_str")
-                    .and_then(Value::as_str)
-                    .and_then(decimal)
-                    .map(|status| ActivityId::Delete {
-                        status,
-                        timestamp_ms: ts,
-                    })
-                    .ok_or(()),
-            );
-        }
-        let f = d.get("favorite")?;
-        let t = f
-            .get("tweet_id_str")
-            .and_then(Value::as_str)
-            .and_then(decimal);
-        let u = f
-            .get("user_id_str")
-            .and_then(Value::as_str)
-            .and_then(decimal);
-        return Some(match (t, u) {
-            (Some(tweet), Some(user)) => Ok(ActivityId::Unlike {
-                tweet,
-                user,
-                timestamp_ms: ts,
-            }),
-            _ => Err(()),
-        });
-    }
-    None
-}
+use proptest::prelude::*;
+use reference::{reference, serde_accepts, unambiguous};
+use serde_json::Value;
+use tandem_core::{LineKind, identify, validate};
 
 /// Writes JSON with random whitespace and random `\u` escapes, keys in the given order.
 fn pad(ws: &mut impl Iterator<Item = u8>, out: &mut String) {
@@ -252,7 +184,7 @@ proptest! {
     #[test]
     fn never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
         let got = identify(&bytes);
-        if validate(&bytes).is_ok() && let Ok(LineKind::Activity(id)) = got && let Some(Ok(want)) = reference(&bytes) {
+        if validate(&bytes).is_ok() && unambiguous(&bytes) && let Ok(LineKind::Activity(id)) = got && let Some(Ok(want)) = reference(&bytes) {
             prop_assert_eq!(id, want);
         }
     }
@@ -271,6 +203,25 @@ proptest! {
             prop_assert_eq!(a, b);
         }
         prop_assert!(validate(prefix).is_err(), "a strict prefix validated: {:?}", String::from_utf8_lossy(prefix));
+    }
+}
+
+/// Where key order decides (a repeated key, two deciding keys; the upstream sends neither),
+/// the first occurrence in document order wins, the same on every path.
+#[test]
+fn the_first_deciding_key_wins() {
+    use tandem_core::ActivityId::Post;
+    for (line, want) in [
+        (r#"{"id_str":"1","id_str":"2"}"#, 1),
+        (r#"{"id":"tag:search.twitter.com,2005:3","id_str":"4"}"#, 3),
+        (r#"{"data":{"id":"5","id":"6"}}"#, 5),
+        (r#"{"id":7,"id_str":"7"}"#, 7),
+    ] {
+        assert_eq!(
+            identify(line.as_bytes()).unwrap(),
+            LineKind::Activity(Post(want))
+        );
+        assert_eq!(unambiguous(line.as_bytes()), want == 7, "{line}");
     }
 }
 
@@ -293,13 +244,6 @@ fn samples_agree_with_a_full_parse() {
             }
         }
     }
-}
-
-/// The reference verdict on a whole line: UTF-8, and serde_json accepts it as one value
-/// (its `IgnoredAny` skips strings without checking UTF-8, hence the first test).
-fn serde_accepts(line: &[u8]) -> bool {
-    std::str::from_utf8(line).is_ok()
-        && serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok()
 }
 
 proptest! {

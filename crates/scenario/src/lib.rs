@@ -5,8 +5,9 @@
 //! use this harness, so they judge the same way.
 //!
 //! # Layout
-//! - [`harness`]: [`Harness`] (simulator + pipeline from a rendered configuration),
-//!   quiescing, and the [`Verdict`].
+//! - [`harness`]: [`Harness`] (simulator + pipeline from a rendered configuration; one
+//!   or more streams; paths by source address and resolved IP; restart), quiescing, and
+//!   the [`Verdict`].
 //! - [`store`]: reading back what the file sink stored.
 //! - [`nats`]: a real `nats-server -js` for tests, and reading back a JetStream stream.
 //! - [`demo`]: the embedded demo with its fault schedule and live summary.
