@@ -62,8 +62,9 @@ pub struct RetryConfig {
     /// HTTP errors: the longest delay.
     #[serde(default = "default_http_max_ms")]
     pub http_max_backoff_ms: u64,
-    /// 429: the first delay (the upstream asks for at least a minute); doubles per attempt.
-    /// A `Retry-After` or `x-rate-limit-reset` header that asks for longer wins.
+    /// 429: the first delay (the upstream asks for at least a minute, so it may not be
+    /// below `backfill.minute_ms`); doubles per attempt. A `Retry-After` or
+    /// `x-rate-limit-reset` header that asks for longer wins.
     #[serde(default = "default_rate_limit_initial_ms")]
     pub rate_limit_initial_backoff_ms: u64,
     /// 429: the longest delay.

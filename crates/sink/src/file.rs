@@ -5,7 +5,9 @@
 //! write appends a whole batch or nothing: a failed write is truncated back, so a retry
 //! never duplicates. With gzip each write is its own gzip member, so the file is a valid
 //! gzip stream after every write. Activities are acknowledged once fsynced (on an interval
-//! and at rotation). After a crash, [`FileStore::open`] repairs leftover `.tmp` files:
+//! and at rotation). The interval's fsync runs on duplicated file handles beside the
+//! writes, so a slow fsync (seconds, with a lot of dirty data) delays acknowledgements,
+//! never the writes behind it. After a crash, [`FileStore::open`] repairs leftover `.tmp` files:
 //! an incomplete last line (or gzip member) is cut off, then the file is renamed.
 
 use std::collections::HashMap;
@@ -113,6 +115,10 @@ pub struct Repair {
     pub cut_bytes: u64,
 }
 
+/// An fsync running beside the writes: the files it covers (duplicated handles) and the
+/// acknowledgements it makes durable.
+type SyncJob = tokio::task::JoinHandle<(io::Result<()>, Vec<Ack>)>;
+
 /// The file store.
 #[derive(Debug)]
 pub struct FileStore {
@@ -120,6 +126,8 @@ pub struct FileStore {
     fsync_interval: Duration,
     last_sync: Instant,
     unacked: usize,
+    /// At most one fsync at a time; writes go on while it runs.
+    syncing: Option<SyncJob>,
 }
 
 fn io_err(e: io::Error) -> StoreError {
@@ -147,6 +155,7 @@ impl FileStore {
             fsync_interval,
             last_sync: Instant::now(),
             unacked: 0,
+            syncing: None,
         };
         Ok((store, repair))
     }
@@ -162,8 +171,31 @@ impl FileStore {
             .map_err(io_err)
     }
 
+    /// Waits for a running fsync; its acknowledgements, or its error (the writes it
+    /// covered go back to waiting for the next fsync).
+    async fn finish_sync(&mut self, job: SyncJob) -> Result<Vec<Ack>, StoreError> {
+        let (result, acks) = job
+            .await
+            .map_err(|e| StoreError::fatal("file", format!("fsync thread failed: {e}")))?;
+        match result {
+            Ok(()) => Ok(acks),
+            Err(e) => {
+                self.blocking(move |inner| {
+                    inner.requeue(acks);
+                    Ok(())
+                })
+                .await?;
+                Err(io_err(e))
+            }
+        }
+    }
+
     /// Closes every open file (fsync and rename). Used at shutdown.
     async fn close_all(&mut self) -> Result<Vec<Ack>, StoreError> {
+        let mut done = match self.syncing.take() {
+            Some(job) => self.finish_sync(job).await?,
+            None => Vec::new(),
+        };
         let acks = self
             .blocking(|inner| {
                 let keys: Vec<Key> = inner.open.keys().copied().collect();
@@ -173,8 +205,9 @@ impl FileStore {
                 Ok(std::mem::take(&mut inner.durable))
             })
             .await?;
+        done.extend(acks);
         self.unacked = 0;
-        Ok(acks)
+        Ok(done)
     }
 }
 
@@ -257,15 +290,33 @@ impl Inner {
         Ok(())
     }
 
-    fn sync(&mut self) -> io::Result<()> {
+    /// Starts an fsync of every file written since the last one: duplicated handles of
+    /// those files and the acknowledgements the fsync will make durable. Writes may go on
+    /// meanwhile; an fsync on a duplicate covers them too, which only helps.
+    fn begin_sync(&mut self) -> io::Result<Option<(Vec<File>, Vec<Ack>)>> {
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        let mut files = Vec::new();
         for f in self.open.values_mut().filter(|f| f.dirty) {
-            f.file.sync_data()?;
+            files.push(f.file.try_clone()?);
             f.dirty = false;
         }
-        for (_, acks) in self.pending.drain() {
-            self.durable.extend(acks);
+        let acks = self.pending.drain().flat_map(|(_, acks)| acks).collect();
+        Ok(Some((files, acks)))
+    }
+
+    /// Puts back the acknowledgements of a failed fsync: the next one covers them.
+    fn requeue(&mut self, acks: Vec<Ack>) {
+        for ack in acks {
+            self.pending
+                .entry((ack.stream, ack.partition))
+                .or_default()
+                .push(ack);
         }
-        Ok(())
+        for f in self.open.values_mut() {
+            f.dirty = true;
+        }
     }
 
     /// Closes a file: fsync, rename to its final name, fsync the directory.
@@ -319,19 +370,39 @@ impl Store for FileStore {
     }
 
     async fn acks(&mut self, force: bool) -> Result<Vec<Ack>, StoreError> {
-        let due = force || self.last_sync.elapsed() >= self.fsync_interval;
+        let mut acks = Vec::new();
+        if self
+            .syncing
+            .as_ref()
+            .is_some_and(|job| force || job.is_finished())
+            && let Some(job) = self.syncing.take()
+        {
+            acks.extend(self.finish_sync(job).await?);
+        }
+        let due =
+            self.syncing.is_none() && (force || self.last_sync.elapsed() >= self.fsync_interval);
         if due {
             self.last_sync = Instant::now();
         }
-        let acks = self
+        let (durable, started) = self
             .blocking(move |inner| {
                 inner.rotate_expired(unix_ms_now())?;
-                if due {
-                    inner.sync()?;
-                }
-                Ok(std::mem::take(&mut inner.durable))
+                let started = if due { inner.begin_sync()? } else { None };
+                Ok((std::mem::take(&mut inner.durable), started))
             })
             .await?;
+        acks.extend(durable);
+        if let Some((files, covered)) = started {
+            let job = tokio::task::spawn_blocking(move || {
+                let result = files.iter().try_for_each(File::sync_data);
+                (result, covered)
+            });
+            if force {
+                acks.extend(self.finish_sync(job).await?);
+            } else {
+                self.syncing = Some(job);
+            }
+        }
         self.unacked -= acks
             .iter()
             .map(|a| a.ids.len())

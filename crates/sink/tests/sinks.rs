@@ -82,8 +82,20 @@ async fn files_rotate_and_acknowledge_after_fsync() {
         );
         assert_eq!(store.unacknowledged(), 10);
         tokio::time::sleep(Duration::from_millis(350)).await;
-        let acks = store.acks(false).await.unwrap();
-        assert_eq!(acks.iter().map(|a| a.ids.len()).sum::<usize>(), 10);
+        // The fsync, due now, runs beside further writes; a later poll collects it.
+        let mut acked = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while acked < 10 && tokio::time::Instant::now() < deadline {
+            acked += store
+                .acks(false)
+                .await
+                .unwrap()
+                .iter()
+                .map(|a| a.ids.len())
+                .sum::<usize>();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(acked, 10);
         let open: Vec<_> = files(dir.path());
         assert_eq!(open.len(), 1);
         assert!(
