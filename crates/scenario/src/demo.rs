@@ -51,10 +51,9 @@ pub struct DemoReport {
 
 /// Runs the demo, printing the live summary to stdout.
 pub async fn run(opts: DemoOptions) -> Result<DemoReport, HarnessError> {
+    // The real service's timings (10 s heartbeats, 60 s minutes, 10 connects per 61 s,
+    // the published backoff schedule) on the test harness's shape.
     let cfg = HarnessConfig {
-        run_dir: opts.run_dir.clone(),
-        stream: "decahose".to_owned(),
-        partitions: 2,
         paths: path_addresses(),
         rate_per_sec: opts.rate_per_sec,
         heartbeat_ms: 10_000,
@@ -62,26 +61,12 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, HarnessError> {
         data_silence_ms: 2_000,
         minute_ms: 60_000,
         dedup_window_secs: 900,
-        alert_pending_secs: 0.0,
-        reconciliation_grace_secs: 5,
         monitor_listen: opts.metrics_listen,
-        gzip: false,
         connect_limit: 10,
         connect_window_ms: 61_000,
         fast_retry: false,
-        nats_url: None,
-        null_sink: false,
-        max_connections_per_partition: 2,
-        max_memory_activities: 100_000,
         repair_margin_secs: 30,
-        repair_chunk_secs: 3_600,
-        likes: false,
-        recovery_rate_per_sec: 5_000,
-        extra_streams: Vec::new(),
-        max_ids_per_partition: None,
-        sim_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        url_host: None,
-        resolve_ips: Vec::new(),
+        ..HarnessConfig::fast(opts.run_dir.clone())
     };
     let h = Harness::start(cfg).await?;
     let mut transitions = h.pipeline.alert_transitions();
