@@ -171,6 +171,7 @@ impl Pipeline {
         let mut sink_tx: HashMap<String, mpsc::Sender<UniqueBatch>> = HashMap::new();
         let mut sinks = Vec::new();
         let mut stored_ids: HashMap<(String, Partition), Vec<ActivityId>> = HashMap::new();
+        let mut shared_stores: HashMap<String, tandem_sink::StoredIds> = HashMap::new();
         for (name, sink) in &config.sinks {
             let routed: HashMap<(StreamId, Partition), Arc<Tally>> = tallies
                 .iter()
@@ -219,9 +220,15 @@ impl Pipeline {
                 }
                 SinkConfig::Nats(n) => {
                     let token = sink_tokens.get(name).map(|t| t.expose().to_owned());
-                    let store = NatsStore::connect(n.clone(), names.clone(), token)
+                    let store = NatsStore::connect(n.clone(), names.clone(), token.clone())
                         .await
                         .map_err(|e| err(e.to_string()))?;
+                    // Another consumer (the other zone) writes to this store too: recovery
+                    // asks it what it already holds.
+                    let ids = tandem_sink::StoredIds::connect(n, token)
+                        .await
+                        .map_err(|e| err(e.to_string()))?;
+                    shared_stores.insert(name.clone(), ids);
                     tandem_sink::spawn(
                         name,
                         store,
@@ -398,6 +405,13 @@ impl Pipeline {
                                 out: batch_tx.clone(),
                                 jobs: jobs.clone(),
                             })
+                        }),
+                        stored: shared_stores.get(&s.sink).map(|ids| {
+                            Arc::new(StoreIds {
+                                ids: ids.clone(),
+                                stream: s.name.clone(),
+                                partition: p,
+                            }) as Arc<dyn tandem_repair::StoredIdsSince>
                         }),
                     },
                     events_rx,
@@ -599,5 +613,33 @@ impl Pipeline {
         self.http.abort();
         report.elapsed = started.elapsed();
         report
+    }
+}
+
+/// What a shared store (JetStream) holds for one stream partition, for recovery.
+#[derive(Debug)]
+struct StoreIds {
+    ids: tandem_sink::StoredIds,
+    stream: String,
+    partition: Partition,
+}
+
+impl tandem_repair::StoredIdsSince for StoreIds {
+    fn since(
+        &self,
+        since_ms: u64,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<std::collections::HashSet<ActivityId>, String>>
+                + Send
+                + '_,
+        >,
+    > {
+        Box::pin(async move {
+            self.ids
+                .since(&self.stream, self.partition, since_ms)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }

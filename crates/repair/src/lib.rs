@@ -12,7 +12,8 @@
 //! - [`ledger`]: the persisted [`PartitionLedger`] (complete-until, gaps, chunks) and the
 //!   edge id files.
 //! - [`recovery`]: one recovery chunk: request, read, resume, completion.
-//! - [`repairer`]: the per-partition loop ([`spawn`]).
+//! - [`repairer`]: the per-partition loop ([`spawn`]); with a store shared by two
+//!   consumers ([`StoredIdsSince`]), recovery skips the posts the store already holds.
 
 pub mod config;
 pub mod ledger;
@@ -22,4 +23,4 @@ pub mod repairer;
 pub use config::RepairConfig;
 pub use ledger::PartitionLedger;
 pub use recovery::{ChunkOutcome, RecoverySpec};
-pub use repairer::{PartitionRepair, RepairHandle, spawn};
+pub use repairer::{PartitionRepair, RepairHandle, StoredIdsSince, spawn};

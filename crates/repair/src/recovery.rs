@@ -59,8 +59,9 @@ pub enum ChunkOutcome {
     Shutdown,
 }
 
-/// Post ids stored around a gap's edges.
-pub type EdgeIds = Arc<HashSet<u64>>;
+/// Ids already stored that a recovered copy must not be stored again: posts stored around
+/// a gap's edges, and, with a store shared by two consumers, whatever it already holds.
+pub type EdgeIds = Arc<HashSet<tandem_core::ActivityId>>;
 
 /// How one request ended.
 enum Read {
@@ -197,7 +198,7 @@ async fn read(
     spec: &RecoverySpec,
     mut resp: reqwest::Response,
     progress: Progress<'_>,
-    edge: &HashSet<u64>,
+    edge: &HashSet<tandem_core::ActivityId>,
     meters: &Meters,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Read {
@@ -259,9 +260,7 @@ async fn read(
                     if let Some(t) = id.created_unix_ms() {
                         *latest = Some(latest.map_or(t, |l: u64| l.max(t)));
                     }
-                    if let tandem_core::ActivityId::Post(n) = id
-                        && edge.contains(&n)
-                    {
+                    if edge.contains(&id) {
                         stored_before += 1;
                         continue;
                     }

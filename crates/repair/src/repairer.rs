@@ -53,6 +53,43 @@ pub struct PartitionRepair {
     /// beyond backfill are unrecoverable. Dropped at shutdown: it holds a sender of the
     /// merger's channel.
     pub recovery: Option<Arc<RecoverySpec>>,
+    /// The store's own record of what it holds, when another consumer writes to it too (a
+    /// pair in two zones sharing JetStream): a recovered activity already there (the other
+    /// zone stored it while this one was away) is dropped like an edge id.
+    pub stored: Option<Arc<dyn StoredIdsSince>>,
+}
+
+/// A store that can say which activities of this partition it holds, stored at or after
+/// a time (Unix ms).
+pub trait StoredIdsSince: Send + Sync + std::fmt::Debug {
+    fn since(
+        &self,
+        since_ms: u64,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<HashSet<ActivityId>, String>> + Send + '_>,
+    >;
+}
+
+/// The chunk's edge ids plus what the store already holds from `chunk_start_ms` on.
+async fn with_stored(
+    edge: EdgeIds,
+    stored: &dyn StoredIdsSince,
+    chunk_start_ms: u64,
+    stream: &str,
+    partition: Partition,
+) -> EdgeIds {
+    // Some slack for the clocks of the upstream and the store.
+    match stored.since(chunk_start_ms.saturating_sub(60_000)).await {
+        Ok(held) if !held.is_empty() => {
+            tracing::info!(%stream, partition, ids = held.len(), "activities already in the store are skipped by recovery");
+            Arc::new(edge.iter().copied().chain(held).collect())
+        }
+        Ok(_) => edge,
+        Err(e) => {
+            tracing::warn!(%stream, partition, error = %e, "cannot read what the store holds; recovery relies on its duplicate window");
+            edge
+        }
+    }
 }
 
 /// A running repair.
@@ -360,10 +397,15 @@ impl Repairer {
             if self.running.len() >= limit {
                 break;
             }
-            let edge = self.edge_ids(key.0);
+            let mut edge = self.edge_ids(key.0);
             let spec = spec.clone();
             let shutdown = self.shutdown.clone();
+            let stored = self.r.stored.clone();
+            let (stream, partition) = (self.r.stream.clone(), self.r.partition);
             let handle = self.jobs.spawn(async move {
+                if let Some(stored) = stored {
+                    edge = with_stored(edge, &*stored, key.1, &stream, partition).await;
+                }
                 let outcome = recover(&spec, key.1, end_ms, edge, shutdown).await;
                 (key, outcome)
             });
@@ -381,14 +423,7 @@ impl Repairer {
                     tracing::error!(file = %path.display(), error = %e, "cannot read a gap's edge ids");
                     Vec::new()
                 });
-                Arc::new(
-                    ids.into_iter()
-                        .filter_map(|id| match id {
-                            ActivityId::Post(n) => Some(n),
-                            _ => None,
-                        })
-                        .collect(),
-                )
+                Arc::new(ids.into_iter().collect())
             })
             .clone()
     }

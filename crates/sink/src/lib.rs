@@ -24,7 +24,7 @@ pub mod store;
 
 pub use driver::{DrainReport, DriverConfig, SinkHandle, spawn};
 pub use file::{FileConfig, FileStore, Repair, recent_ids};
-pub use nats::{NatsConfig, NatsStore};
+pub use nats::{NatsConfig, NatsStore, StoredIds};
 pub use simple::{NullStore, StdoutStore};
 pub use spool::{Spool, SpooledBatch};
 pub use store::{Ack, ErrorClass, Store, StoreError, StreamNames};

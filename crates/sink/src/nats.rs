@@ -208,6 +208,105 @@ fn err(message: impl std::fmt::Display) -> StoreError {
     StoreError::transient("nats", message.to_string())
 }
 
+/// A client of the configured servers.
+async fn client(cfg: &NatsConfig, token: Option<String>) -> Result<async_nats::Client, StoreError> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .name("tandem");
+    if let Some(t) = token {
+        opts = opts.token(t);
+    }
+    let servers: Vec<async_nats::ServerAddr> = cfg
+        .url
+        .split(',')
+        .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| StoreError::fatal("nats", format!("url {:?}: {e}", cfg.url)))?;
+    tokio::time::timeout(Duration::from_secs(10), opts.connect(servers))
+        .await
+        .map_err(|_| err(format!("cannot reach {} within 10 s", cfg.url)))?
+        .map_err(|e| err(format!("cannot connect to {}: {e}", cfg.url)))
+}
+
+/// Reads back which activities the JetStream stream holds for a stream partition: in a pair of
+/// consumers, what the other zone stored while this one was away, so that recovering the
+/// same interval stores nothing twice however old it is (the duplicate window only
+/// reaches `duplicate_window_secs` back).
+#[derive(Debug, Clone)]
+pub struct StoredIds {
+    js: jetstream::Context,
+    stream: String,
+    prefix: String,
+}
+
+impl StoredIds {
+    pub async fn connect(cfg: &NatsConfig, token: Option<String>) -> Result<StoredIds, StoreError> {
+        Ok(StoredIds {
+            js: jetstream::new(client(cfg, token).await?),
+            stream: cfg.stream.clone(),
+            prefix: cfg.subject_prefix.clone(),
+        })
+    }
+
+    /// Ids held on `stream`'s `partition` that were published at or after `since_ms` (Unix
+    /// ms, the server's clock). An activity is published after it happened, so this holds
+    /// every stored activity since `since_ms`, and some older ones.
+    pub async fn since(
+        &self,
+        stream: &str,
+        partition: Partition,
+        since_ms: u64,
+    ) -> Result<std::collections::HashSet<ActivityId>, StoreError> {
+        use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+        use futures_util::StreamExt;
+        let start =
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(since_ms) * 1_000_000)
+                .map_err(|e| StoreError::fatal("nats", format!("start time {since_ms}: {e}")))?;
+        let s = self.js.get_stream(&self.stream).await.map_err(err)?;
+        let consumer = s
+            .create_consumer(pull::Config {
+                deliver_policy: DeliverPolicy::ByStartTime { start_time: start },
+                filter_subject: format!("{}.{stream}.{partition}", self.prefix),
+                headers_only: true,
+                ack_policy: AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .map_err(err)?;
+        let mut pending = consumer.cached_info().num_pending;
+        let mut ids = std::collections::HashSet::with_capacity(pending as usize);
+        while pending > 0 {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(pending.min(10_000) as usize)
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await
+                .map_err(err)?;
+            let mut got = 0;
+            while let Some(m) = batch.next().await {
+                let m = m.map_err(err)?;
+                got += 1;
+                if let Some(id) = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Msg-Id"))
+                    .and_then(|v| v.as_str().parse::<ActivityId>().ok())
+                {
+                    ids.insert(id);
+                }
+                pending = m.info().map_err(err)?.pending;
+            }
+            if got == 0 {
+                break;
+            }
+        }
+        let _ = s.delete_consumer(&consumer.cached_info().name).await;
+        Ok(ids)
+    }
+}
+
 impl NatsStore {
     /// Connects, then creates or verifies the stream (its subjects and duplicate window).
     pub async fn connect(
@@ -215,22 +314,7 @@ impl NatsStore {
         names: StreamNames,
         token: Option<String>,
     ) -> Result<NatsStore, StoreError> {
-        let mut opts = async_nats::ConnectOptions::new()
-            .connection_timeout(Duration::from_secs(5))
-            .name("tandem");
-        if let Some(t) = token {
-            opts = opts.token(t);
-        }
-        let servers: Vec<async_nats::ServerAddr> = cfg
-            .url
-            .split(',')
-            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
-            .collect::<Result<_, _>>()
-            .map_err(|e| StoreError::fatal("nats", format!("url {:?}: {e}", cfg.url)))?;
-        let client = tokio::time::timeout(Duration::from_secs(10), opts.connect(servers))
-            .await
-            .map_err(|_| err(format!("cannot reach {} within 10 s", cfg.url)))?
-            .map_err(|e| err(format!("cannot connect to {}: {e}", cfg.url)))?;
+        let client = client(&cfg, token).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_millis(cfg.ack_timeout_ms))
             .max_ack_inflight(cfg.max_in_flight.max(1) * 2)
