@@ -625,9 +625,10 @@ struct StoreIds {
 }
 
 impl tandem_repair::StoredIdsSince for StoreIds {
-    fn since(
+    fn between(
         &self,
         since_ms: u64,
+        until_ms: u64,
     ) -> std::pin::Pin<
         Box<
             dyn std::future::Future<Output = Result<std::collections::HashSet<ActivityId>, String>>
@@ -637,7 +638,7 @@ impl tandem_repair::StoredIdsSince for StoreIds {
     > {
         Box::pin(async move {
             self.ids
-                .since(&self.stream, self.partition, since_ms)
+                .between(&self.stream, self.partition, since_ms, until_ms)
                 .await
                 .map_err(|e| e.to_string())
         })

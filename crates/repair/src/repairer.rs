@@ -59,27 +59,34 @@ pub struct PartitionRepair {
     pub stored: Option<Arc<dyn StoredIdsSince>>,
 }
 
-/// A store that can say which activities of this partition it holds, stored at or after
-/// a time (Unix ms).
+/// A store that can say which activities of this partition it holds, stored between two
+/// times (Unix ms).
 pub trait StoredIdsSince: Send + Sync + std::fmt::Debug {
-    fn since(
+    fn between(
         &self,
         since_ms: u64,
+        until_ms: u64,
     ) -> std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<HashSet<ActivityId>, String>> + Send + '_>,
     >;
 }
 
-/// The chunk's edge ids plus what the store already holds from `chunk_start_ms` on.
+/// How long after a chunk's end the store is still searched for its activities: what the
+/// other consumer stored late (its own backfill or recovery) within this is found too, and
+/// the ids held in memory stay bounded by the chunk's length plus this.
+const STORED_LATE_MS: u64 = 3_600_000;
+
+/// The chunk's edge ids plus what the store already holds of `[start_ms, end_ms)`.
 async fn with_stored(
     edge: EdgeIds,
     stored: &dyn StoredIdsSince,
-    chunk_start_ms: u64,
+    (start_ms, end_ms): (u64, u64),
     stream: &str,
     partition: Partition,
 ) -> EdgeIds {
-    // Some slack for the clocks of the upstream and the store.
-    match stored.since(chunk_start_ms.saturating_sub(60_000)).await {
+    // A minute of slack for the clocks of the upstream and the store.
+    let since = start_ms.saturating_sub(60_000);
+    match stored.between(since, end_ms + STORED_LATE_MS).await {
         Ok(held) if !held.is_empty() => {
             tracing::info!(%stream, partition, ids = held.len(), "activities already in the store are skipped by recovery");
             Arc::new(edge.iter().copied().chain(held).collect())
@@ -404,7 +411,7 @@ impl Repairer {
             let (stream, partition) = (self.r.stream.clone(), self.r.partition);
             let handle = self.jobs.spawn(async move {
                 if let Some(stored) = stored {
-                    edge = with_stored(edge, &*stored, key.1, &stream, partition).await;
+                    edge = with_stored(edge, &*stored, (key.1, end_ms), &stream, partition).await;
                 }
                 let outcome = recover(&spec, key.1, end_ms, edge, shutdown).await;
                 (key, outcome)

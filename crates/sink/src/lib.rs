@@ -12,7 +12,8 @@
 //! - [`driver`]: ordering, retry, acknowledgement accounting, drain ([`DriverConfig`]).
 //! - [`spool`]: the on-disk overflow queue.
 //! - [`file`]: [`FileStore`], NDJSON files per stream, partition and time bucket.
-//! - [`nats`]: [`NatsStore`], NATS JetStream with `Nats-Msg-Id` dedup across zones.
+//! - [`nats`]: [`NatsStore`], NATS JetStream with `Nats-Msg-Id` dedup across zones, and
+//!   [`StoredIds`], what the stream already holds (for gap repair in a pair).
 //! - [`simple`]: [`StdoutStore`] and [`NullStore`].
 
 pub mod driver;

@@ -11,6 +11,10 @@
 //! not sent again), which keeps `put` all-or-nothing from the driver's point of view. A
 //! publish whose ack fails or times out is published again with the same `Nats-Msg-Id`:
 //! the duplicate window makes that idempotent.
+//!
+//! [`StoredIds`] reads back, headers only, which activity ids the stream holds for a
+//! partition over an interval: gap repair skips those, so a zone that recovers an interval
+//! the other zone already stored, longer ago than the duplicate window, stores nothing twice.
 
 use std::collections::VecDeque;
 use std::future::{Future, IntoFuture};
@@ -248,14 +252,15 @@ impl StoredIds {
         })
     }
 
-    /// Ids held on `stream`'s `partition` that were published at or after `since_ms` (Unix
-    /// ms, the server's clock). An activity is published after it happened, so this holds
-    /// every stored activity since `since_ms`, and some older ones.
-    pub async fn since(
+    /// Ids held on `stream`'s `partition` that were published from `since_ms` to
+    /// `until_ms` (Unix ms, the server's clock). An activity is published after it
+    /// happened, so this holds every activity of that interval stored by then.
+    pub async fn between(
         &self,
         stream: &str,
         partition: Partition,
         since_ms: u64,
+        until_ms: u64,
     ) -> Result<std::collections::HashSet<ActivityId>, StoreError> {
         use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
         use futures_util::StreamExt;
@@ -288,6 +293,12 @@ impl StoredIds {
             while let Some(m) = batch.next().await {
                 let m = m.map_err(err)?;
                 got += 1;
+                let info = m.info().map_err(err)?;
+                pending = info.pending;
+                if info.published.unix_timestamp_nanos() > i128::from(until_ms) * 1_000_000 {
+                    pending = 0;
+                    break;
+                }
                 if let Some(id) = m
                     .headers
                     .as_ref()
@@ -296,7 +307,6 @@ impl StoredIds {
                 {
                     ids.insert(id);
                 }
-                pending = m.info().map_err(err)?.pending;
             }
             if got == 0 {
                 break;
