@@ -316,8 +316,12 @@ pub async fn run(opts: BenchOptions) -> Result<String, String> {
                     ..opts.clone()
                 };
                 results.push(
-                    pipeline_run(&js_opts, "jetstream sink", |c| c.nats_url = Some(url)).await?,
+                    pipeline_run(&js_opts, "jetstream sink", |c| {
+                        c.nats_url = Some(url.clone())
+                    })
+                    .await?,
                 );
+                notes.push(read_back(&url).await);
             }
             Err(e) => notes.push(format!("jetstream run skipped: {e}")),
         }
@@ -371,4 +375,26 @@ pub async fn run(opts: BenchOptions) -> Result<String, String> {
         let _ = writeln!(out, "note: {n}");
     }
     Ok(out)
+}
+
+/// How fast gap repair can ask JetStream what it already holds: every id of partition 1
+/// read back, headers only.
+async fn read_back(url: &str) -> String {
+    let cfg = tandem_sink::NatsConfig::new(url);
+    let ids = match tandem_sink::StoredIds::connect(&cfg, None).await {
+        Ok(ids) => ids,
+        Err(e) => return format!("jetstream read-back not measured: {e}"),
+    };
+    let start = std::time::Instant::now();
+    match ids.between("decahose", 1, 0, u64::MAX / 2).await {
+        Ok(held) => {
+            let secs = start.elapsed().as_secs_f64();
+            format!(
+                "jetstream read-back (gap repair in a pair): {} ids of partition 1 in {secs:.2} s, {:.0} ids/s",
+                held.len(),
+                held.len() as f64 / secs
+            )
+        }
+        Err(e) => format!("jetstream read-back failed: {e}"),
+    }
 }
