@@ -229,3 +229,65 @@ async fn zone_back_after_the_duplicate_window_stores_nothing_twice() {
     );
     assert_eq!(all.len(), distinct, "no message stored twice");
 }
+
+/// The read-back gap repair uses: exactly the ids published in the asked interval, of the
+/// asked partition, whatever kind of activity they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_ids_reads_back_an_interval_of_one_partition() {
+    let store = tempfile::tempdir().unwrap();
+    let nats =
+        NatsServer::start(store.path()).expect("nats-server (scripts/setup-test-deps installs it)");
+    let url = nats.url();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "TANDEM".to_owned(),
+        subjects: vec!["tandem.>".to_owned()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let publish = |subject: &'static str, id: ActivityId| {
+        let js = js.clone();
+        async move {
+            let msg = async_nats::jetstream::context::Publish::build()
+                .payload("{}".into())
+                .message_id(id.to_string());
+            js.send_publish(subject, msg).await.unwrap().await.unwrap();
+        }
+    };
+    let early = [ActivityId::Post(1), ActivityId::Post(2)];
+    let delete = ActivityId::Delete {
+        status: 3,
+        timestamp_ms: 1_700_000_000_000,
+    };
+    for id in early {
+        publish("tandem.decahose.1", id).await;
+    }
+    publish("tandem.decahose.2", ActivityId::Post(9)).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let between = tandem_core::time::unix_ms_now();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    publish("tandem.decahose.1", delete).await;
+    publish("tandem.decahose.1", ActivityId::Post(4)).await;
+
+    let ids = tandem_sink::StoredIds::connect(&tandem_sink::NatsConfig::new(&url), None)
+        .await
+        .unwrap();
+    let all = ids.between("decahose", 1, 0, u64::MAX / 2).await.unwrap();
+    assert_eq!(
+        all,
+        HashSet::from([early[0], early[1], delete, ActivityId::Post(4)]),
+        "partition 1 only, every kind of id"
+    );
+    let first = ids.between("decahose", 1, 0, between).await.unwrap();
+    assert_eq!(first, HashSet::from(early), "up to the interval's end");
+    let second = ids
+        .between("decahose", 1, between, u64::MAX / 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        second,
+        HashSet::from([delete, ActivityId::Post(4)]),
+        "from its start"
+    );
+}
