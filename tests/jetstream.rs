@@ -249,7 +249,7 @@ async fn stored_ids_reads_back_an_interval_of_one_partition() {
     let publish = |subject: &'static str, id: ActivityId| {
         let js = js.clone();
         async move {
-            let msg = async_nats::jetstream::context::Publish::build()
+            let msg = async_nats::jetstream::message::PublishMessage::build()
                 .payload("{}".into())
                 .message_id(id.to_string());
             js.send_publish(subject, msg).await.unwrap().await.unwrap();
