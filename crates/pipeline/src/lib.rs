@@ -220,15 +220,12 @@ impl Pipeline {
                 }
                 SinkConfig::Nats(n) => {
                     let token = sink_tokens.get(name).map(|t| t.expose().to_owned());
-                    let store = NatsStore::connect(n.clone(), names.clone(), token.clone())
+                    let store = NatsStore::connect(n.clone(), names.clone(), token)
                         .await
                         .map_err(|e| err(e.to_string()))?;
                     // Another consumer (the other zone) writes to this store too: recovery
                     // asks it what it already holds.
-                    let ids = tandem_sink::StoredIds::connect(n, token)
-                        .await
-                        .map_err(|e| err(e.to_string()))?;
-                    shared_stores.insert(name.clone(), ids);
+                    shared_stores.insert(name.clone(), store.stored_ids());
                     tandem_sink::spawn(
                         name,
                         store,

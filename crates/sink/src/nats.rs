@@ -318,6 +318,15 @@ impl StoredIds {
 }
 
 impl NatsStore {
+    /// Reads what this store's stream holds, over the store's own connection.
+    pub fn stored_ids(&self) -> StoredIds {
+        StoredIds {
+            js: self.js.clone(),
+            stream: self.cfg.stream.clone(),
+            prefix: self.cfg.subject_prefix.clone(),
+        }
+    }
+
     /// Connects, then creates or verifies the stream (its subjects and duplicate window).
     pub async fn connect(
         cfg: NatsConfig,
