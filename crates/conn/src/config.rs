@@ -100,6 +100,15 @@ pub struct LivenessConfig {
     /// Connect (TCP + TLS) timeout.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// An activity's creation time further ahead of the host clock (corrected by the
+    /// upstream's `Date` header) than this is clamped before it counts as coverage, and
+    /// counted; an upstream clock this far from the host's raises an alert.
+    #[serde(default = "default_max_clock_skew_ms")]
+    pub max_clock_skew_ms: u64,
+}
+
+fn default_max_clock_skew_ms() -> u64 {
+    5_000
 }
 
 /// Whether a reconnect asks the upstream to replay recent minutes.
@@ -219,6 +228,7 @@ impl Default for LivenessConfig {
             data_silence_ms: default_data_silence_ms(),
             read_timeout_ms: default_read_timeout_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
+            max_clock_skew_ms: default_max_clock_skew_ms(),
         }
     }
 }

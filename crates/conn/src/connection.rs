@@ -127,13 +127,23 @@ impl Endpoint {
     }
 }
 
-/// The content time of a line: the creation time its id carries, or now.
-fn content_time(line: Option<&bytes::Bytes>) -> u64 {
-    line.and_then(|l| match tandem_core::identify(l) {
-        Ok(tandem_core::LineKind::Activity(id)) => id.created_unix_ms(),
-        _ => None,
-    })
-    .unwrap_or_else(unix_ms_now)
+/// The content time of a batch: the creation time of its latest line that has one.
+/// System, error and unparseable lines never count, so a batch of them advances nothing.
+fn content_time(lines: &[bytes::Bytes]) -> Option<u64> {
+    lines
+        .iter()
+        .rev()
+        .find_map(|l| tandem_core::content_time_ms(l))
+}
+
+/// The upstream's clock minus the host's (ms), from a response's `Date` header. The header
+/// has whole seconds, so offsets within a second and a half count as none.
+pub fn clock_offset_ms(headers: &reqwest::header::HeaderMap, host_ms: u64) -> Option<i64> {
+    let date = headers.get(reqwest::header::DATE)?.to_str().ok()?;
+    let at = httpdate::parse_http_date(date).ok()?;
+    let upstream_ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as i64 + 500;
+    let offset = upstream_ms - host_ms as i64;
+    Some(if offset.abs() <= 1_500 { 0 } else { offset })
 }
 
 /// Resolves once `true` is (or has been) sent on the shutdown channel.
@@ -254,6 +264,8 @@ struct Meters {
     heartbeat_gap: Gauge,
     silence: Gauge,
     budget: Gauge,
+    clock_offset: Gauge,
+    future: Counter,
 }
 
 impl Meters {
@@ -276,6 +288,8 @@ impl Meters {
             heartbeat_gap: metrics::gauge!(m::HEARTBEAT_GAP, &labels),
             silence: metrics::gauge!(m::DATA_SILENCE, &labels),
             budget: metrics::gauge!(m::CONNECT_BUDGET_REMAINING, m::STREAM => key.stream.to_string()),
+            clock_offset: metrics::gauge!(m::UPSTREAM_CLOCK_OFFSET, &labels),
+            future: metrics::counter!(m::FUTURE_CONTENT_TIMES, &labels),
             labels,
         }
     }
@@ -283,6 +297,8 @@ impl Meters {
     /// Creates the labelled series at zero, so rules and dashboards see them from the start.
     fn register(&self) {
         use crate::error::ErrorKind::*;
+        self.future.increment(0);
+        self.clock_offset.set(0.0);
         for kind in [
             Connection,
             Timeout,
@@ -455,7 +471,7 @@ impl Runner {
             BackfillPolicy::Never => 0,
             BackfillPolicy::Always => cfg.window_minutes,
             BackfillPolicy::Auto => {
-                let now = unix_ms_now();
+                let now = self.spec.partition.upstream_now_ms();
                 // A sibling that delivered within this window covers the partition.
                 let fresh_ms = (self.spec.liveness.data_silence_ms / 2).clamp(100, 1_000);
                 let path = usize::from(self.spec.origin.path.0);
@@ -498,7 +514,15 @@ impl Runner {
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
         let mut reader =
             LineReader::new(gzip, spec.read.chunk_size_bytes, spec.read.max_line_bytes);
-        let now_wall = unix_ms_now();
+        let host_ms = unix_ms_now();
+        if let Some(offset) = clock_offset_ms(resp.headers(), host_ms) {
+            self.meters.clock_offset.set(offset as f64 / 1000.0);
+            if offset.unsigned_abs() > spec.liveness.max_clock_skew_ms {
+                tracing::warn!(stream = %spec.key.stream, partition = spec.key.partition, path = %spec.key.path, offset_ms = offset, max_clock_skew_ms = spec.liveness.max_clock_skew_ms, "the upstream's clock is far from the host's; coverage uses the upstream's");
+            }
+            spec.partition.set_clock_offset(offset);
+        }
+        let now_wall = spec.partition.upstream_now_ms();
         // Content time from which this connection delivers continuously.
         let covered_from = now_wall.saturating_sub(backfill * spec.backfill.minute_ms);
         spec.partition.set_live(path, covered_from);
@@ -581,7 +605,16 @@ impl Runner {
                         self.meters.raw.increment(n);
                         Tally::add(&spec.tally.raw, n);
                         last_activity = now;
-                        spec.partition.note_activity(path, now, content_time(lines.last()));
+                        let content_ms = content_time(&lines).map(|t| {
+                            let bound = spec.partition.upstream_now_ms() + spec.liveness.max_clock_skew_ms;
+                            if t > bound {
+                                self.meters.future.increment(1);
+                                tracing::warn!(stream = %spec.key.stream, partition = spec.key.partition, path = %spec.key.path, ahead_ms = t - bound + spec.liveness.max_clock_skew_ms, "an activity time ahead of the clock was clamped");
+                                bound - spec.liveness.max_clock_skew_ms
+                            } else {
+                                t
+                            }
+                        });
                         let batch = Batch { origin: spec.origin, connection, received: now, first_seq: seq, lines };
                         seq += n;
                         let mut stopping = self.shutdown.clone();
@@ -591,6 +624,9 @@ impl Runner {
                             },
                             _ = stopped(&mut stopping) => break Ended::Shutdown,
                         }
+                        // Handed, then noted: coverage only counts lines the merger will see.
+                        spec.tally.lanes.hand(path, n);
+                        spec.partition.note_activity(path, now, content_ms);
                         // Time spent waiting for the merger is not the upstream's silence.
                         last_byte = Instant::now();
                     }

@@ -61,6 +61,8 @@ impl State {
 #[derive(Debug)]
 pub struct PartitionLiveness {
     state: Mutex<State>,
+    /// The upstream's clock minus the host's (ms), from the latest connect's `Date`.
+    clock_offset_ms: std::sync::atomic::AtomicI64,
 }
 
 impl PartitionLiveness {
@@ -70,7 +72,23 @@ impl PartitionLiveness {
                 paths: vec![PathState::default(); paths],
                 complete_until_ms: 0,
             }),
+            clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
         }
+    }
+
+    /// Records the upstream's clock offset (see [`crate::connection::clock_offset_ms`]).
+    pub fn set_clock_offset(&self, offset_ms: i64) {
+        self.clock_offset_ms
+            .store(offset_ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Now on the upstream's clock: content times and gaps are measured against it, so a
+    /// host clock running behind cannot shrink a gap.
+    pub fn upstream_now_ms(&self) -> u64 {
+        let offset = self
+            .clock_offset_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        tandem_core::time::unix_ms_now().saturating_add_signed(offset)
     }
 
     /// The partition was complete up to `wall_ms` before this process started (from the
@@ -130,11 +148,15 @@ impl PartitionLiveness {
         st.paths[path].live = false;
     }
 
-    /// Activities arrived on `path`; `content_ms` is the content time of the latest.
-    pub fn note_activity(&self, path: usize, now: Instant, content_ms: u64) {
+    /// Lines arrived on `path` and were handed to the merger; `content_ms` is the creation
+    /// time of the latest activity among them, `None` when none had one (system
+    /// messages, unparseable lines): those keep the path fresh but cover nothing.
+    pub fn note_activity(&self, path: usize, now: Instant, content_ms: Option<u64>) {
         let mut st = self.state.lock().expect("liveness lock");
         let p = &mut st.paths[path];
-        p.latest_ms = p.latest_ms.max(content_ms);
+        if let Some(t) = content_ms {
+            p.latest_ms = p.latest_ms.max(t);
+        }
         p.last_activity = Some(now);
     }
 
@@ -185,8 +207,8 @@ mod tests {
         assert_eq!(p.backfill_from(0, 1_000, 500), None, "nothing known yet");
         p.set_live(0, 1_000);
         p.set_live(1, 1_000);
-        p.note_activity(0, Instant::now(), 2_000);
-        p.note_activity(1, Instant::now(), 2_100);
+        p.note_activity(0, Instant::now(), Some(2_000));
+        p.note_activity(1, Instant::now(), Some(2_100));
         p.set_down(0);
         assert_eq!(p.backfill_from(0, 2_200, 500), None);
         assert_eq!(p.complete_until(), 2_100);
@@ -200,20 +222,20 @@ mod tests {
         let p = PartitionLiveness::new(2);
         p.set_live(0, 10_000);
         p.set_live(1, 10_000);
-        p.note_activity(1, Instant::now(), 10_500); // path 1 stalls after 10 500
-        p.note_activity(0, Instant::now(), 10_600); // path 0 drops after 10 600
+        p.note_activity(1, Instant::now(), Some(10_500)); // path 1 stalls after 10 500
+        p.note_activity(0, Instant::now(), Some(10_600)); // path 0 drops after 10 600
         p.set_down(0);
         // At 10 700 path 1 still looks fresh: path 0 reconnects without backfill...
         assert_eq!(p.backfill_from(0, 10_700, 500), None);
         p.set_live(0, 10_700);
-        p.note_activity(0, Instant::now(), 11_500);
+        p.note_activity(0, Instant::now(), Some(11_500));
         // ...and leaves [10 600, 10 700) uncovered: the prefix stays at 10 600.
         assert_eq!(p.complete_until(), 10_600);
         // Path 1 is found stale and reconnects: path 0 is fresh but not attached.
         p.set_down(1);
         assert_eq!(p.backfill_from(1, 11_500, 500), Some(10_600));
         p.set_live(1, 10_600 - 2_000);
-        p.note_activity(1, Instant::now(), 11_500);
+        p.note_activity(1, Instant::now(), Some(11_500));
         assert_eq!(p.complete_until(), 11_500, "the replay closed the hole");
     }
 
@@ -222,7 +244,7 @@ mod tests {
     fn single_path_always_backfills() {
         let p = PartitionLiveness::new(1);
         p.set_live(0, 0);
-        p.note_activity(0, Instant::now(), 900);
+        p.note_activity(0, Instant::now(), Some(900));
         p.set_down(0);
         assert_eq!(p.backfill_from(0, 950, 500), Some(900));
     }
@@ -237,7 +259,7 @@ mod tests {
             "a ledger hint makes the first connection replay"
         );
         p.set_live(0, 900);
-        p.note_activity(0, Instant::now(), 2_000); // replayed up to 2 000, then died
+        p.note_activity(0, Instant::now(), Some(2_000)); // replayed up to 2 000, then died
         p.set_down(0);
         assert_eq!(p.backfill_from(0, 6_000, 500), Some(2_000));
     }
@@ -249,11 +271,11 @@ mod tests {
         let p = PartitionLiveness::new(2);
         p.set_live(0, 1);
         p.set_live(1, 1);
-        p.note_activity(0, Instant::now(), 1);
-        p.note_activity(1, Instant::now(), 1);
+        p.note_activity(0, Instant::now(), Some(1));
+        p.note_activity(1, Instant::now(), Some(1));
         assert!(!p.sibling_ahead(0, 1_000, start));
         tokio::time::advance(Duration::from_secs(3)).await;
-        p.note_activity(1, Instant::now(), 3_001);
+        p.note_activity(1, Instant::now(), Some(3_001));
         assert!(p.sibling_ahead(0, 1_000, start));
         assert!(!p.sibling_ahead(1, 1_000, start));
         p.set_down(1);

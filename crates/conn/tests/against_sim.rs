@@ -58,6 +58,7 @@ fn fast_liveness() -> LivenessConfig {
         data_silence_ms: 1_000,
         read_timeout_ms: 5_000,
         connect_timeout_ms: 2_000,
+        ..LivenessConfig::default()
     }
 }
 

@@ -43,6 +43,9 @@ pub struct Batch {
 /// An activity after deduplication: the first copy that arrived.
 #[derive(Debug, Clone)]
 pub struct Unique {
+    /// The partition's sequence number, in the order the merger accepted it: the stored
+    /// watermark is made of these (see [`crate::tally`]).
+    pub seq: u64,
     pub id: ActivityId,
     pub line: Bytes,
     /// The path whose copy won.

@@ -166,6 +166,24 @@ pub fn identify(line: &[u8]) -> Result<LineKind, IdentityError> {
     Err(IdentityError::MissingId)
 }
 
+/// The creation time of an activity line (ms since the Unix epoch): the time in its id
+/// (post snowflake, unlike and delete `timestamp_ms`), or a like's top-level
+/// `timestamp_ms`. `None` for system and error messages, unparseable lines and
+/// activities that carry no time: such lines never advance coverage.
+pub fn content_time_ms(line: &[u8]) -> Option<u64> {
+    match identify(line) {
+        Ok(LineKind::Activity(ActivityId::Like(_))) => {
+            let fields = top_level_fields(line).ok()?;
+            let (_, range) = fields.iter().find(|(k, _)| k == "timestamp_ms")?;
+            let raw = line.get(range.clone())?;
+            let digits = raw.strip_prefix(b"\"").and_then(|r| r.strip_suffix(b"\"")).unwrap_or(raw);
+            std::str::from_utf8(digits).ok()?.parse().ok()
+        }
+        Ok(LineKind::Activity(id)) => id.created_unix_ms(),
+        _ => None,
+    }
+}
+
 /// The top-level keys of a JSON object with the byte range of each raw value, in document
 /// order (non-validating, like [`identify`]).
 pub fn top_level_fields(

@@ -16,7 +16,9 @@
 //! - [`tally`]: per-partition counts shared by the stages, for reconciliation.
 //! - [`gap`]: coverage gaps beyond backfill as gap repair reports them ([`GapView`]).
 //! - [`latency`]: a lock-free latency histogram (receipt to sink handoff).
+//! - [`crash`]: named crash points for durability tests (compiled in only for tests).
 
+pub mod crash;
 pub mod envelope;
 pub mod gap;
 pub mod identity;
@@ -30,10 +32,12 @@ mod validate;
 
 pub use envelope::{Batch, Origin, PathId, StreamId, Unique, UniqueBatch};
 pub use gap::{GapState, GapView};
-pub use identity::{IdentityError, LineKind, SystemKind, SystemMessage, identify, validate};
+pub use identity::{
+    IdentityError, LineKind, SystemKind, SystemMessage, content_time_ms, identify, validate,
+};
 pub use ids::{ActivityId, DedupKey};
 pub use secret::Secret;
-pub use tally::{Tally, TallySnapshot};
+pub use tally::{Lanes, Tally, TallySnapshot};
 
 /// A partition number as the upstream numbers them (from 1).
 pub type Partition = u32;

@@ -46,6 +46,12 @@ pub const HEARTBEAT_GAP: &str = "tandem_heartbeat_gap_seconds";
 pub const DATA_SILENCE: &str = "tandem_data_silence_seconds";
 /// Connection requests the stream's shared budget still allows in its window (label: stream).
 pub const CONNECT_BUDGET_REMAINING: &str = "tandem_connect_budget_remaining";
+/// Gauge (stream, partition, path): the upstream's clock minus the host's, estimated from
+/// the `Date` header of the latest connect (seconds).
+pub const UPSTREAM_CLOCK_OFFSET: &str = "tandem_upstream_clock_offset_seconds";
+/// Counter (stream, partition, path): activity times too far ahead of the (corrected)
+/// host clock, clamped before they counted as coverage.
+pub const FUTURE_CONTENT_TIMES: &str = "tandem_future_content_times_total";
 
 // Merger (labels: stream, partition; path where noted).
 /// Unique activities: first copies accepted.

@@ -13,6 +13,17 @@
 //! Every move downstream adds to the next counter before subtracting from the previous
 //! one, and [`Tally::snapshot`] reads upstream counters first: an activity in motion may
 //! be counted twice in a snapshot, never missed.
+//!
+//! Counts are for alerts; decisions (the coverage ledger, a recovery chunk's "done", a
+//! spool segment's deletion) use watermarks instead, which cannot stand in for each other:
+//! - every unique activity gets a sequence number of its partition, in the order the
+//!   merger accepted it (`numbered` is the highest given out);
+//! - `stored_through` is the contiguous watermark of store acknowledgements: every
+//!   activity numbered up to it is acknowledged;
+//! - [`Lanes`] count, per input of the merger (each path, and recovery), the lines handed
+//!   to the merger's channel and the lines it has classified. Each lane is one FIFO
+//!   sender, so `classified >= handed-at-some-instant` proves that every line handed
+//!   before that instant went through the merger.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -30,6 +41,58 @@ pub struct Tally {
     /// Activities the store acknowledged as duplicates of what it already held.
     pub store_duplicates: AtomicU64,
     pub in_flight: AtomicU64,
+    /// The highest sequence number given to a unique activity of the partition.
+    pub numbered: AtomicU64,
+    /// Every activity numbered up to this is acknowledged by the store.
+    pub stored_through: AtomicU64,
+    /// Lines handed to and classified by the merger, per input.
+    pub lanes: Lanes,
+}
+
+/// Per input of a merger (a path, or recovery): lines handed to its channel and lines it
+/// classified. Indices out of range are ignored (a tally built without lanes).
+#[derive(Debug, Default)]
+pub struct Lanes {
+    handed: Box<[AtomicU64]>,
+    classified: Box<[AtomicU64]>,
+}
+
+impl Lanes {
+    pub fn new(inputs: usize) -> Lanes {
+        let zeros = || (0..inputs).map(|_| AtomicU64::new(0)).collect();
+        Lanes {
+            handed: zeros(),
+            classified: zeros(),
+        }
+    }
+
+    /// `n` lines of input `lane` are in the merger's channel (called after the send).
+    pub fn hand(&self, lane: usize, n: u64) {
+        if let Some(c) = self.handed.get(lane) {
+            c.fetch_add(n, Ordering::SeqCst);
+        }
+    }
+
+    /// The merger classified `n` lines of input `lane`.
+    pub fn classify(&self, lane: usize, n: u64) {
+        if let Some(c) = self.classified.get(lane) {
+            c.fetch_add(n, Ordering::SeqCst);
+        }
+    }
+
+    /// Lines handed so far, per input.
+    pub fn handed(&self) -> Vec<u64> {
+        self.handed.iter().map(|c| c.load(Ordering::SeqCst)).collect()
+    }
+
+    /// Whether the merger has classified at least `handed[i]` lines of every input `i`.
+    pub fn classified_all(&self, handed: &[u64]) -> bool {
+        handed.iter().enumerate().all(|(i, &h)| {
+            self.classified
+                .get(i)
+                .is_none_or(|c| c.load(Ordering::SeqCst) >= h)
+        })
+    }
 }
 
 /// A consistent-enough copy of a [`Tally`].
@@ -47,6 +110,24 @@ pub struct TallySnapshot {
 }
 
 impl Tally {
+    /// A tally whose merger has `inputs` inputs (paths plus recovery).
+    pub fn with_lanes(inputs: usize) -> Tally {
+        Tally {
+            lanes: Lanes::new(inputs),
+            ..Tally::default()
+        }
+    }
+
+    /// Gives out `n` sequence numbers; returns the first.
+    pub fn number(&self, n: u64) -> u64 {
+        self.numbered.fetch_add(n, Ordering::SeqCst) + 1
+    }
+
+    /// Whether every activity numbered up to `seq` is acknowledged by the store.
+    pub fn stored_through(&self, seq: u64) -> bool {
+        self.stored_through.load(Ordering::SeqCst) >= seq
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::SeqCst);
     }
@@ -86,9 +167,14 @@ impl TallySnapshot {
         self.raw as i64 - (self.unique + self.duplicates + self.dead_lettered + self.system) as i64
     }
 
-    /// Unique activities neither queued, held by the sink nor stored: 0 when nothing is
-    /// lost (an activity in motion can make it briefly negative, never positive).
+    /// Unique activities neither queued, held by the sink, stored, nor acknowledged as
+    /// already held by the store: 0 when nothing is lost (an activity in motion can make
+    /// it briefly negative, never positive).
     pub fn unaccounted(&self) -> i64 {
-        self.unique as i64 - self.queued as i64 - self.in_flight as i64 - self.stored as i64
+        self.unique as i64
+            - self.queued as i64
+            - self.in_flight as i64
+            - self.stored as i64
+            - self.store_duplicates as i64
     }
 }

@@ -84,6 +84,8 @@ pub struct Shard {
     horizon_gauge: metrics::Gauge,
     evicted_counter: Counter,
     evicted_reported: u64,
+    /// The sequence number the next unique activity gets.
+    next_seq: u64,
 }
 
 type DedupKeyHash = u64;
@@ -149,6 +151,8 @@ impl Shard {
             horizon_gauge: metrics::gauge!(m::DEDUP_HORIZON, &labels),
             evicted_counter: metrics::counter!(m::DEDUP_EVICTED_EARLY, &labels),
             evicted_reported: 0,
+            // Numbers the sink gave to a spool left by an earlier run come first.
+            next_seq: spec.tally.numbered.load(std::sync::atomic::Ordering::SeqCst) + 1,
             spec,
         }
     }
@@ -180,6 +184,7 @@ impl Shard {
             ..
         } = batch;
         let path = origin.path.0;
+        let handed = lines.len() as u64;
         let sample_every = self.spec.config.lag_sample_every;
         let (mut unique, mut dups, mut dead, mut system) = (0u64, 0u64, 0u64, 0u64);
         for line in lines {
@@ -212,7 +217,9 @@ impl Shard {
                             .or_insert_with(|| (path, received));
                     }
                     unique += 1;
+                    self.next_seq += 1;
                     out.push(Unique {
+                        seq: self.next_seq - 1,
                         id,
                         line,
                         path: origin.path,
@@ -260,6 +267,10 @@ impl Shard {
             p.duplicates.increment(dups);
             p.first.increment(unique);
         }
+        // Numbers first, then the lane: whoever sees the lines classified sees their numbers.
+        t.numbered
+            .store(self.next_seq - 1, std::sync::atomic::Ordering::SeqCst);
+        t.lanes.classify(usize::from(path), handed);
     }
 
     fn dead_letter(&self, path: u8, connection: u64, reason: &str, detail: &str, line: &[u8]) {

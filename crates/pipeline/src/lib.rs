@@ -162,7 +162,9 @@ impl Pipeline {
                 .clone()
                 .unwrap_or_else(|| (1..=s.partitions).collect());
             for &p in &parts {
-                tallies.insert((StreamId(i as u16), p), Arc::new(Tally::default()));
+                // One lane per path, and one for recovery.
+                let lanes = s.paths.len() + 1;
+                tallies.insert((StreamId(i as u16), p), Arc::new(Tally::with_lanes(lanes)));
             }
             partitions_of.push(parts);
         }
@@ -256,6 +258,12 @@ impl Pipeline {
                 ),
             }
             .map_err(|e| err(format!("spool: {e}")))?;
+            let mut handle = handle;
+            // Activities waiting in the spool are remembered by the mergers, so that a
+            // replay from upstream does not store them a second time.
+            for (k, ids) in std::mem::take(&mut handle.waiting) {
+                stored_ids.entry(k).or_default().extend(ids);
+            }
             sink_tx.insert(name.clone(), tx);
             sinks.push(handle);
         }
@@ -400,6 +408,7 @@ impl Pipeline {
                                 read: s.read.clone(),
                                 tally: tally.clone(),
                                 out: batch_tx.clone(),
+                                send_lock: Arc::default(),
                                 jobs: jobs.clone(),
                             })
                         }),

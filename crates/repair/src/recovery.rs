@@ -44,6 +44,9 @@ pub struct RecoverySpec {
     pub tally: Arc<Tally>,
     /// The partition's merger.
     pub out: mpsc::Sender<Batch>,
+    /// Held across a send and its count on the recovery lane, so that the chunks running
+    /// at once hand their lines over as one FIFO (see [`tandem_core::tally::Lanes`]).
+    pub send_lock: Arc<tokio::sync::Mutex<()>>,
     /// Recovery jobs of the account (the upstream runs 2 at once).
     pub jobs: Arc<Semaphore>,
 }
@@ -51,7 +54,8 @@ pub struct RecoverySpec {
 /// How a chunk ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChunkOutcome {
-    /// The upstream sent its completion message.
+    /// The upstream sent its completion message and every line went to the merger (the
+    /// chunk is done once they are stored: the repairer waits for the watermark).
     Completed { activities: u64, requests: u32 },
     /// The upstream refused it for good; the reason names the status and message.
     Unrecoverable(String),
@@ -140,6 +144,7 @@ pub async fn recover(
                 }
                 match read {
                     Read::Completed => {
+                        tandem_core::crash::point("repair.chunk_read");
                         return ChunkOutcome::Completed {
                             activities,
                             requests,
@@ -293,12 +298,15 @@ async fn read(
             lines,
         };
         seq += n;
+        let lane = spec.send_lock.lock().await;
         tokio::select! {
             sent = spec.out.send(batch) => if sent.is_err() {
                 return Read::Shutdown;
             },
             () = tandem_conn::connection::stopped(shutdown) => return Read::Shutdown,
         }
+        spec.tally.lanes.hand(usize::from(spec.origin.path.0), n);
+        drop(lane);
         if completed {
             // Nothing follows the completion message; do not wait for the close.
             return Read::Completed;

@@ -13,10 +13,12 @@
 //!   margin are saved next to the ledger (the *edge file*); once the live stream has run
 //!   past the gap's end, so are those stored after it. Recovered copies of them are
 //!   removed however old they are ([`crate::recovery`]).
-//! - The ledger's `complete_until_ms` only moves once everything received up to then has
-//!   been settled (stored, or classified as a duplicate, dead letter or system message):
-//!   after a crash, what was received but not yet stored comes back through backfill or
-//!   recovery instead of being lost.
+//! - The ledger's `complete_until_ms`, and a chunk's `done`, move only behind the stored
+//!   watermark: a coverage sample `C` (or a finished chunk) records how many lines each
+//!   input had handed to the merger; once the merger has classified them all, the highest
+//!   sequence number it gave out is what must be stored; once the store's contiguous
+//!   watermark reaches it, `C` is durable (or the chunk done). No count stands in for
+//!   another, so a crash at any point replays whatever was not stored.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -156,6 +158,7 @@ pub fn spawn(
         jobs: JoinSet::new(),
         edges: HashMap::new(),
         pending: VecDeque::new(),
+        settling: Vec::new(),
         last_pushed: durable,
         dirty: false,
         views,
@@ -180,6 +183,31 @@ struct Meters {
 /// A chunk by its gap's start and its own start.
 type ChunkKey = (u64, u64);
 
+/// How far a coverage sample or a finished chunk is on its way to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stage {
+    /// Lines handed to the merger per input when it was taken; waiting for the merger.
+    Handed(Vec<u64>),
+    /// Everything numbered up to this must be stored.
+    Numbered(u64),
+}
+
+impl Stage {
+    fn new(tally: &Tally) -> Stage {
+        Stage::Handed(tally.lanes.handed())
+    }
+
+    /// Moves on as far as the merger and the store allow; true once stored.
+    fn advance(&mut self, tally: &Tally) -> bool {
+        if let Stage::Handed(handed) = self
+            && tally.lanes.classified_all(handed)
+        {
+            *self = Stage::Numbered(tally.numbered.load(std::sync::atomic::Ordering::SeqCst));
+        }
+        matches!(*self, Stage::Numbered(n) if tally.stored_through(n))
+    }
+}
+
 struct Repairer {
     r: PartitionRepair,
     shutdown: watch::Receiver<bool>,
@@ -188,8 +216,10 @@ struct Repairer {
     jobs: JoinSet<(ChunkKey, ChunkOutcome)>,
     /// Edge ids of open gaps, loaded when a chunk of the gap first runs.
     edges: HashMap<u64, EdgeIds>,
-    /// (complete-until, raw count) samples waiting for the raw count to settle.
-    pending: VecDeque<(u64, u64)>,
+    /// Coverage samples (complete-until) waiting for the store, oldest first.
+    pending: VecDeque<(u64, Stage)>,
+    /// Chunks whose lines all went to the merger, waiting for the store.
+    settling: Vec<(ChunkKey, Stage)>,
     last_pushed: u64,
     dirty: bool,
     views: watch::Sender<Vec<GapView>>,
@@ -392,7 +422,11 @@ impl Repairer {
         for g in self.r.ledger.open_gaps() {
             for c in &g.chunks {
                 let key = (g.start_ms, c.start_ms);
-                if !c.done && c.failed.is_none() && !self.running.contains(&key) {
+                if !c.done
+                    && c.failed.is_none()
+                    && !self.running.contains(&key)
+                    && !self.settling.iter().any(|(k, _)| *k == key)
+                {
                     wanted.push((key, c.end_ms));
                 }
             }
@@ -455,6 +489,34 @@ impl Repairer {
             }
         };
         self.running.remove(&key);
+        match outcome {
+            ChunkOutcome::Completed {
+                activities,
+                requests,
+            } => {
+                tracing::info!(
+                    stream = %self.r.stream, partition = self.r.partition,
+                    start = %rfc3339_ms(key.1), activities, requests,
+                    "recovery chunk received; done once stored"
+                );
+                self.settling.push((key, Stage::new(&self.r.tally)));
+                self.settle();
+            }
+            ChunkOutcome::Unrecoverable(reason) => {
+                tracing::error!(
+                    stream = %self.r.stream, partition = self.r.partition,
+                    start = %rfc3339_ms(key.1), reason = %reason, "recovery chunk refused"
+                );
+                self.chunk_settled(key, Err(reason));
+            }
+            ChunkOutcome::Shutdown => {}
+        }
+        self.schedule();
+    }
+
+    /// A chunk is stored (`Ok`) or refused for good (`Err`): marks it, and its gap once
+    /// every chunk ended.
+    fn chunk_settled(&mut self, key: ChunkKey, result: Result<(), String>) {
         let Some(g) = self
             .r
             .ledger
@@ -467,27 +529,16 @@ impl Repairer {
         let Some(c) = g.chunks.iter_mut().find(|c| c.start_ms == key.1) else {
             return;
         };
-        match outcome {
-            ChunkOutcome::Completed {
-                activities,
-                requests,
-            } => {
+        match result {
+            Ok(()) => {
                 c.done = true;
                 tracing::info!(
                     stream = %self.r.stream, partition = self.r.partition,
                     start = %rfc3339_ms(c.start_ms), end = %rfc3339_ms(c.end_ms),
-                    activities, requests, "recovery chunk completed"
+                    "recovery chunk stored"
                 );
             }
-            ChunkOutcome::Unrecoverable(reason) => {
-                tracing::error!(
-                    stream = %self.r.stream, partition = self.r.partition,
-                    start = %rfc3339_ms(c.start_ms), end = %rfc3339_ms(c.end_ms),
-                    reason = %reason, "recovery chunk refused"
-                );
-                c.failed = Some(reason);
-            }
-            ChunkOutcome::Shutdown => return,
+            Err(reason) => c.failed = Some(reason),
         }
         let all_done = g.chunks.iter().all(|c| c.done);
         let ended = g.chunks.iter().all(|c| c.done || c.failed.is_some());
@@ -518,7 +569,6 @@ impl Repairer {
         }
         self.save();
         self.publish();
-        self.schedule();
     }
 
     /// Moves the durable coverage on, saves edge ids past gaps' ends, writes the ledger.
@@ -526,10 +576,12 @@ impl Repairer {
         let complete = self.r.liveness.complete_until();
         if complete > self.last_pushed {
             self.last_pushed = complete;
-            let raw = self.r.tally.raw.load(std::sync::atomic::Ordering::SeqCst);
-            self.pending.push_back((complete, raw));
+            // Read after `complete`: the lines behind it were handed before it moved.
+            let stage = Stage::new(&self.r.tally);
+            self.pending.push_back((complete, stage));
         }
         self.settle();
+        self.schedule();
 
         let margin = self.r.config.margin_secs * 1000;
         let due: Vec<(u64, u64)> = self
@@ -573,19 +625,30 @@ impl Repairer {
         }
     }
 
-    /// Takes the coverage samples whose raw lines have all been settled.
+    /// Takes the coverage samples and finished chunks the store now holds.
     fn settle(&mut self) {
-        let t = self.r.tally.snapshot();
-        let settled = t.duplicates + t.dead_lettered + t.system + t.stored + t.store_duplicates;
-        while let Some(&(complete, raw)) = self.pending.front() {
-            if raw > settled {
+        let tally = self.r.tally.clone();
+        while let Some((complete, stage)) = self.pending.front_mut() {
+            if !stage.advance(&tally) {
                 break;
             }
+            let complete = *complete;
             self.pending.pop_front();
             if complete > self.r.ledger.complete_until_ms {
                 self.r.ledger.complete_until_ms = complete;
                 self.dirty = true;
             }
+        }
+        let mut stored = Vec::new();
+        self.settling.retain_mut(|(key, stage)| {
+            let done = stage.advance(&tally);
+            if done {
+                stored.push(*key);
+            }
+            !done
+        });
+        for key in stored {
+            self.chunk_settled(key, Ok(()));
         }
     }
 

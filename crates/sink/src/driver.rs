@@ -1,10 +1,18 @@
 //! The sink driver: takes unique batches from the mergers, keeps them in order (memory,
 //! then the disk spool), puts them to the store with retry and backoff, and turns the
-//! store's acknowledgements into stored counts. A store outage never blocks the mergers
-//! for longer than one attempt: while it backs off, the driver keeps accepting batches
-//! and spools what memory cannot hold. Nothing is dropped.
+//! store's acknowledgements into stored counts and a contiguous **stored watermark** per
+//! partition. A store outage never blocks the mergers for longer than one attempt: while
+//! it backs off, the driver keeps accepting batches and spools what memory cannot hold.
+//!
+//! Nothing leaves the driver's hands before the store acknowledges it: a batch put to the
+//! store stays retained until every activity in it is behind the watermark. When the store
+//! says it lost what it had not acknowledged (a failed fsync), the driver puts it again;
+//! at shutdown, whatever is unacknowledged goes to the spool. A spool that cannot be
+//! written (a full disk) keeps batches in memory up to a second `max_memory_activities`,
+//! then stops taking batches (backpressure up to the connections) and reports the sink
+//! down until the disk takes writes again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,13 +21,13 @@ use std::time::Duration;
 use metrics::Gauge;
 use serde::{Deserialize, Serialize};
 use tandem_core::metric as m;
-use tandem_core::{Partition, StreamId, Tally, UniqueBatch};
+use tandem_core::{ActivityId, Partition, StreamId, Tally, Unique, UniqueBatch};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
-use crate::spool::{Spool, SpooledBatch};
-use crate::store::{Ack, Store, StreamNames};
+use crate::spool::{Popped, Spool, SpooledBatch};
+use crate::store::{Ack, ErrorClass, Store, StoreError, StreamNames};
 
 /// Settings of the driver shared by every sink. Field docs are the configuration
 /// reference.
@@ -27,7 +35,8 @@ use crate::store::{Ack, Store, StreamNames};
 #[serde(deny_unknown_fields)]
 pub struct DriverConfig {
     /// Unique activities held in memory while the store is slow or down; past this they
-    /// are spooled to disk.
+    /// are spooled to disk. While the spool cannot be written (a full disk), up to as
+    /// many again wait in memory, then the sink stops taking activities (backpressure).
     #[serde(default = "default_memory")]
     pub max_memory_activities: usize,
     /// Directory of the spool.
@@ -96,10 +105,16 @@ pub struct DrainReport {
 #[derive(Debug)]
 pub struct SinkHandle {
     pub name: Arc<str>,
-    /// False while the store refuses writes.
+    /// False while the store refuses writes or the spool cannot be written.
     pub up: Arc<AtomicBool>,
+    /// False once the sink's task has ended (at shutdown, or if it died).
+    pub alive: Arc<AtomicBool>,
     /// Time from first receipt to handoff to the store, over the sink's life.
     pub handoff: Arc<tandem_core::latency::LatencyHistogram>,
+    /// Ids waiting in the spool an earlier run left, per (stream name, partition): the
+    /// merger remembers them, so that the replay a restart asks upstream for does not
+    /// store them a second time.
+    pub waiting: HashMap<(String, Partition), Vec<ActivityId>>,
     task: JoinHandle<DrainReport>,
 }
 
@@ -112,6 +127,58 @@ impl SinkHandle {
 }
 
 type Key = (StreamId, Partition);
+
+/// The acknowledged sequence numbers of a partition: everything up to `through`, plus
+/// the runs acknowledged beyond it (out of order, e.g. a republished JetStream message).
+#[derive(Debug, Default)]
+struct Watermark {
+    through: u64,
+    /// Run start → run end (inclusive), all above `through + 1`.
+    above: BTreeMap<u64, u64>,
+}
+
+impl Watermark {
+    fn ack(&mut self, seq: u64) {
+        if seq <= self.through || self.acked(seq) {
+            return;
+        }
+        if seq == self.through + 1 {
+            self.through = seq;
+            while let Some(entry) = self.above.first_entry() {
+                if *entry.key() > self.through + 1 {
+                    break;
+                }
+                let end = entry.remove();
+                self.through = self.through.max(end);
+            }
+            return;
+        }
+        // A run ending right before `seq` grows; one starting right after it joins.
+        let mut start = seq;
+        if let Some((&s, e)) = self.above.range_mut(..seq).next_back()
+            && *e + 1 == seq
+        {
+            *e = seq;
+            start = s;
+        } else {
+            self.above.insert(seq, seq);
+        }
+        if let Some(next_end) = self.above.remove(&(seq + 1))
+            && let Some(e) = self.above.get_mut(&start)
+        {
+            *e = next_end;
+        }
+    }
+
+    fn acked(&self, seq: u64) -> bool {
+        seq <= self.through
+            || self
+                .above
+                .range(..=seq)
+                .next_back()
+                .is_some_and(|(_, &e)| seq <= e)
+    }
+}
 
 /// Where a partition's activities are inside the sink. Each count changes with the
 /// structure operation itself, so a batch lost between two structures shows up in the
@@ -141,29 +208,59 @@ struct Driver<S: Store> {
     cfg: DriverConfig,
     names: StreamNames,
     tallies: HashMap<Key, Arc<Tally>>,
+    /// Oldest first: memory, then the spool, then `overflow` (waiting to be spooled).
     memory: VecDeque<UniqueBatch>,
     memory_items: usize,
     spool: Spool,
+    overflow: VecDeque<UniqueBatch>,
+    overflow_items: usize,
+    /// Put to the store, not yet entirely behind the watermark.
+    retained: HashMap<Key, VecDeque<UniqueBatch>>,
+    marks: HashMap<Key, Watermark>,
+    /// Numbers reserved for the spool of an earlier run: the next one to give, per
+    /// partition.
+    replay_seq: HashMap<Key, u64>,
+    already_stored: Box<dyn Fn(&SpooledBatch, &Unique) -> bool + Send>,
+    /// Spooled activities of streams no longer configured, kept aside.
+    orphans: Option<Spool>,
     held: HashMap<Key, Held>,
     stored_total: u64,
+    store_up: bool,
+    spool_ok: bool,
     meters: Meters,
     up: Arc<AtomicBool>,
     handoff: Arc<tandem_core::latency::LatencyHistogram>,
     handoff_metric: metrics::Histogram,
 }
 
+/// Sets `alive` to false when the sink's task ends, however it ends.
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
 /// Starts a sink: `store` fed from the returned sender. `tallies` are the partitions'
-/// shared counts (the driver maintains `stored`, `store_duplicates` and `in_flight`).
-/// Batches a crash left in the spool are delivered first, minus `already_stored`.
+/// shared counts (the driver maintains `stored`, `store_duplicates`, `in_flight` and
+/// `stored_through`). Batches a crash left in the spool are delivered first (numbered
+/// before anything the mergers number), minus those `already_stored` says the store
+/// holds.
 pub fn spawn<S: Store>(
     name: &str,
     store: S,
     cfg: DriverConfig,
     names: StreamNames,
     tallies: HashMap<Key, Arc<Tally>>,
-    already_stored: impl Fn(&SpooledBatch, &tandem_core::Unique) -> bool,
+    already_stored: impl Fn(&SpooledBatch, &Unique) -> bool + Send + 'static,
     capacity: usize,
 ) -> std::io::Result<(mpsc::Sender<UniqueBatch>, SinkHandle)> {
+    let (spool, found) = Spool::open(&cfg.spool_dir)?;
+    tandem_core::crash::point("sink.spool_opened");
+    if found.cut_records > 0 {
+        tracing::warn!(sink = name, cut_records = found.cut_records, cut_bytes = found.cut_bytes, "the spool ended in a torn or damaged record; cut");
+    }
     let index_names = names.clone();
     let index = move |s: &str| {
         index_names
@@ -171,7 +268,14 @@ pub fn spawn<S: Store>(
             .position(|n| &**n == s)
             .map(|i| StreamId(i as u16))
     };
-    let (spool, leftover) = Spool::open(&cfg.spool_dir, &index)?;
+    let mut replay_seq = HashMap::new();
+    for ((stream, partition), ids) in &found.waiting {
+        let Some(sid) = index(stream) else { continue };
+        let n = ids.len() as u64;
+        let first = tallies.get(&(sid, *partition)).map_or(1, |t| t.number(n));
+        replay_seq.insert((sid, *partition), first);
+        tracing::info!(sink = name, %stream, partition, activities = n, "the spool of an earlier run is replayed first");
+    }
     let sink = name.to_owned();
     let meters = Meters {
         up: metrics::gauge!(m::SINK_UP, m::SINK => sink.clone()),
@@ -197,6 +301,7 @@ pub fn spawn<S: Store>(
         metrics::counter!(m::SINK_DUPLICATE_ACKS, &labels).increment(0);
         metrics::gauge!(m::IN_FLIGHT, &labels).set(0.0);
     }
+    let alive = Arc::new(AtomicBool::new(true));
     let mut driver = Driver {
         name: name.into(),
         store,
@@ -206,44 +311,50 @@ pub fn spawn<S: Store>(
         memory: VecDeque::new(),
         memory_items: 0,
         spool,
+        overflow: VecDeque::new(),
+        overflow_items: 0,
+        retained: HashMap::new(),
+        marks: HashMap::new(),
+        replay_seq,
+        already_stored: Box::new(already_stored),
+        orphans: None,
         held: HashMap::new(),
         stored_total: 0,
+        store_up: true,
+        spool_ok: true,
         meters,
         up: Arc::new(AtomicBool::new(true)),
         handoff: Arc::new(tandem_core::latency::LatencyHistogram::default()),
         handoff_metric: metrics::histogram!(m::HANDOFF_LATENCY, m::SINK => name.to_owned()),
     };
-    let mut replayed = 0usize;
-    for mut sb in leftover {
-        if sb.batch.stream.0 == u16::MAX {
-            tracing::error!(stream = %sb.stream, "spooled activities of a stream no longer configured are kept in the spool");
-        }
-        let before = sb.batch.items.len();
-        let keep: Vec<_> = sb
-            .batch
-            .items
-            .iter()
-            .filter(|u| !already_stored(&sb, u))
-            .cloned()
-            .collect();
-        sb.batch.items = keep;
-        replayed += sb.batch.items.len();
-        tracing::info!(stream = %sb.stream, partition = sb.batch.partition, spooled = before, replaying = sb.batch.items.len(), "replaying the spool of an earlier run");
-        if !sb.batch.items.is_empty() {
-            driver.accept(sb.batch);
+    for ((stream, partition), ids) in &found.waiting {
+        if let Some(sid) = index(stream) {
+            let n = ids.len() as u64;
+            driver.held((sid, *partition), |h| h.spool += n);
         }
     }
-    if replayed > 0 {
-        tracing::info!(activities = replayed, "spool replay queued");
-    }
+    driver.meters.spooled.set(driver.spool.len() as f64);
     let (tx, rx) = mpsc::channel(capacity.max(1));
+    let guard = AliveGuard(alive.clone());
     let handle = SinkHandle {
         name: driver.name.clone(),
         up: driver.up.clone(),
+        alive,
         handoff: driver.handoff.clone(),
-        task: tokio::spawn(driver.run(rx)),
+        waiting: found.waiting,
+        task: tokio::spawn(async move {
+            let _guard = guard;
+            driver.run(rx).await
+        }),
     };
     Ok((tx, handle))
+}
+
+/// How the put of one batch went.
+enum Put {
+    Done,
+    Nothing,
+    Failed,
 }
 
 impl<S: Store> Driver<S> {
@@ -258,7 +369,10 @@ impl<S: Store> Driver<S> {
         self.set_in_flight(key);
     }
 
-    fn set_up(&self, up: bool) {
+    fn set_up(&mut self, store_up: Option<bool>, spool_ok: Option<bool>) {
+        self.store_up = store_up.unwrap_or(self.store_up);
+        self.spool_ok = spool_ok.unwrap_or(self.spool_ok);
+        let up = self.store_up && self.spool_ok;
         self.up.store(up, Ordering::Relaxed);
         self.meters.up.set(if up { 1.0 } else { 0.0 });
     }
@@ -266,16 +380,13 @@ impl<S: Store> Driver<S> {
     fn set_in_flight(&self, key: Key) {
         if let Some(t) = self.tallies.get(&key) {
             let held = self.held.get(&key).copied().unwrap_or_default().total();
-            t.in_flight
-                .store(held, std::sync::atomic::Ordering::Relaxed);
+            t.in_flight.store(held, Ordering::Relaxed);
             metrics::gauge!(m::IN_FLIGHT,
                 m::STREAM => self.stream_name(key.0), m::PARTITION => key.1.to_string(), m::SINK => self.meters.sink.clone())
             .set(held as f64);
         }
     }
 
-    /// Takes a batch from a merger: into memory, or the spool when memory is full or the
-    /// spool already holds older batches (order is kept).
     /// Takes a batch from a merger: it leaves the channel (`queued`) once the driver
     /// holds it.
     fn receive(&mut self, batch: UniqueBatch) {
@@ -286,26 +397,58 @@ impl<S: Store> Driver<S> {
         }
     }
 
+    /// Queues a batch behind everything older: in memory while nothing waits on disk and
+    /// memory has room, otherwise behind the spool.
     fn accept(&mut self, batch: UniqueBatch) {
         let key = (batch.stream, batch.partition);
         let n = batch.items.len();
-        if self.spool.is_empty() && self.memory_items + n <= self.cfg.max_memory_activities {
+        if self.spool.is_empty()
+            && self.overflow.is_empty()
+            && self.memory_items + n <= self.cfg.max_memory_activities
+        {
             self.memory_items += n;
             self.memory.push_back(batch);
             self.held(key, |h| h.memory += n as u64);
             return;
         }
-        let stream = self.stream_name(batch.stream);
-        if let Err(e) = self.spool.push(&stream, &batch) {
-            // The disk refused: keep the batch in memory rather than lose it.
-            tracing::error!(error = %e, dir = %self.cfg.spool_dir.display(), "cannot spool; holding in memory beyond the limit");
-            self.memory_items += n;
-            self.memory.push_back(batch);
-            self.held(key, |h| h.memory += n as u64);
-        } else {
-            self.held(key, |h| h.spool += n as u64);
+        self.overflow_items += n;
+        self.overflow.push_back(batch);
+        self.held(key, |h| h.memory += n as u64);
+        self.flush_overflow();
+    }
+
+    /// Moves waiting batches into the spool, oldest first, until the disk refuses.
+    fn flush_overflow(&mut self) {
+        while let Some(batch) = self.overflow.front() {
+            let key = (batch.stream, batch.partition);
+            let n = batch.items.len() as u64;
+            let stream = self.stream_name(batch.stream);
+            if let Err(e) = self.spool.push(&stream, batch) {
+                if self.spool_ok {
+                    tracing::error!(sink = %self.name, error = %e, dir = %self.cfg.spool_dir.display(), "cannot write the spool; holding activities in memory, the sink reports down until the disk takes writes again");
+                    self.error("transient");
+                }
+                self.set_up(None, Some(false));
+                break;
+            }
+            self.overflow.pop_front();
+            self.overflow_items -= n as usize;
+            self.held(key, |h| {
+                h.memory -= n;
+                h.spool += n;
+            });
+            if !self.spool_ok {
+                tracing::info!(sink = %self.name, "the spool takes writes again");
+                self.set_up(None, Some(true));
+            }
         }
         self.meters.spooled.set(self.spool.len() as f64);
+    }
+
+    /// Whether the mergers may hand over more: not while batches that could not be
+    /// spooled fill a second memory's worth.
+    fn can_take(&self) -> bool {
+        self.overflow_items < self.cfg.max_memory_activities.max(1)
     }
 
     /// The next batch to store, oldest first.
@@ -316,58 +459,188 @@ impl<S: Store> Driver<S> {
             self.held((b.stream, b.partition), |h| h.memory -= n);
             return Some(b);
         }
-        let names = self.names.clone();
-        let index = move |s: &str| {
-            names
-                .iter()
-                .position(|n| &**n == s)
-                .map(|i| StreamId(i as u16))
-        };
-        match self.spool.pop(index) {
-            Ok(b) => {
-                self.meters.spooled.set(self.spool.len() as f64);
-                let batch = b.map(|sb| sb.batch)?;
-                let n = batch.items.len() as u64;
-                self.held((batch.stream, batch.partition), |h| {
-                    h.spool = h.spool.saturating_sub(n)
-                });
-                Some(batch)
+        if !self.spool.is_empty() {
+            let names = self.names.clone();
+            let index =
+                move |s: &str| names.iter().position(|n| &**n == s).map(|i| StreamId(i as u16));
+            match self.spool.pop(index) {
+                Ok(Some(popped)) => {
+                    self.meters.spooled.set(self.spool.len() as f64);
+                    return self.from_spool(popped);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(sink = %self.name, error = %e, "cannot read the spool");
+                    self.error("transient");
+                    return None;
+                }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the spool");
-                None
+        }
+        let b = self.overflow.pop_front()?;
+        let n = b.items.len() as u64;
+        self.overflow_items -= b.items.len();
+        self.held((b.stream, b.partition), |h| h.memory -= n);
+        Some(b)
+    }
+
+    /// A batch read back from the spool: numbered again if an earlier run wrote it,
+    /// without what the store already holds.
+    fn from_spool(&mut self, popped: Popped) -> Option<UniqueBatch> {
+        let Popped {
+            spooled,
+            renumber,
+            segment,
+        } = popped;
+        let key = (spooled.batch.stream, spooled.batch.partition);
+        let n = spooled.batch.items.len() as u64;
+        self.held(key, |h| h.spool = h.spool.saturating_sub(n));
+        if !renumber {
+            return Some(spooled.batch);
+        }
+        let Some(next) = self.replay_seq.get_mut(&key) else {
+            self.keep_orphan(&spooled);
+            self.spool.renumbered(segment, key, 0);
+            return None;
+        };
+        let first = *next;
+        *next += n;
+        let mut batch = spooled.batch.clone();
+        for (i, u) in batch.items.iter_mut().enumerate() {
+            u.seq = first + i as u64;
+        }
+        self.spool.renumbered(segment, key, first + n - 1);
+        let (stored, keep): (Vec<Unique>, Vec<Unique>) = batch
+            .items
+            .into_iter()
+            .partition(|u| (self.already_stored)(&spooled, u));
+        let mark = self.marks.entry(key).or_default();
+        for u in &stored {
+            mark.ack(u.seq);
+        }
+        if !stored.is_empty() {
+            self.publish_watermark(key);
+        }
+        tracing::info!(sink = %self.name, stream = %spooled.stream, partition = key.1, replaying = keep.len(), already_stored = stored.len(), "replaying spooled activities of an earlier run");
+        batch.items = keep;
+        (!batch.items.is_empty()).then_some(batch)
+    }
+
+    /// Spooled activities of a stream no longer configured: kept in a spool of their own.
+    fn keep_orphan(&mut self, spooled: &SpooledBatch) {
+        if self.orphans.is_none() {
+            match Spool::open(&self.cfg.spool_dir.join("orphaned")) {
+                Ok((s, _)) => self.orphans = Some(s),
+                Err(e) => {
+                    tracing::error!(sink = %self.name, error = %e, "cannot open the spool for streams no longer configured");
+                    return;
+                }
+            }
+        }
+        if let Some(o) = self.orphans.as_mut() {
+            match o.push(&spooled.stream, &spooled.batch).and_then(|()| o.sync()) {
+                Ok(()) => tracing::error!(sink = %self.name, stream = %spooled.stream, activities = spooled.batch.items.len(), dir = %self.cfg.spool_dir.join("orphaned").display(), "spooled activities of a stream no longer configured are kept aside"),
+                Err(e) => tracing::error!(sink = %self.name, error = %e, "cannot keep spooled activities of a stream no longer configured"),
             }
         }
     }
 
     fn pending(&self) -> bool {
-        !self.memory.is_empty() || !self.spool.is_empty()
+        !self.memory.is_empty() || !self.spool.is_empty() || !self.overflow.is_empty()
+    }
+
+    /// Activities put and not yet acknowledged.
+    fn unacknowledged(&self) -> u64 {
+        self.held.values().map(|h| h.unacknowledged).sum()
+    }
+
+    fn publish_watermark(&self, key: Key) {
+        if let (Some(t), Some(mark)) = (self.tallies.get(&key), self.marks.get(&key)) {
+            t.stored_through.store(mark.through, Ordering::SeqCst);
+        }
     }
 
     fn apply(&mut self, acks: Vec<Ack>) -> u64 {
         let mut total = 0;
+        let mut touched = Vec::new();
         for ack in acks {
             let key = (ack.stream, ack.partition);
             let n = ack.ids.len() as u64;
+            let dups = ack.duplicates as u64;
             total += n;
             let labels = [
                 (m::STREAM, self.stream_name(ack.stream)),
                 (m::PARTITION, ack.partition.to_string()),
                 (m::SINK, self.meters.sink.clone()),
             ];
-            metrics::counter!(m::STORED_ACTIVITIES, &labels).increment(n);
-            metrics::counter!(m::SINK_DUPLICATE_ACKS, &labels).increment(ack.duplicates as u64);
-            // Stored first, then out of flight: never counted in neither place.
+            // An activity the store already held was stored by someone else: counted
+            // once, as a duplicate acknowledgement.
+            metrics::counter!(m::STORED_ACTIVITIES, &labels).increment(n - dups);
+            metrics::counter!(m::SINK_DUPLICATE_ACKS, &labels).increment(dups);
             if let Some(t) = self.tallies.get(&key) {
-                Tally::add(&t.stored, n);
-                Tally::add(&t.store_duplicates, ack.duplicates as u64);
+                Tally::add(&t.stored, n - dups);
+                Tally::add(&t.store_duplicates, dups);
+            }
+            let mark = self.marks.entry(key).or_default();
+            for &seq in &ack.seqs {
+                mark.ack(seq);
             }
             self.held(key, |h| {
                 h.unacknowledged = h.unacknowledged.saturating_sub(n)
             });
+            if !touched.contains(&key) {
+                touched.push(key);
+            }
+        }
+        for key in touched {
+            self.publish_watermark(key);
+            self.release(key);
         }
         self.stored_total += total;
+        if let Err(e) = self.spool.release(|k, seq| {
+            self.marks.get(&k).is_some_and(|m| m.through >= seq)
+        }) {
+            tracing::warn!(sink = %self.name, error = %e, "cannot delete a stored spool segment");
+        }
         total
+    }
+
+    /// Lets go of the put batches whose activities are all acknowledged.
+    fn release(&mut self, key: Key) {
+        let (Some(q), Some(mark)) = (self.retained.get_mut(&key), self.marks.get(&key)) else {
+            return;
+        };
+        while q
+            .front()
+            .is_some_and(|b| b.items.iter().all(|u| mark.acked(u.seq)))
+        {
+            q.pop_front();
+        }
+    }
+
+    /// The store lost what it had not acknowledged: put it again, before anything newer.
+    fn put_again(&mut self) {
+        let mut again = Vec::new();
+        for (key, q) in &mut self.retained {
+            let mark = self.marks.get(key);
+            for mut b in q.drain(..) {
+                b.items.retain(|u| mark.is_none_or(|m| !m.acked(u.seq)));
+                if !b.items.is_empty() {
+                    again.push(b);
+                }
+            }
+        }
+        let mut n_again = 0;
+        for b in again.into_iter().rev() {
+            let (key, n) = ((b.stream, b.partition), b.items.len() as u64);
+            n_again += n;
+            self.memory_items += b.items.len();
+            self.memory.push_front(b);
+            self.held(key, |h| {
+                h.unacknowledged = h.unacknowledged.saturating_sub(n);
+                h.memory += n;
+            });
+        }
+        tracing::warn!(sink = %self.name, activities = n_again, "the store lost unacknowledged writes; putting them again");
     }
 
     fn error(&self, kind: &'static str) {
@@ -375,17 +648,67 @@ impl<S: Store> Driver<S> {
             .increment(1);
     }
 
-    async fn collect(&mut self, force: bool) -> Result<u64, ()> {
+    fn failed(&mut self, e: &StoreError, what: &str) {
+        self.error(if e.is_retryable() {
+            "transient"
+        } else {
+            "fatal"
+        });
+        tracing::warn!(sink = %self.name, error = %e, "{what}");
+        if e.class == ErrorClass::Lost {
+            self.put_again();
+        }
+    }
+
+    async fn collect(&mut self, force: bool) {
         match self.store.acks(force).await {
-            Ok(acks) => Ok(self.apply(acks)),
+            Ok(acks) => {
+                self.apply(acks);
+            }
+            Err(e) => self.failed(&e, "collecting acknowledgements failed"),
+        }
+    }
+
+    /// Puts the oldest waiting batch to the store.
+    async fn put_next(&mut self) -> Put {
+        let Some(batch) = self.next() else {
+            return Put::Nothing;
+        };
+        let (key, n) = ((batch.stream, batch.partition), batch.items.len() as u64);
+        // Added latency: first receipt to handoff, for every activity; the exported
+        // histogram takes the batch's oldest (its worst) only.
+        let handed = Instant::now();
+        for item in &batch.items {
+            self.handoff
+                .record(handed.saturating_duration_since(item.received));
+        }
+        if let Some(first) = batch.items.first() {
+            self.handoff_metric.record(
+                handed
+                    .saturating_duration_since(first.received)
+                    .as_secs_f64(),
+            );
+        }
+        match self.store.put(&batch).await {
+            Ok(()) => {
+                self.held(key, |h| h.unacknowledged += n);
+                self.retained.entry(key).or_default().push_back(batch);
+                if !self.store_up {
+                    tracing::info!(sink = %self.name, "store is back");
+                }
+                self.set_up(Some(true), None);
+                tandem_core::crash::point("sink.put");
+                Put::Done
+            }
             Err(e) => {
-                self.error(if e.is_retryable() {
-                    "transient"
-                } else {
-                    "fatal"
-                });
-                tracing::warn!(sink = %self.name, error = %e, "collecting acknowledgements failed");
-                Err(())
+                // Back to the front: order is kept and nothing is lost (what the store
+                // lost, if it did, goes in front of it).
+                self.memory_items += batch.items.len();
+                self.memory.push_front(batch);
+                self.held(key, |h| h.memory += n);
+                self.failed(&e, "store write failed; retrying");
+                self.set_up(Some(false), None);
+                Put::Failed
             }
         }
     }
@@ -393,72 +716,54 @@ impl<S: Store> Driver<S> {
     async fn run(mut self, mut rx: mpsc::Receiver<UniqueBatch>) -> DrainReport {
         let ack_every = Duration::from_millis(self.cfg.ack_interval_ms.max(1));
         let mut next_ack = Instant::now() + ack_every;
-        let mut backoff = Duration::from_millis(self.cfg.retry_initial_ms);
+        let initial = Duration::from_millis(self.cfg.retry_initial_ms);
+        let mut backoff = initial;
         let mut retry_at: Option<Instant> = None;
         let mut open = true;
         let mut drain_started: Option<(Instant, u64)> = None;
-        self.set_up(true);
+        self.set_up(Some(true), Some(true));
         loop {
             if !open && drain_started.is_none() {
                 drain_started = Some((Instant::now(), self.stored_total));
-                tracing::info!(sink = %self.name, queued = self.memory_items as u64 + self.spool.len(), unacknowledged = self.store.unacknowledged(), "draining before exit");
+                tandem_core::crash::point("sink.drain");
+                tracing::info!(sink = %self.name, queued = self.memory_items as u64 + self.spool.len() + self.overflow_items as u64, unacknowledged = self.unacknowledged(), "draining before exit");
             }
             if let Some((since, _)) = drain_started {
-                let done = !self.pending() && self.store.unacknowledged() == 0;
+                let done = !self.pending() && self.unacknowledged() == 0;
                 let late = since.elapsed() >= Duration::from_millis(self.cfg.drain_deadline_ms);
                 if done || late {
                     break;
                 }
             }
+            if !self.overflow.is_empty() && retry_at.is_none_or(|t| Instant::now() >= t) {
+                self.flush_overflow();
+            }
             let ready = self.pending() && retry_at.is_none_or(|t| Instant::now() >= t);
             if ready {
                 // Take what arrived meanwhile first, so the store sees batches in order.
-                while let Ok(b) = rx.try_recv() {
+                while self.can_take()
+                    && let Ok(b) = rx.try_recv()
+                {
                     self.receive(b);
                 }
-                let batch = self.next().expect("pending");
-                let (key, n) = ((batch.stream, batch.partition), batch.items.len() as u64);
-                // Added latency: first receipt to handoff, for every activity; the
-                // exported histogram takes the batch's oldest (its worst) only.
-                let handed = Instant::now();
-                for item in &batch.items {
-                    self.handoff
-                        .record(handed.saturating_duration_since(item.received));
-                }
-                if let Some(first) = batch.items.first() {
-                    self.handoff_metric.record(
-                        handed
-                            .saturating_duration_since(first.received)
-                            .as_secs_f64(),
-                    );
-                }
-                match self.store.put(&batch).await {
-                    Ok(()) => {
-                        self.held(key, |h| h.unacknowledged += n);
-                        if retry_at.take().is_some() {
-                            tracing::info!(sink = %self.name, "store is back");
-                        }
-                        self.set_up(true);
-                        backoff = Duration::from_millis(self.cfg.retry_initial_ms);
+                match self.put_next().await {
+                    Put::Done => {
+                        retry_at = None;
+                        backoff = initial;
                     }
-                    Err(e) => {
-                        self.error(if e.is_retryable() {
-                            "transient"
-                        } else {
-                            "fatal"
-                        });
-                        tracing::warn!(sink = %self.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "store write failed; retrying");
-                        self.set_up(false);
-                        // Back to the front: order is kept and nothing is lost.
-                        self.memory_items += batch.items.len();
-                        self.memory.push_front(batch);
-                        self.held(key, |h| h.memory += n);
+                    Put::Nothing if self.pending() => {
+                        // The spool could not be read: try again later, not in a loop.
+                        retry_at = Some(Instant::now() + backoff);
+                        backoff = (backoff * 2).min(Duration::from_millis(self.cfg.retry_max_ms));
+                    }
+                    Put::Nothing => {}
+                    Put::Failed => {
                         retry_at = Some(Instant::now() + backoff);
                         backoff = (backoff * 2).min(Duration::from_millis(self.cfg.retry_max_ms));
                     }
                 }
                 if Instant::now() >= next_ack {
-                    let _ = self.collect(false).await;
+                    self.collect(false).await;
                     next_ack = Instant::now() + ack_every;
                 }
                 continue;
@@ -467,20 +772,26 @@ impl<S: Store> Driver<S> {
                 Some(t) if self.pending() => t.min(next_ack),
                 _ => next_ack,
             };
+            let take = open && self.can_take();
             tokio::select! {
-                batch = rx.recv(), if open => match batch {
+                batch = rx.recv(), if take => match batch {
                     Some(b) => self.receive(b),
                     None => open = false,
                 },
                 () = sleep_until(wake) => {
                     if Instant::now() >= next_ack {
-                        let force = drain_started.is_some();
-                        let _ = self.collect(force).await;
+                        self.collect(drain_started.is_some()).await;
                         next_ack = Instant::now() + ack_every;
                     }
                 }
             }
         }
+        self.finish(drain_started).await
+    }
+
+    /// Closes the store and spools whatever it did not acknowledge, then everything that
+    /// waited: the next start delivers it.
+    async fn finish(mut self, drain_started: Option<(Instant, u64)>) -> DrainReport {
         match self.store.close().await {
             Ok(acks) => {
                 self.apply(acks);
@@ -488,22 +799,44 @@ impl<S: Store> Driver<S> {
             Err(e) => tracing::warn!(sink = %self.name, error = %e, "closing the store failed"),
         }
         let (since, stored_before) = drain_started.unwrap_or((Instant::now(), self.stored_total));
-        // Whatever is still queued goes to the spool for the next start.
-        let mut left = 0u64;
-        while let Some(b) = self.memory.pop_front() {
-            let n = b.items.len() as u64;
-            left += n;
-            let stream = self.stream_name(b.stream);
-            if let Err(e) = self.spool.push(&stream, &b) {
-                tracing::error!(error = %e, activities = b.items.len(), "cannot spool at exit: these activities are lost to this run");
-            } else {
-                self.held((b.stream, b.partition), |h| {
-                    h.memory -= n;
-                    h.spool += n;
-                });
+        let mut leftover: Vec<UniqueBatch> = Vec::new();
+        let retained = std::mem::take(&mut self.retained);
+        for (key, q) in retained {
+            for mut b in q {
+                let mark = self.marks.get(&key);
+                b.items.retain(|u| mark.is_none_or(|m| !m.acked(u.seq)));
+                if !b.items.is_empty() {
+                    let n = b.items.len() as u64;
+                    self.held(key, |h| {
+                        h.unacknowledged = h.unacknowledged.saturating_sub(n);
+                        h.memory += n;
+                    });
+                    leftover.push(b);
+                }
             }
         }
-        left += self.spool.len().saturating_sub(left);
+        leftover.extend(self.memory.drain(..));
+        leftover.extend(self.overflow.drain(..));
+        let mut left = self.spool.len();
+        for b in leftover {
+            let (key, n) = ((b.stream, b.partition), b.items.len() as u64);
+            let stream = self.stream_name(b.stream);
+            match self.spool.push(&stream, &b) {
+                Ok(()) => {
+                    left += n;
+                    self.held(key, |h| {
+                        h.memory = h.memory.saturating_sub(n);
+                        h.spool += n;
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(sink = %self.name, error = %e, activities = n, "cannot spool at exit: the coverage ledger has not passed them, so the next start asks upstream for them again");
+                }
+            }
+        }
+        if let Err(e) = self.spool.sync() {
+            tracing::error!(sink = %self.name, error = %e, "cannot sync the spool at exit");
+        }
         let report = DrainReport {
             drained: self.stored_total - stored_before,
             left_in_spool: left,
@@ -512,5 +845,48 @@ impl<S: Store> Driver<S> {
         };
         tracing::info!(sink = %self.name, drained = report.drained, left_in_spool = report.left_in_spool, stored_total = report.stored_total, "sink finished");
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The watermark is the end of the contiguous prefix, whatever order acks come in.
+    #[test]
+    fn watermark_is_contiguous() {
+        let mut w = Watermark::default();
+        for s in [1, 2, 5, 4, 7, 3] {
+            w.ack(s);
+        }
+        assert_eq!(w.through, 5);
+        assert!(w.acked(7) && !w.acked(6) && !w.acked(8));
+        w.ack(6);
+        assert_eq!(w.through, 7);
+        assert!(w.above.is_empty());
+        w.ack(3);
+        assert_eq!(w.through, 7, "an old ack changes nothing");
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any permutation of 1..=n acknowledged one by one: the watermark never passes
+        /// an unacknowledged number and ends at n.
+        #[test]
+        fn watermark_never_passes_a_hole(order in proptest::sample::subsequence((1u64..=60).collect::<Vec<_>>(), 0..=60).prop_shuffle()) {
+            let mut w = Watermark::default();
+            let mut seen = std::collections::HashSet::new();
+            for s in &order {
+                w.ack(*s);
+                seen.insert(*s);
+                for t in 1..=w.through {
+                    prop_assert!(seen.contains(&t));
+                }
+                for t in 1..=61u64 {
+                    prop_assert_eq!(w.acked(t), seen.contains(&t));
+                }
+            }
+        }
     }
 }

@@ -7,8 +7,18 @@
 //! gzip stream after every write. Activities are acknowledged once fsynced (on an interval
 //! and at rotation). The interval's fsync runs on duplicated file handles beside the
 //! writes, so a slow fsync (seconds, with a lot of dirty data) delays acknowledgements,
-//! never the writes behind it. After a crash, [`FileStore::open`] repairs leftover `.tmp` files:
-//! an incomplete last line (or gzip member) is cut off, then the file is renamed.
+//! never the writes behind it.
+//!
+//! A failed fsync is never retried into an acknowledgement: on Linux a second fsync can
+//! succeed for pages the kernel already dropped. Instead every open file is cut back to
+//! what its last successful fsync covered and closed, nothing written since is
+//! acknowledged, and the store answers [`StoreError::lost`]: the driver writes those
+//! activities again, to new files.
+//!
+//! After a crash, [`FileStore::open`] repairs leftover `.tmp` files: an incomplete last
+//! line is cut off a plain file (only never-acknowledged bytes go); a gzip file with a
+//! broken last member is rewritten to a copy that is synced and renamed over it, so a
+//! crash during the repair leaves the original whole.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -90,6 +100,8 @@ struct OpenFile {
     target: PathBuf,
     file: File,
     len: u64,
+    /// Bytes a successful fsync covered.
+    synced_len: u64,
     bucket: u64,
     dirty: bool,
 }
@@ -104,6 +116,8 @@ struct Inner {
     /// Fsynced, not yet reported.
     durable: Vec<Ack>,
     buf: Vec<u8>,
+    /// An fsync (or a cut back after a failed write) failed: what is not durable is lost.
+    sync_failed: Option<io::Error>,
 }
 
 /// What [`FileStore::open`] repaired.
@@ -115,9 +129,9 @@ pub struct Repair {
     pub cut_bytes: u64,
 }
 
-/// An fsync running beside the writes: the files it covers (duplicated handles) and the
-/// acknowledgements it makes durable.
-type SyncJob = tokio::task::JoinHandle<(io::Result<()>, Vec<Ack>)>;
+/// An fsync running beside the writes: the files it covers (duplicated handles, with the
+/// length each had) and the acknowledgements it makes durable.
+type SyncJob = tokio::task::JoinHandle<(io::Result<()>, Vec<(Key, u64)>, Vec<Ack>)>;
 
 /// The file store.
 #[derive(Debug)]
@@ -132,6 +146,11 @@ pub struct FileStore {
 
 fn io_err(e: io::Error) -> StoreError {
     StoreError::transient("file", e.to_string())
+}
+
+/// Mutex poisoning only follows a panic on a writer thread: the store is unusable.
+fn poisoned() -> StoreError {
+    StoreError::fatal("file", "the writer lock is poisoned (a writer thread panicked)")
 }
 
 impl FileStore {
@@ -151,6 +170,7 @@ impl FileStore {
                 pending: HashMap::new(),
                 durable: Vec::new(),
                 buf: Vec::new(),
+                sync_failed: None,
             })),
             fsync_interval,
             last_sync: Instant::now(),
@@ -161,31 +181,56 @@ impl FileStore {
     }
 
     async fn blocking<T: Send + 'static>(
-        &self,
+        &mut self,
         f: impl FnOnce(&mut Inner) -> io::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&mut inner.lock().expect("file store lock")))
-            .await
-            .map_err(|e| StoreError::fatal("file", format!("writer thread failed: {e}")))?
-            .map_err(io_err)
+        let (result, failed) = tokio::task::spawn_blocking(move || {
+            let mut inner = inner.lock().map_err(|_| poisoned())?;
+            let result = f(&mut inner);
+            let failed = inner.sync_failed.take().map(|e| {
+                let lost = inner.lose_unsynced();
+                (e, lost)
+            });
+            Ok::<_, StoreError>((result, failed))
+        })
+        .await
+        .map_err(|e| StoreError::fatal("file", format!("writer thread failed: {e}")))??;
+        if let Some((e, lost)) = failed {
+            self.unacked = 0;
+            return Err(StoreError::lost(
+                "file",
+                format!("fsync failed ({e}); {lost} activities written since the last good fsync are written again"),
+            ));
+        }
+        result.map_err(io_err)
     }
 
-    /// Waits for a running fsync; its acknowledgements, or its error (the writes it
-    /// covered go back to waiting for the next fsync).
+    /// Waits for a running fsync: its acknowledgements, or, if it failed, the loss of
+    /// everything not yet durable.
     async fn finish_sync(&mut self, job: SyncJob) -> Result<Vec<Ack>, StoreError> {
-        let (result, acks) = job
+        let (result, lens, acks) = job
             .await
             .map_err(|e| StoreError::fatal("file", format!("fsync thread failed: {e}")))?;
+        tandem_core::crash::point("file.fsync");
         match result {
-            Ok(()) => Ok(acks),
-            Err(e) => {
+            Ok(()) => {
                 self.blocking(move |inner| {
-                    inner.requeue(acks);
+                    inner.synced(&lens);
                     Ok(())
                 })
                 .await?;
-                Err(io_err(e))
+                Ok(acks)
+            }
+            Err(e) => {
+                let unacked = acks;
+                self.blocking(move |inner| {
+                    inner.requeue(unacked);
+                    inner.sync_failed = Some(e);
+                    Ok(())
+                })
+                .await?;
+                Err(StoreError::lost("file", "fsync failed"))
             }
         }
     }
@@ -242,12 +287,15 @@ impl Inner {
                     target,
                     file,
                     len: 0,
+                    synced_len: 0,
                     bucket,
                     dirty: false,
                 },
             );
         }
-        Ok(self.open.get_mut(&key).expect("just inserted"))
+        self.open
+            .get_mut(&key)
+            .ok_or_else(|| io::Error::other("file vanished from the open set"))
     }
 
     fn put(&mut self, batch: &UniqueBatch, now_ms: u64) -> io::Result<()> {
@@ -273,37 +321,77 @@ impl Inner {
         let f = self.open_for(key, bucket)?;
         let written = f.file.write_all(&buf);
         if let Err(e) = written {
-            // All or nothing: cut off whatever part of the batch made it.
-            let _ = f.file.set_len(f.len);
+            // All or nothing: cut off whatever part of the batch made it. If even that
+            // fails, the file cannot take another line safely (it would be glued to the
+            // partial one): it is treated like a failed fsync.
+            if let Err(cut) = f.file.set_len(f.len) {
+                self.sync_failed = Some(cut);
+            }
             self.buf = buf;
             return Err(e);
         }
         f.len += buf.len() as u64;
         f.dirty = true;
         self.buf = buf;
-        self.pending.entry(key).or_default().push(Ack {
-            stream: batch.stream,
-            partition: batch.partition,
-            ids: batch.items.iter().map(|u| u.id).collect(),
-            duplicates: 0,
-        });
+        self.pending.entry(key).or_default().push(Ack::of(batch));
         Ok(())
     }
 
     /// Starts an fsync of every file written since the last one: duplicated handles of
     /// those files and the acknowledgements the fsync will make durable. Writes may go on
     /// meanwhile; an fsync on a duplicate covers them too, which only helps.
-    fn begin_sync(&mut self) -> io::Result<Option<(Vec<File>, Vec<Ack>)>> {
+    #[allow(clippy::type_complexity)]
+    fn begin_sync(&mut self) -> io::Result<Option<(Vec<File>, Vec<(Key, u64)>, Vec<Ack>)>> {
         if self.pending.is_empty() {
             return Ok(None);
         }
         let mut files = Vec::new();
-        for f in self.open.values_mut().filter(|f| f.dirty) {
+        let mut lens = Vec::new();
+        for (key, f) in self.open.iter_mut().filter(|(_, f)| f.dirty) {
             files.push(f.file.try_clone()?);
+            lens.push((*key, f.len));
             f.dirty = false;
         }
         let acks = self.pending.drain().flat_map(|(_, acks)| acks).collect();
-        Ok(Some((files, acks)))
+        Ok(Some((files, lens, acks)))
+    }
+
+    /// An fsync covered these lengths.
+    fn synced(&mut self, lens: &[(Key, u64)]) {
+        for (key, len) in lens {
+            if let Some(f) = self.open.get_mut(key) {
+                f.synced_len = f.synced_len.max(*len);
+            }
+        }
+    }
+
+    /// After a failed fsync: every open file is cut back to what a good fsync covered and
+    /// closed; nothing written since is ever acknowledged. Returns how many activities
+    /// were dropped (the driver writes them again).
+    fn lose_unsynced(&mut self) -> usize {
+        let lost = self
+            .pending
+            .drain()
+            .flat_map(|(_, acks)| acks)
+            .map(|a| a.ids.len())
+            .sum();
+        for (_, f) in self.open.drain() {
+            let kept = f
+                .file
+                .set_len(f.synced_len)
+                .and_then(|()| f.file.sync_data());
+            drop(f.file);
+            let closed = match kept {
+                Ok(()) if f.synced_len == 0 => fs::remove_file(&f.tmp),
+                Ok(()) => fs::rename(&f.tmp, &f.target).and_then(|()| sync_parent(&f.target)),
+                // Left as `.tmp`: the next start's repair cuts what follows the last line.
+                Err(e) => Err(e),
+            };
+            if let Err(e) = closed {
+                tracing::error!(file = %f.tmp.display(), error = %e, "cannot close a file after a failed fsync; it is repaired at the next start");
+            }
+        }
+        lost
     }
 
     /// Puts back the acknowledgements of a failed fsync: the next one covers them.
@@ -321,18 +409,23 @@ impl Inner {
 
     /// Closes a file: fsync, rename to its final name, fsync the directory.
     fn rotate(&mut self, key: Key) -> io::Result<()> {
+        let Some(f) = self.open.get(&key) else {
+            return Ok(());
+        };
+        if let Err(e) = f.file.sync_data() {
+            // Left open: losing what is not durable cuts it back and closes it.
+            self.sync_failed = Some(io::Error::new(e.kind(), e.to_string()));
+            return Err(e);
+        }
         let Some(f) = self.open.remove(&key) else {
             return Ok(());
         };
-        f.file.sync_data()?;
         drop(f.file);
         if f.len == 0 {
             fs::remove_file(&f.tmp)?;
         } else {
             fs::rename(&f.tmp, &f.target)?;
-            if let Some(dir) = f.target.parent() {
-                File::open(dir)?.sync_all()?;
-            }
+            sync_parent(&f.target)?;
         }
         if let Some(acks) = self.pending.remove(&key) {
             self.durable.extend(acks);
@@ -392,10 +485,10 @@ impl Store for FileStore {
             })
             .await?;
         acks.extend(durable);
-        if let Some((files, covered)) = started {
+        if let Some((files, lens, covered)) = started {
             let job = tokio::task::spawn_blocking(move || {
                 let result = files.iter().try_for_each(File::sync_data);
-                (result, covered)
+                (result, lens, covered)
             });
             if force {
                 acks.extend(self.finish_sync(job).await?);
@@ -417,6 +510,13 @@ impl Store for FileStore {
 
     async fn close(&mut self) -> Result<Vec<Ack>, StoreError> {
         self.close_all().await
+    }
+}
+
+fn sync_parent(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
     }
 }
 
@@ -450,6 +550,11 @@ fn repair_tree(dir: &Path) -> io::Result<Repair> {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
+        if name.ends_with(".repair") {
+            // A repair copy a crash interrupted: the original is still whole.
+            fs::remove_file(&path)?;
+            continue;
+        }
         let Some(final_name) = name.strip_suffix(".tmp") else {
             continue;
         };
@@ -499,7 +604,9 @@ fn walk(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Cuts a plain file after its last complete line; returns the bytes cut.
+/// Cuts a plain file after its last complete line; returns the bytes cut. Cutting in place
+/// is safe: only the tail after the last newline goes, and no acknowledged write ends
+/// inside a line.
 fn repair_plain(path: &Path) -> io::Result<u64> {
     let data = fs::read(path)?;
     let keep = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
@@ -530,11 +637,21 @@ fn repair_gzip(path: &Path) -> io::Result<u64> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), Compression::fast());
     enc.write_all(&decoded[..keep])?;
     let fixed = enc.finish()?;
-    let mut f = OpenOptions::new().write(true).truncate(true).open(path)?;
-    if keep > 0 {
-        f.write_all(&fixed)?;
+    // A copy, synced, then renamed over the original: a crash at any point leaves either
+    // the original or the whole repaired file.
+    let mut copy_name = path.as_os_str().to_owned();
+    copy_name.push(".repair");
+    let copy = PathBuf::from(copy_name);
+    {
+        let mut f = File::create(&copy)?;
+        if keep > 0 {
+            f.write_all(&fixed)?;
+        }
+        f.sync_all()?;
     }
-    f.sync_all()?;
+    tandem_core::crash::point("file.repair_copied");
+    fs::rename(&copy, path)?;
+    sync_parent(path)?;
     Ok((decoded.len() - keep) as u64)
 }
 

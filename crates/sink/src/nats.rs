@@ -177,6 +177,7 @@ type AckFuture = Pin<
 struct Pending {
     stream: StreamId,
     partition: Partition,
+    seq: u64,
     id: ActivityId,
     subject: String,
     line: bytes::Bytes,
@@ -197,6 +198,8 @@ pub struct NatsStore {
     retry: VecDeque<Pending>,
     /// A batch a failed publish interrupted: (stream, partition, first id, items sent).
     partial: Option<(StreamId, Partition, ActivityId, usize)>,
+    /// The stream was found (or created) and checked.
+    ready: bool,
 }
 
 impl std::fmt::Debug for NatsStore {
@@ -214,8 +217,11 @@ fn err(message: impl std::fmt::Display) -> StoreError {
 
 /// A client of the configured servers.
 async fn client(cfg: &NatsConfig, token: Option<String>) -> Result<async_nats::Client, StoreError> {
+    // A server that is down at start is retried in the background: the sink starts,
+    // reports down and spools until it is reachable.
     let mut opts = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
+        .retry_on_initial_connect()
         .name("tandem");
     if let Some(t) = token {
         opts = opts.token(t);
@@ -280,7 +286,9 @@ impl StoredIds {
             .await
             .map_err(err)?;
         let mut pending = consumer.cached_info().num_pending;
-        let mut ids = std::collections::HashSet::with_capacity(pending as usize);
+        // `pending` counts everything to the end of the stream, not to `until_ms`: the set
+        // grows with what the interval holds, never sized by the whole stream.
+        let mut ids = std::collections::HashSet::with_capacity((pending as usize).min(65_536));
         while pending > 0 {
             let mut batch = consumer
                 .fetch()
@@ -339,9 +347,42 @@ impl NatsStore {
             .max_ack_inflight(cfg.max_in_flight.max(1) * 2)
             .backpressure_on_inflight(true)
             .build(client.clone());
+        let mut store = NatsStore {
+            client,
+            js,
+            cfg,
+            names,
+            pending: VecDeque::new(),
+            done: Vec::new(),
+            retry: VecDeque::new(),
+            partial: None,
+            ready: false,
+        };
+        match store.prepare().await {
+            Ok(()) => {}
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(url = %store.cfg.url, error = %e, "the NATS server is not reachable yet; the sink starts down, spools, and delivers once it is");
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(store)
+    }
+
+    /// Checks (or creates) the JetStream stream, once the server is reachable.
+    async fn prepare(&mut self) -> Result<(), StoreError> {
+        if self.ready {
+            return Ok(());
+        }
+        if !self.connected() {
+            return Err(err(format!("not connected to {}", self.cfg.url)));
+        }
+        let (cfg, js) = (&self.cfg, &self.js);
         let subjects = vec![format!("{}.>", cfg.subject_prefix)];
         let want_window = Duration::from_secs(cfg.duplicate_window_secs);
-        let mut stream = match js.get_stream(&cfg.stream).await {
+        let found = tokio::time::timeout(self.timeout(), js.get_stream(&cfg.stream))
+            .await
+            .map_err(|_| err("no answer from the JetStream API"))?;
+        let mut stream = match found {
             Ok(s) => s,
             Err(e) if cfg.create_stream => {
                 tracing::info!(stream = %cfg.stream, reason = %e, "creating the JetStream stream");
@@ -391,16 +432,9 @@ impl NatsStore {
                 ),
             ));
         }
-        Ok(NatsStore {
-            client,
-            js,
-            cfg,
-            names,
-            pending: VecDeque::new(),
-            done: Vec::new(),
-            retry: VecDeque::new(),
-            partial: None,
-        })
+        self.ready = true;
+        tracing::info!(stream = %self.cfg.stream, "JetStream stream ready");
+        Ok(())
     }
 
     /// Whether the client is connected now (publishing while it is not would only block).
@@ -424,12 +458,14 @@ impl NatsStore {
         match self.done.last_mut() {
             Some(a) if a.stream == p.stream && a.partition == p.partition => {
                 a.ids.push(p.id);
+                a.seqs.push(p.seq);
                 a.duplicates += usize::from(ack.duplicate);
             }
             _ => self.done.push(Ack {
                 stream: p.stream,
                 partition: p.partition,
                 ids: vec![p.id],
+                seqs: vec![p.seq],
                 duplicates: usize::from(ack.duplicate),
             }),
         }
@@ -511,6 +547,7 @@ impl Store for NatsStore {
             // Fail fast: the driver keeps accepting and spools while the server is away.
             return Err(err("not connected to the NATS server"));
         }
+        self.prepare().await?;
         let skip = match (&self.partial, batch.items.first()) {
             (Some((s, p, first, n)), Some(u))
                 if *s == batch.stream && *p == batch.partition && *first == u.id =>
@@ -532,11 +569,12 @@ impl Store for NatsStore {
                     return Err(e);
                 }
             }
-            let Unique { id, line, .. } = item;
+            let Unique { seq, id, line, .. } = item;
             match publish(&self.js, &subject, id, line, self.timeout()).await {
                 Ok(ack) => self.pending.push_back(Pending {
                     stream: batch.stream,
                     partition: batch.partition,
+                    seq: *seq,
                     id: *id,
                     subject: subject.clone(),
                     line: line.clone(),

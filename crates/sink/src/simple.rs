@@ -29,12 +29,7 @@ impl Store for StdoutStore {
         out.write_all(&self.buf)
             .and_then(|()| out.flush())
             .map_err(|e| StoreError::transient("stdout", e.to_string()))?;
-        self.pending.push(Ack {
-            stream: batch.stream,
-            partition: batch.partition,
-            ids: batch.items.iter().map(|u| u.id).collect(),
-            duplicates: 0,
-        });
+        self.pending.push(Ack::of(batch));
         Ok(())
     }
 
@@ -60,12 +55,7 @@ impl Store for NullStore {
     }
 
     async fn put(&mut self, batch: &UniqueBatch) -> Result<(), StoreError> {
-        self.pending.push(Ack {
-            stream: batch.stream,
-            partition: batch.partition,
-            ids: batch.items.iter().map(|u| u.id).collect(),
-            duplicates: 0,
-        });
+        self.pending.push(Ack::of(batch));
         Ok(())
     }
 

@@ -16,9 +16,25 @@ pub struct Ack {
     pub partition: Partition,
     /// The stored activities, in order.
     pub ids: Vec<ActivityId>,
+    /// Their sequence numbers ([`tandem_core::Unique::seq`]), parallel to `ids`: the
+    /// driver turns these into the partition's stored watermark.
+    pub seqs: Vec<u64>,
     /// How many of them the store already held (JetStream's duplicate window): stored
     /// by another consumer, not by us.
     pub duplicates: usize,
+}
+
+impl Ack {
+    /// Acknowledges a whole batch.
+    pub fn of(batch: &UniqueBatch) -> Ack {
+        Ack {
+            stream: batch.stream,
+            partition: batch.partition,
+            ids: batch.items.iter().map(|u| u.id).collect(),
+            seqs: batch.items.iter().map(|u| u.seq).collect(),
+            duplicates: 0,
+        }
+    }
 }
 
 /// Whether retrying a failed store operation can help.
@@ -26,6 +42,9 @@ pub struct Ack {
 pub enum ErrorClass {
     Transient,
     Fatal,
+    /// The store could not make durable what was put since its last acknowledgements
+    /// (a failed fsync) and will never acknowledge it: the driver puts it again.
+    Lost,
 }
 
 /// A store operation failed.
@@ -54,8 +73,16 @@ impl StoreError {
         }
     }
 
+    pub fn lost(store: &'static str, message: impl Into<String>) -> StoreError {
+        StoreError {
+            store,
+            class: ErrorClass::Lost,
+            message: message.into(),
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
-        self.class == ErrorClass::Transient
+        self.class != ErrorClass::Fatal
     }
 }
 
