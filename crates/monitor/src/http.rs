@@ -94,7 +94,12 @@ async fn metrics_text(State(s): State<AppState>) -> Response {
 
 /// Alive while the monitor keeps publishing (a stuck process fails this).
 async fn healthz(State(s): State<AppState>) -> Response {
-    let at = s.status.borrow().at_ms;
+    let status = s.status.borrow().clone();
+    let at = status.at_ms;
+    if let Some(dead) = status.sinks.iter().find(|k| !k.alive) {
+        let text = format!("sink {} has stopped\n", dead.name);
+        return (StatusCode::SERVICE_UNAVAILABLE, text).into_response();
+    }
     if at == 0 || unix_ms_now().saturating_sub(at) < 10_000 {
         (StatusCode::OK, "ok\n").into_response()
     } else {

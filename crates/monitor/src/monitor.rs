@@ -51,6 +51,8 @@ pub struct StreamView {
 pub struct SinkView {
     pub name: Arc<str>,
     pub up: Arc<AtomicBool>,
+    /// False once the sink's task has ended: before shutdown, it died.
+    pub alive: Arc<AtomicBool>,
 }
 
 /// Everything the monitor watches.
@@ -135,6 +137,8 @@ pub struct StreamStatus {
 pub struct SinkStatus {
     pub name: String,
     pub up: bool,
+    /// False when the sink's task has ended (`/healthz` fails: restart the process).
+    pub alive: bool,
 }
 
 /// What `/status` serves and the demo prints.
@@ -629,7 +633,8 @@ impl Monitor {
             status.streams.push(stream_status);
         }
         for sink in self.inputs.sinks.clone() {
-            let up = sink.up.load(Ordering::Relaxed);
+            let alive = sink.alive.load(Ordering::Relaxed);
+            let up = alive && sink.up.load(Ordering::Relaxed);
             self.observe(
                 key(AlertName::SinkDown, &sink.name, None, None),
                 !up,
@@ -646,6 +651,7 @@ impl Monitor {
             status.sinks.push(SinkStatus {
                 name: sink.name.to_string(),
                 up,
+                alive,
             });
         }
         status.alerts = self.alerts.active();

@@ -83,6 +83,7 @@ fn fixture() -> Fixture {
             sinks: vec![SinkView {
                 name: "files".into(),
                 up: sink_up.clone(),
+                alive: Arc::new(AtomicBool::new(true)),
             }],
             conn_events: conn_rx,
             merge_events: merge_rx,

@@ -510,6 +510,7 @@ impl Pipeline {
                     .map(|h| SinkView {
                         name: h.name.clone(),
                         up: h.up.clone(),
+                        alive: h.alive.clone(),
                     })
                     .collect(),
                 conn_events: monitor_conn_rx,

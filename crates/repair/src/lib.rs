@@ -9,6 +9,8 @@
 //!
 //! # Layout
 //! - [`config`]: [`RepairConfig`] (ledger directory, chunk size, margin, retention, jobs).
+//! - [`gate`]: [`CoverageGate`] and [`Stored`] tickets: coverage and chunks wait for the
+//!   stored watermark.
 //! - [`ledger`]: the persisted [`PartitionLedger`] (complete-until, gaps, chunks) and the
 //!   edge id files.
 //! - [`recovery`]: one recovery chunk: request, read, resume, completion.
@@ -16,11 +18,13 @@
 //!   consumers ([`StoredIdsSince`]), recovery skips the posts the store already holds.
 
 pub mod config;
+pub mod gate;
 pub mod ledger;
 pub mod recovery;
 pub mod repairer;
 
 pub use config::RepairConfig;
+pub use gate::{CoverageGate, Stored};
 pub use ledger::PartitionLedger;
 pub use recovery::{ChunkOutcome, RecoverySpec};
 pub use repairer::{PartitionRepair, RepairHandle, StoredIdsSince, spawn};

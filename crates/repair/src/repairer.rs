@@ -20,7 +20,7 @@
 //!   watermark reaches it, `C` is durable (or the chunk done). No count stands in for
 //!   another, so a crash at any point replays whatever was not stored.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::config::RepairConfig;
+use crate::gate::{CoverageGate, Stored};
 use crate::ledger::{self, Gap, PartitionLedger};
 use crate::recovery::{ChunkOutcome, EdgeIds, RecoverySpec, recover};
 
@@ -148,7 +149,6 @@ pub fn spawn(
     meters.by_backfill.increment(0);
     meters.by_recovery.increment(0);
     meters.unrecoverable.increment(0);
-    let durable = repair.ledger.complete_until_ms;
     let (drained, drained_rx) = oneshot::channel();
     let r = Repairer {
         r: repair,
@@ -157,9 +157,8 @@ pub fn spawn(
         tasks: HashMap::new(),
         jobs: JoinSet::new(),
         edges: HashMap::new(),
-        pending: VecDeque::new(),
+        gate: CoverageGate::default(),
         settling: Vec::new(),
-        last_pushed: durable,
         dirty: false,
         views,
         meters,
@@ -183,31 +182,6 @@ struct Meters {
 /// A chunk by its gap's start and its own start.
 type ChunkKey = (u64, u64);
 
-/// How far a coverage sample or a finished chunk is on its way to the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Stage {
-    /// Lines handed to the merger per input when it was taken; waiting for the merger.
-    Handed(Vec<u64>),
-    /// Everything numbered up to this must be stored.
-    Numbered(u64),
-}
-
-impl Stage {
-    fn new(tally: &Tally) -> Stage {
-        Stage::Handed(tally.lanes.handed())
-    }
-
-    /// Moves on as far as the merger and the store allow; true once stored.
-    fn advance(&mut self, tally: &Tally) -> bool {
-        if let Stage::Handed(handed) = self
-            && tally.lanes.classified_all(handed)
-        {
-            *self = Stage::Numbered(tally.numbered.load(std::sync::atomic::Ordering::SeqCst));
-        }
-        matches!(*self, Stage::Numbered(n) if tally.stored_through(n))
-    }
-}
-
 struct Repairer {
     r: PartitionRepair,
     shutdown: watch::Receiver<bool>,
@@ -216,11 +190,10 @@ struct Repairer {
     jobs: JoinSet<(ChunkKey, ChunkOutcome)>,
     /// Edge ids of open gaps, loaded when a chunk of the gap first runs.
     edges: HashMap<u64, EdgeIds>,
-    /// Coverage samples (complete-until) waiting for the store, oldest first.
-    pending: VecDeque<(u64, Stage)>,
+    /// Coverage samples waiting for the store.
+    gate: CoverageGate,
     /// Chunks whose lines all went to the merger, waiting for the store.
-    settling: Vec<(ChunkKey, Stage)>,
-    last_pushed: u64,
+    settling: Vec<(ChunkKey, Stored)>,
     dirty: bool,
     views: watch::Sender<Vec<GapView>>,
     meters: Meters,
@@ -499,7 +472,7 @@ impl Repairer {
                     start = %rfc3339_ms(key.1), activities, requests,
                     "recovery chunk received; done once stored"
                 );
-                self.settling.push((key, Stage::new(&self.r.tally)));
+                self.settling.push((key, Stored::ticket(&self.r.tally)));
                 self.settle();
             }
             ChunkOutcome::Unrecoverable(reason) => {
@@ -574,12 +547,9 @@ impl Repairer {
     /// Moves the durable coverage on, saves edge ids past gaps' ends, writes the ledger.
     async fn tick(&mut self) {
         let complete = self.r.liveness.complete_until();
-        if complete > self.last_pushed {
-            self.last_pushed = complete;
-            // Read after `complete`: the lines behind it were handed before it moved.
-            let stage = Stage::new(&self.r.tally);
-            self.pending.push_back((complete, stage));
-        }
+        // The ticket is taken after `complete` was read: the lines behind it were handed
+        // to the merger before it moved.
+        self.gate.sample(complete, &self.r.tally);
         self.settle();
         self.schedule();
 
@@ -628,16 +598,11 @@ impl Repairer {
     /// Takes the coverage samples and finished chunks the store now holds.
     fn settle(&mut self) {
         let tally = self.r.tally.clone();
-        while let Some((complete, stage)) = self.pending.front_mut() {
-            if !stage.advance(&tally) {
-                break;
-            }
-            let complete = *complete;
-            self.pending.pop_front();
-            if complete > self.r.ledger.complete_until_ms {
-                self.r.ledger.complete_until_ms = complete;
-                self.dirty = true;
-            }
+        if let Some(complete) = self.gate.advance(&tally)
+            && complete > self.r.ledger.complete_until_ms
+        {
+            self.r.ledger.complete_until_ms = complete;
+            self.dirty = true;
         }
         let mut stored = Vec::new();
         self.settling.retain_mut(|(key, stage)| {

@@ -424,7 +424,8 @@ impl Harness {
         let tallies = pipeline.tallies().to_vec();
         let report = pipeline.shutdown().await;
         for (stream, p, t) in tallies {
-            *stored_before.entry((stream.to_string(), p)).or_default() += t.snapshot().stored;
+            let t = t.snapshot();
+            *stored_before.entry((stream.to_string(), p)).or_default() += t.stored + t.store_duplicates;
         }
         let pipeline = start_consumer(&config_text).await?;
         let h = Harness {
@@ -528,7 +529,7 @@ impl Harness {
                 let published = truth.get(&key).map_or(0, HashSet::len) as u64;
                 let before = self.stored_before.get(&key).copied().unwrap_or(0);
                 s.unique + before >= published
-                    && s.stored == s.unique
+                    && s.stored + s.store_duplicates == s.unique
                     && s.in_flight == 0
                     && s.unclassified() == 0
             });

@@ -1,0 +1,89 @@
+//! Durability of `tandem run` as a process: killed (SIGKILL, or aborted at a named crash
+//! point of the test build), started again, with its store (JetStream) down or a real disk
+//! full under the store or the spool. Every scenario ends with a graceful stop and the
+//! store judged against the simulator's ground truth: every published activity stored
+//! exactly once.
+
+mod support;
+
+use std::os::unix::process::ExitStatusExt as _;
+use std::time::Duration;
+
+use support::{Consumer, Run, SIGABRT};
+
+/// Starts a consumer of a JetStream run, publishes for 3 s, stops the NATS server and
+/// keeps publishing until the sink has spooled (segments on disk) and holds `backlog`
+/// activities. Returns the consumer, still running, with the server down.
+async fn outage_with_spool(run: &mut Run, crash_at: Option<&str>, backlog: u64) -> Consumer {
+    let consumer = run.start(crash_at);
+    run.wait_live().await;
+    run.publish(run.cfg.rate_per_sec);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    run.wait_status(Duration::from_secs(30), "something stored", |s| {
+        support::total(s, "stored") > 0
+    })
+    .await;
+    run.nats().stop();
+    run.wait_status(
+        Duration::from_secs(60),
+        "the sink down, holding the backlog",
+        |s| support::sink_up(s) == Some(false) && support::total(s, "in_flight") >= backlog,
+    )
+    .await;
+    run.wait_for(Duration::from_secs(30), "spool segments on disk", || {
+        run.spool_segments() > 0
+    })
+    .await;
+    consumer
+}
+
+/// Waits for a consumer started with `TANDEM_CRASH_AT=point` to abort there.
+async fn expect_abort(run: &Run, mut consumer: Consumer, point: &str) {
+    let status = consumer.wait_exit(Duration::from_secs(60)).await;
+    let Some(status) = status else {
+        panic!(
+            "{} did not reach the crash point {point} within 60 s\n--- log tail ---\n{}",
+            consumer.label,
+            run.log_tail(60)
+        );
+    };
+    assert_eq!(
+        status.signal(),
+        Some(SIGABRT),
+        "{} ended by aborting at {point}: {status:?}\n--- log tail ---\n{}",
+        consumer.label,
+        run.log_tail(60)
+    );
+    assert!(run.crashed_at(point), "the log names the crash point {point}");
+}
+
+/// JetStream down long enough to spool, the consumer SIGKILLed during the outage, the
+/// server back, the consumer started again: every activity stored once.
+async fn jetstream_outage_kill(paths: usize, name: &str) {
+    let mut run = Run::new(true, |c| {
+        c.paths = [[127, 0, 0, 2], [127, 0, 0, 3]][..paths]
+            .iter()
+            .map(|ip| Some((*ip).into()))
+            .collect();
+    })
+    .await;
+    let mut first = outage_with_spool(&mut run, None, 1_000).await;
+    // ~8 s of publishing into the outage.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let segments = run.spool_segments();
+    let held = run.status().await.map(|s| support::total(&s, "in_flight"));
+    first.sigkill();
+    println!("{name}: killed during the outage, {segments} spool segment(s), {held:?} held");
+    run.nats().restart().expect("nats-server restarts");
+    let second = run.start(None);
+    run.wait_live().await;
+    run.finish(second, name).await;
+    assert_eq!(run.spool_segments(), 0, "the spool was delivered and deleted");
+}
+
+/// Two paths in one process: JetStream down, the consumer SIGKILLed with a spool, the
+/// server back, a restart: every published activity is in the stream exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_outage_kill_two_paths() {
+    jetstream_outage_kill(2, "jetstream_outage_kill_two_paths").await;
+}

@@ -1,0 +1,525 @@
+//! What the crash tests share: a run (simulator, configuration, optional NATS server, log),
+//! the `tandem` binary as a child process that can be killed, `/status` and its
+//! conditions, a real tmpfs mount, and the final judgement against the ground truth.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tandem_scenario::HarnessConfig;
+use tandem_scenario::harness::{PASSWORD, PASSWORD_VAR, Verdict, compare};
+use tandem_scenario::nats::NatsServer;
+use tandem_sim::{RateProfile, SimConfig, Simulator};
+use tokio::time::Instant;
+
+/// SIGABRT: how a process that reached its crash point ends.
+pub const SIGABRT: i32 = 6;
+
+pub fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    l.local_addr().unwrap()
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap()
+}
+
+/// Everything one scenario needs, under one temporary directory.
+pub struct Run {
+    pub cfg: HarnessConfig,
+    pub sim: Simulator,
+    pub nats: Option<NatsServer>,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub started: Instant,
+    starts: u32,
+    client: reqwest::Client,
+    // Last: removed after everything else (a tmpfs guard declared later is unmounted first).
+    pub dir: tempfile::TempDir,
+}
+
+/// A `tandem run` process. Killed (SIGKILL) if still running when dropped.
+pub struct Consumer {
+    child: Child,
+    pub label: String,
+}
+
+impl Consumer {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Still running (it has not exited, panicked or aborted).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// `kill -9`, and reaps it.
+    pub fn sigkill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        let status = self.child.wait().unwrap();
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "{} was running until the SIGKILL: {status:?}",
+            self.label
+        );
+    }
+
+    pub fn sigterm(&self) {
+        let term = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success(), "kill -TERM {}", self.pid());
+    }
+
+    /// Waits for the process to exit; `None` if it is still running at the deadline.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The partitions of every stream in a `/status`.
+pub fn partitions(s: &Value) -> Vec<&Value> {
+    s["streams"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|st| st["partitions"].as_array().into_iter().flatten())
+        .collect()
+}
+
+/// The sum of a count over every partition.
+pub fn total(s: &Value, count: &str) -> u64 {
+    partitions(s)
+        .iter()
+        .map(|p| p["counts"][count].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// The sink's `up` (the run has one sink, `store`).
+pub fn sink_up(s: &Value) -> Option<bool> {
+    s["sinks"]
+        .as_array()?
+        .iter()
+        .find(|k| k["name"] == "store")?["up"]
+        .as_bool()
+}
+
+/// Segment files in a spool directory.
+pub fn segments(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    name.starts_with("segment-") && name.ends_with(".spool")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+impl Run {
+    /// A simulator, a JetStream server when `nats` (the sink is then JetStream, otherwise
+    /// the file store) and the consumer's configuration. The sink holds 300 activities in
+    /// memory, so that an outage spills to the spool.
+    pub async fn new(nats: bool, tweak: impl FnOnce(&mut HarnessConfig)) -> Run {
+        tandem_conn::install_crypto_provider();
+        let started = Instant::now();
+        let dir = tempfile::tempdir().unwrap();
+        let nats = nats.then(|| {
+            NatsServer::start(&dir.path().join("nats"))
+                .expect("nats-server (scripts/setup-test-deps installs it)")
+        });
+        let mut cfg = HarnessConfig::fast(dir.path().to_path_buf());
+        cfg.monitor_listen = free_port();
+        cfg.max_memory_activities = 300;
+        cfg.nats_url = nats.as_ref().map(NatsServer::url);
+        tweak(&mut cfg);
+        let sim = Simulator::start(SimConfig {
+            streams: cfg.sim_streams(),
+            ..SimConfig::default()
+        })
+        .await
+        .unwrap();
+        let config = dir.path().join("tandem.toml");
+        std::fs::write(&config, cfg.consumer_toml(&cfg.stream_urls(&sim).unwrap())).unwrap();
+        let log = dir.path().join("tandem.log");
+        Run {
+            cfg,
+            sim,
+            nats,
+            config,
+            log,
+            started,
+            starts: 0,
+            client: http(),
+            dir,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The sink's spool directory.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.path().join("spool").join("store")
+    }
+
+    pub fn spool_segments(&self) -> usize {
+        segments(&self.spool_dir())
+    }
+
+    pub fn nats(&mut self) -> &mut NatsServer {
+        self.nats.as_mut().expect("a run with a NATS server")
+    }
+
+    /// Starts `tandem run`, aborting at `crash_at` (`TANDEM_CRASH_AT`) if given. Its
+    /// stderr goes to the run's log, after a line naming the start.
+    pub fn start(&mut self, crash_at: Option<&str>) -> Consumer {
+        self.starts += 1;
+        let label = match crash_at {
+            Some(at) => format!("start #{} (TANDEM_CRASH_AT={at})", self.starts),
+            None => format!("start #{}", self.starts),
+        };
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        writeln!(
+            log,
+            "===== {label} at {:.1} s =====",
+            self.started.elapsed().as_secs_f64()
+        )
+        .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
+        cmd.args(["run", "--config"])
+            .arg(&self.config)
+            .env(PASSWORD_VAR, PASSWORD)
+            .env("RUST_LOG", "info")
+            .env_remove("TANDEM_CRASH_AT")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(at) = crash_at {
+            cmd.env("TANDEM_CRASH_AT", at);
+        }
+        let child = cmd.spawn().expect("tandem starts");
+        Consumer { child, label }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last `n` lines of the consumers' log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Whether the crash point `name` was reached (the binary says so before aborting).
+    pub fn crashed_at(&self, name: &str) -> bool {
+        self.log_text()
+            .contains(&format!("tandem: crash point {name} reached"))
+    }
+
+    pub fn publish(&self, per_sec: f64) {
+        self.sim
+            .set_rate(&self.cfg.stream, RateProfile::Constant { per_sec })
+            .unwrap();
+    }
+
+    /// Activities the simulator published so far (ground truth).
+    pub fn published(&self) -> usize {
+        (1..=self.cfg.partitions)
+            .map(|p| self.sim.truth(&self.cfg.stream, p).unwrap().len())
+            .sum()
+    }
+
+    /// The consumer's `/status`, once it answers.
+    pub async fn status(&self) -> Option<Value> {
+        let url = format!("http://{}/status", self.cfg.monitor_listen);
+        self.client.get(url).send().await.ok()?.json().await.ok()
+    }
+
+    /// The HTTP status code of `/readyz` or `/healthz`.
+    pub async fn probe(&self, which: &str) -> Option<u16> {
+        let url = format!("http://{}/{which}", self.cfg.monitor_listen);
+        Some(self.client.get(url).send().await.ok()?.status().as_u16())
+    }
+
+    /// A sample's value from `/metrics` (the first series whose name and labels start
+    /// with `prefix`).
+    pub async fn metric(&self, prefix: &str) -> Option<f64> {
+        let url = format!("http://{}/metrics", self.cfg.monitor_listen);
+        let text = self.client.get(url).send().await.ok()?.text().await.ok()?;
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Waits until `/status` satisfies `done`; fails the test (with the last status and
+    /// the log's tail) if it does not within `within`.
+    pub async fn wait_status(
+        &self,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + within;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.status().await {
+                if done(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "waited {within:?} for: {what}; last status: {last:#?}\n--- log tail ---\n{}",
+            self.log_tail(80)
+        );
+    }
+
+    /// Waits for a condition that is not in `/status` (a file, the log).
+    pub async fn wait_for(&self, within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "waited {within:?} for: {what}\n--- log tail ---\n{}",
+            self.log_tail(80)
+        );
+    }
+
+    /// Every partition has all its connections live.
+    pub fn all_live(&self, s: &Value) -> bool {
+        let ps = partitions(s);
+        ps.len() == self.cfg.partitions as usize
+            && ps
+                .iter()
+                .all(|p| p["live_connections"].as_u64() == Some(self.cfg.paths.len() as u64))
+    }
+
+    pub async fn wait_live(&self) -> Value {
+        self.wait_status(Duration::from_secs(60), "every connection live", |s| {
+            self.all_live(s)
+        })
+        .await
+    }
+
+    /// Nothing waits anywhere: every connection live, nothing queued or in flight, no
+    /// gap under recovery, the sink up.
+    pub fn caught_up(&self, s: &Value) -> bool {
+        self.all_live(s)
+            && sink_up(s) == Some(true)
+            && partitions(s).iter().all(|p| {
+                p["counts"]["in_flight"] == 0
+                    && p["counts"]["queued"] == 0
+                    && p["repair_gaps"]
+                        .as_array()
+                        .is_none_or(|gaps| gaps.iter().all(|g| g["state"] != "open"))
+            })
+    }
+
+    /// Stops publishing and waits until the consumer has caught up for 3 s in a row.
+    pub async fn settle(&self, consumer: &mut Consumer) {
+        self.publish(0.0);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut since: Option<Instant> = None;
+        let mut last = None;
+        loop {
+            assert!(
+                consumer.alive(),
+                "{} died while catching up\n--- log tail ---\n{}",
+                consumer.label,
+                self.log_tail(80)
+            );
+            match self.status().await {
+                Some(s) if self.caught_up(&s) => {
+                    if since.get_or_insert_with(Instant::now).elapsed() >= Duration::from_secs(3) {
+                        return;
+                    }
+                }
+                other => {
+                    since = None;
+                    last = other.or(last);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never caught up; last status: {last:#?}\n--- log tail ---\n{}",
+                self.log_tail(80)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// What the store holds.
+    pub async fn stored(&self) -> HashMap<(String, tandem_core::Partition), Vec<tandem_core::ActivityId>> {
+        match &self.nats {
+            Some(n) => tandem_scenario::nats::stored_ids(&n.url(), "TANDEM")
+                .await
+                .expect("the JetStream stream can be read"),
+            None => tandem_scenario::store::stored_ids(&self.path().join("store"))
+                .expect("the file store can be read"),
+        }
+    }
+
+    /// Stops publishing, lets the consumer catch up, stops it with SIGTERM (it must exit
+    /// successfully) and judges the store against the simulator's ground truth:
+    /// published = stored once.
+    pub async fn finish(&self, mut consumer: Consumer, name: &str) -> Verdict {
+        self.settle(&mut consumer).await;
+        consumer.sigterm();
+        let code = consumer.wait_exit(Duration::from_secs(60)).await;
+        let Some(code) = code else {
+            panic!(
+                "{}: still running 60 s after SIGTERM\n--- log tail ---\n{}",
+                consumer.label,
+                self.log_tail(80)
+            );
+        };
+        assert!(
+            code.success(),
+            "{}: graceful stop: {code:?}\n--- log tail ---\n{}",
+            consumer.label,
+            self.log_tail(80)
+        );
+        let stored = self.stored().await;
+        let v = compare(&self.cfg, &self.sim, &stored);
+        println!(
+            "{name}: {} ({:.1} s)",
+            v.line(),
+            self.started.elapsed().as_secs_f64()
+        );
+        if !v.clean() {
+            println!("lost, as published: {:?}", v.lost_detail);
+            println!("--- log tail ---\n{}", self.log_tail(120));
+        }
+        assert!(v.published > 0, "{name}: nothing was published");
+        assert!(
+            v.clean(),
+            "{name}: {} lost e.g. {:?}",
+            v.line(),
+            v.lost_examples
+        );
+        v
+    }
+}
+
+/// A real tmpfs mounted on a directory, unmounted when dropped (also when the test fails).
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`8m`) on `path` (created). Needs root.
+    pub fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("mount runs");
+        assert!(
+            out.status.success(),
+            "mount -t tmpfs on {} (the test needs root): {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Fills the file system with `filler` until it refuses, then gives back `leave`
+    /// bytes. Returns the filler's path.
+    pub fn fill_leaving(&self, leave: u64) -> PathBuf {
+        let path = self.path.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0x5au8; 64 * 1024];
+        let mut written = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+        assert!(written > leave, "the file system was already full");
+        f.set_len(written - leave).unwrap();
+        f.sync_all().unwrap();
+        path
+    }
+
+    /// Bytes free, as `df` sees it.
+    pub fn free_bytes(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&self.path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
