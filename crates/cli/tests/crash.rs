@@ -9,12 +9,18 @@ mod support;
 use std::os::unix::process::ExitStatusExt as _;
 use std::time::Duration;
 
-use support::{Consumer, Run, SIGABRT};
+use support::{Consumer, Run, SIGABRT, Tmpfs};
 
 /// Starts a consumer of a JetStream run, publishes for 3 s, stops the NATS server and
-/// keeps publishing until the sink has spooled (segments on disk) and holds `backlog`
-/// activities. Returns the consumer, still running, with the server down.
-async fn outage_with_spool(run: &mut Run, crash_at: Option<&str>, backlog: u64) -> Consumer {
+/// keeps publishing until the sink has spooled (segments on disk), holds `backlog`
+/// activities and the server has been down for `outage`. Returns the consumer, still
+/// running, with the server down.
+async fn outage_with_spool(
+    run: &mut Run,
+    crash_at: Option<&str>,
+    backlog: u64,
+    outage: Duration,
+) -> Consumer {
     let consumer = run.start(crash_at);
     run.wait_live().await;
     run.publish(run.cfg.rate_per_sec);
@@ -24,6 +30,7 @@ async fn outage_with_spool(run: &mut Run, crash_at: Option<&str>, backlog: u64) 
     })
     .await;
     run.nats().stop();
+    let stopped = tokio::time::Instant::now();
     run.wait_status(
         Duration::from_secs(60),
         "the sink down, holding the backlog",
@@ -34,6 +41,7 @@ async fn outage_with_spool(run: &mut Run, crash_at: Option<&str>, backlog: u64) 
         run.spool_segments() > 0
     })
     .await;
+    tokio::time::sleep_until(stopped + outage).await;
     consumer
 }
 
@@ -67,9 +75,7 @@ async fn jetstream_outage_kill(paths: usize, name: &str) {
             .collect();
     })
     .await;
-    let mut first = outage_with_spool(&mut run, None, 1_000).await;
-    // ~8 s of publishing into the outage.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut first = outage_with_spool(&mut run, None, 1_000, Duration::from_secs(8)).await;
     let segments = run.spool_segments();
     let held = run.status().await.map(|s| support::total(&s, "in_flight"));
     first.sigkill();
@@ -86,4 +92,61 @@ async fn jetstream_outage_kill(paths: usize, name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_outage_kill_two_paths() {
     jetstream_outage_kill(2, "jetstream_outage_kill_two_paths").await;
+}
+
+/// One path per process (the shape of one zone of a pair): JetStream down, the consumer
+/// SIGKILLed with a spool, the server back, a restart: every activity stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_outage_kill_one_path() {
+    jetstream_outage_kill(1, "jetstream_outage_kill_one_path").await;
+}
+
+/// The file store's directory on a real 8 MiB tmpfs, filled but for ~1 MiB: once the
+/// disk is full the sink reports down (`/status`, `/readyz`) and the process stays alive
+/// and healthy; when space is given back it resumes by itself, and the store ends with
+/// every activity once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_store_disk_full_for_real() {
+    let name = "file_store_disk_full_for_real";
+    let run = Run::new(false, |c| {
+        c.rate_per_sec = 300.0;
+        c.gzip = false;
+    })
+    .await;
+    let disk = Tmpfs::mount(&run.path().join("store"), "8m");
+    let filler = disk.fill_leaving(1 << 20);
+    let mut consumer = run.start(None);
+    run.wait_live().await;
+    run.publish(run.cfg.rate_per_sec);
+    let s = run
+        .wait_status(Duration::from_secs(60), "the sink down on a full disk", |s| {
+            support::sink_up(s) == Some(false)
+        })
+        .await;
+    println!(
+        "{name}: sink down with {} stored, {} in flight, {} bytes free",
+        support::total(&s, "stored"),
+        support::total(&s, "in_flight"),
+        disk.free_bytes()
+    );
+    // It stays down, alive and healthy while the disk is full and publishing goes on.
+    let before = run.published();
+    run.wait_for(Duration::from_secs(30), "more published into the full disk", || {
+        run.published() >= before + 600
+    })
+    .await;
+    assert!(consumer.alive(), "the consumer survives a full disk\n{}", run.log_tail(60));
+    assert_eq!(run.probe("healthz").await, Some(200), "healthy on a full disk");
+    assert_ne!(run.probe("readyz").await, Some(200), "not ready on a full disk");
+    let s = run.status().await.expect("status");
+    assert_eq!(support::sink_up(&s), Some(false), "still down while the disk is full");
+    // Space given back: it resumes by itself.
+    std::fs::remove_file(&filler).unwrap();
+    run.wait_status(Duration::from_secs(60), "the sink up again", |s| {
+        support::sink_up(s) == Some(true)
+    })
+    .await;
+    assert_eq!(run.probe("readyz").await, Some(200), "ready again");
+    run.finish(consumer, name).await;
+    drop(disk);
 }

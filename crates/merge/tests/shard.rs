@@ -19,7 +19,7 @@ struct Fixture {
 fn fixture(config: MergeConfig) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (events_tx, events) = mpsc::unbounded_channel();
-    let tally = Arc::new(Tally::default());
+    let tally = Arc::new(Tally::with_lanes(3));
     let spec = ShardSpec {
         stream: StreamId(0),
         stream_name: "decahose".into(),
@@ -236,4 +236,29 @@ async fn running_shard_merges_two_paths() {
     task.await.unwrap();
     assert_eq!(got, (1..=1000).map(ActivityId::Post).collect::<Vec<_>>());
     assert_eq!(f.tally.snapshot().duplicates, 1000);
+}
+
+/// Unique activities are numbered 1, 2, 3… in the order they were accepted, duplicates
+/// and bad lines get no number, and each path's lane counts every line it classified (what
+/// gap repair waits on before it trusts the numbers).
+#[tokio::test(start_paused = true)]
+async fn unique_activities_are_numbered_in_acceptance_order() {
+    let mut f = fixture(MergeConfig::default());
+    let mut out = Vec::new();
+    f.shard
+        .process(batch(0, vec![post(1), post(2), Bytes::from("{oops")]), &mut out);
+    f.shard
+        .process(batch(1, vec![post(2), post(3), post(1), post(4)]), &mut out);
+    assert_eq!(
+        out.iter().map(|u| (u.seq, u.id)).collect::<Vec<_>>(),
+        [
+            (1, ActivityId::Post(1)),
+            (2, ActivityId::Post(2)),
+            (3, ActivityId::Post(3)),
+            (4, ActivityId::Post(4)),
+        ]
+    );
+    assert_eq!(f.tally.numbered.load(std::sync::atomic::Ordering::SeqCst), 4);
+    assert!(f.tally.lanes.classified_all(&[3, 4, 0]));
+    assert!(!f.tally.lanes.classified_all(&[4, 4, 0]));
 }

@@ -128,6 +128,9 @@ impl SinkHandle {
 
 type Key = (StreamId, Partition);
 
+/// Whether the store already holds a spooled activity (the file store's recent ids).
+type AlreadyStored = dyn Fn(&SpooledBatch, &Unique) -> bool + Send;
+
 /// The acknowledged sequence numbers of a partition: everything up to `through`, plus
 /// the runs acknowledged beyond it (out of order, e.g. a republished JetStream message).
 #[derive(Debug, Default)]
@@ -220,7 +223,7 @@ struct Driver<S: Store> {
     /// Numbers reserved for the spool of an earlier run: the next one to give, per
     /// partition.
     replay_seq: HashMap<Key, u64>,
-    already_stored: Box<dyn Fn(&SpooledBatch, &Unique) -> bool + Send>,
+    already_stored: Box<AlreadyStored>,
     /// Spooled activities of streams no longer configured, kept aside.
     orphans: Option<Spool>,
     held: HashMap<Key, Held>,
@@ -466,7 +469,7 @@ impl<S: Store> Driver<S> {
             match self.spool.pop(index) {
                 Ok(Some(popped)) => {
                     self.meters.spooled.set(self.spool.len() as f64);
-                    return self.from_spool(popped);
+                    return self.replayed(popped);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -485,7 +488,7 @@ impl<S: Store> Driver<S> {
 
     /// A batch read back from the spool: numbered again if an earlier run wrote it,
     /// without what the store already holds.
-    fn from_spool(&mut self, popped: Popped) -> Option<UniqueBatch> {
+    fn replayed(&mut self, popped: Popped) -> Option<UniqueBatch> {
         let Popped {
             spooled,
             renumber,

@@ -133,6 +133,9 @@ pub struct Repair {
 /// length each had) and the acknowledgements it makes durable.
 type SyncJob = tokio::task::JoinHandle<(io::Result<()>, Vec<(Key, u64)>, Vec<Ack>)>;
 
+/// What an fsync is started with: the handles, their lengths, the acknowledgements.
+type SyncWork = (Vec<File>, Vec<(Key, u64)>, Vec<Ack>);
+
 /// The file store.
 #[derive(Debug)]
 pub struct FileStore {
@@ -340,8 +343,7 @@ impl Inner {
     /// Starts an fsync of every file written since the last one: duplicated handles of
     /// those files and the acknowledgements the fsync will make durable. Writes may go on
     /// meanwhile; an fsync on a duplicate covers them too, which only helps.
-    #[allow(clippy::type_complexity)]
-    fn begin_sync(&mut self) -> io::Result<Option<(Vec<File>, Vec<(Key, u64)>, Vec<Ack>)>> {
+    fn begin_sync(&mut self) -> io::Result<Option<SyncWork>> {
         if self.pending.is_empty() {
             return Ok(None);
         }

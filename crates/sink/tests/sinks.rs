@@ -371,3 +371,137 @@ async fn undrained_activities_survive_in_the_spool() {
     );
     assert_eq!(order.lock().unwrap().first(), Some(&ActivityId::Post(1)));
 }
+
+/// A store that keeps what it is given and acknowledges on command: the first
+/// `lose_first` acknowledgement rounds report the writes lost (a failed fsync), and
+/// `silent` withholds every acknowledgement (a JetStream server that stopped answering).
+struct Scripted {
+    held: Vec<UniqueBatch>,
+    written: Arc<std::sync::Mutex<Vec<ActivityId>>>,
+    lose_first: usize,
+    silent: bool,
+}
+
+impl Store for Scripted {
+    fn kind(&self) -> &'static str {
+        "scripted"
+    }
+    async fn put(&mut self, batch: &UniqueBatch) -> Result<(), StoreError> {
+        self.held.push(batch.clone());
+        Ok(())
+    }
+    async fn acks(&mut self, _force: bool) -> Result<Vec<Ack>, StoreError> {
+        if self.silent || self.held.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.lose_first > 0 {
+            self.lose_first -= 1;
+            self.held.clear();
+            return Err(StoreError::lost("scripted", "fsync failed"));
+        }
+        let mut written = self.written.lock().unwrap();
+        let acks = self
+            .held
+            .drain(..)
+            .map(|b| {
+                written.extend(b.items.iter().map(|u| u.id));
+                Ack::of(&b)
+            })
+            .collect();
+        Ok(acks)
+    }
+    fn unacknowledged(&self) -> usize {
+        self.held.iter().map(|b| b.items.len()).sum()
+    }
+}
+
+/// Writes the store reports lost (a failed fsync) are put again and stored once each,
+/// in order; the watermark reaches the last number only then.
+#[tokio::test]
+async fn lost_writes_are_put_again_before_anything_newer() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = Scripted {
+        held: Vec::new(),
+        written: written.clone(),
+        lose_first: 2,
+        silent: false,
+    };
+    let tally = Arc::new(Tally::default());
+    let tallies = HashMap::from([((StreamId(0), 1), tally.clone())]);
+    let cfg = DriverConfig {
+        spool_dir: dir.path().join("spool"),
+        ack_interval_ms: 10,
+        ..DriverConfig::default()
+    };
+    let (tx, handle) = spawn("test", store, cfg, names(), tallies, |_, _| false, 4).unwrap();
+    for i in 0..10u64 {
+        tx.send(batch(1, i * 10..i * 10 + 10)).await.unwrap();
+    }
+    drop(tx);
+    let report = handle.finish().await;
+    assert_eq!(report.stored_total, 100);
+    assert_eq!(
+        *written.lock().unwrap(),
+        (0..100).map(ActivityId::Post).collect::<Vec<_>>(),
+        "each once, in order"
+    );
+    let t = tally.snapshot();
+    assert_eq!((t.stored, t.in_flight), (100, 0));
+    assert!(tally.stored_through(100) && !tally.stored_through(101));
+}
+
+/// Activities the store accepted but never acknowledged are not stored: at exit they go
+/// to the spool, the watermark never covers them, and the next start delivers them.
+#[tokio::test]
+async fn unacknowledged_at_exit_are_spooled_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = DriverConfig {
+        spool_dir: dir.path().join("spool"),
+        drain_deadline_ms: 200,
+        ack_interval_ms: 10,
+        ..DriverConfig::default()
+    };
+    let silent = Scripted {
+        held: Vec::new(),
+        written: Arc::default(),
+        lose_first: 0,
+        silent: true,
+    };
+    let tally = Arc::new(Tally::default());
+    let tallies = HashMap::from([((StreamId(0), 1), tally.clone())]);
+    let (tx, handle) = spawn("test", silent, cfg.clone(), names(), tallies, |_, _| false, 4)
+        .unwrap();
+    tx.send(batch(1, 0..30)).await.unwrap();
+    drop(tx);
+    let report = handle.finish().await;
+    assert_eq!((report.stored_total, report.left_in_spool), (0, 30));
+    assert!(!tally.stored_through(1), "nothing acknowledged, nothing stored");
+
+    let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let good = Scripted {
+        held: Vec::new(),
+        written: written.clone(),
+        lose_first: 0,
+        silent: false,
+    };
+    let tally = Arc::new(Tally::default());
+    let tallies = HashMap::from([((StreamId(0), 1), tally.clone())]);
+    let (tx, handle) = spawn("test", good, cfg, names(), tallies, |_, _| false, 4).unwrap();
+    assert_eq!(
+        handle.waiting[&("decahose".to_owned(), 1)].len(),
+        30,
+        "the merger is told what waits in the spool"
+    );
+    assert_eq!(
+        tally.numbered.load(Ordering::SeqCst),
+        30,
+        "the replay is numbered before anything new"
+    );
+    drop(tx);
+    let report = handle.finish().await;
+    assert_eq!(report.stored_total, 30);
+    assert_eq!(written.lock().unwrap().len(), 30);
+    assert!(tally.stored_through(30));
+    assert_eq!(spool_files(&dir.path().join("spool")), 0, "stored, then deleted");
+}

@@ -20,9 +20,9 @@ use tandem_sim::{RateProfile, SimConfig, Simulator};
 use tokio::time::Instant;
 
 /// SIGABRT: how a process that reached its crash point ends.
-pub const SIGABRT: i32 = 6;
+pub(crate) const SIGABRT: i32 = 6;
 
-pub fn free_port() -> SocketAddr {
+pub(crate) fn free_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
     l.local_addr().unwrap()
 }
@@ -36,37 +36,37 @@ fn http() -> reqwest::Client {
 }
 
 /// Everything one scenario needs, under one temporary directory.
-pub struct Run {
-    pub cfg: HarnessConfig,
-    pub sim: Simulator,
-    pub nats: Option<NatsServer>,
-    pub config: PathBuf,
-    pub log: PathBuf,
-    pub started: Instant,
+pub(crate) struct Run {
+    pub(crate) cfg: HarnessConfig,
+    pub(crate) sim: Simulator,
+    pub(crate) nats: Option<NatsServer>,
+    pub(crate) config: PathBuf,
+    pub(crate) log: PathBuf,
+    pub(crate) started: Instant,
     starts: u32,
     client: reqwest::Client,
     // Last: removed after everything else (a tmpfs guard declared later is unmounted first).
-    pub dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 /// A `tandem run` process. Killed (SIGKILL) if still running when dropped.
-pub struct Consumer {
+pub(crate) struct Consumer {
     child: Child,
-    pub label: String,
+    pub(crate) label: String,
 }
 
 impl Consumer {
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Still running (it has not exited, panicked or aborted).
-    pub fn alive(&mut self) -> bool {
+    pub(crate) fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 
     /// `kill -9`, and reaps it.
-    pub fn sigkill(&mut self) {
+    pub(crate) fn sigkill(&mut self) {
         self.child.kill().expect("SIGKILL");
         let status = self.child.wait().unwrap();
         assert_eq!(
@@ -77,7 +77,7 @@ impl Consumer {
         );
     }
 
-    pub fn sigterm(&self) {
+    pub(crate) fn sigterm(&self) {
         let term = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()
@@ -86,7 +86,7 @@ impl Consumer {
     }
 
     /// Waits for the process to exit; `None` if it is still running at the deadline.
-    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+    pub(crate) async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -110,7 +110,7 @@ impl Drop for Consumer {
 }
 
 /// The partitions of every stream in a `/status`.
-pub fn partitions(s: &Value) -> Vec<&Value> {
+pub(crate) fn partitions(s: &Value) -> Vec<&Value> {
     s["streams"]
         .as_array()
         .into_iter()
@@ -120,7 +120,7 @@ pub fn partitions(s: &Value) -> Vec<&Value> {
 }
 
 /// The sum of a count over every partition.
-pub fn total(s: &Value, count: &str) -> u64 {
+pub(crate) fn total(s: &Value, count: &str) -> u64 {
     partitions(s)
         .iter()
         .map(|p| p["counts"][count].as_u64().unwrap_or(0))
@@ -128,7 +128,7 @@ pub fn total(s: &Value, count: &str) -> u64 {
 }
 
 /// The sink's `up` (the run has one sink, `store`).
-pub fn sink_up(s: &Value) -> Option<bool> {
+pub(crate) fn sink_up(s: &Value) -> Option<bool> {
     s["sinks"]
         .as_array()?
         .iter()
@@ -137,7 +137,7 @@ pub fn sink_up(s: &Value) -> Option<bool> {
 }
 
 /// Segment files in a spool directory.
-pub fn segments(dir: &Path) -> usize {
+pub(crate) fn segments(dir: &Path) -> usize {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
@@ -156,7 +156,7 @@ impl Run {
     /// A simulator, a JetStream server when `nats` (the sink is then JetStream, otherwise
     /// the file store) and the consumer's configuration. The sink holds 300 activities in
     /// memory, so that an outage spills to the spool.
-    pub async fn new(nats: bool, tweak: impl FnOnce(&mut HarnessConfig)) -> Run {
+    pub(crate) async fn new(nats: bool, tweak: impl FnOnce(&mut HarnessConfig)) -> Run {
         tandem_conn::install_crypto_provider();
         let started = Instant::now();
         let dir = tempfile::tempdir().unwrap();
@@ -191,26 +191,26 @@ impl Run {
         }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 
     /// The sink's spool directory.
-    pub fn spool_dir(&self) -> PathBuf {
+    pub(crate) fn spool_dir(&self) -> PathBuf {
         self.path().join("spool").join("store")
     }
 
-    pub fn spool_segments(&self) -> usize {
+    pub(crate) fn spool_segments(&self) -> usize {
         segments(&self.spool_dir())
     }
 
-    pub fn nats(&mut self) -> &mut NatsServer {
+    pub(crate) fn nats(&mut self) -> &mut NatsServer {
         self.nats.as_mut().expect("a run with a NATS server")
     }
 
     /// Starts `tandem run`, aborting at `crash_at` (`TANDEM_CRASH_AT`) if given. Its
     /// stderr goes to the run's log, after a line naming the start.
-    pub fn start(&mut self, crash_at: Option<&str>) -> Consumer {
+    pub(crate) fn start(&mut self, crash_at: Option<&str>) -> Consumer {
         self.starts += 1;
         let label = match crash_at {
             Some(at) => format!("start #{} (TANDEM_CRASH_AT={at})", self.starts),
@@ -232,6 +232,7 @@ impl Run {
             .arg(&self.config)
             .env(PASSWORD_VAR, PASSWORD)
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .env_remove("TANDEM_CRASH_AT")
             .stdout(Stdio::null())
             .stderr(log);
@@ -242,51 +243,51 @@ impl Run {
         Consumer { child, label }
     }
 
-    pub fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// The last `n` lines of the consumers' log.
-    pub fn log_tail(&self, n: usize) -> String {
+    pub(crate) fn log_tail(&self, n: usize) -> String {
         let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     /// Whether the crash point `name` was reached (the binary says so before aborting).
-    pub fn crashed_at(&self, name: &str) -> bool {
+    pub(crate) fn crashed_at(&self, name: &str) -> bool {
         self.log_text()
             .contains(&format!("tandem: crash point {name} reached"))
     }
 
-    pub fn publish(&self, per_sec: f64) {
+    pub(crate) fn publish(&self, per_sec: f64) {
         self.sim
             .set_rate(&self.cfg.stream, RateProfile::Constant { per_sec })
             .unwrap();
     }
 
     /// Activities the simulator published so far (ground truth).
-    pub fn published(&self) -> usize {
+    pub(crate) fn published(&self) -> usize {
         (1..=self.cfg.partitions)
             .map(|p| self.sim.truth(&self.cfg.stream, p).unwrap().len())
             .sum()
     }
 
     /// The consumer's `/status`, once it answers.
-    pub async fn status(&self) -> Option<Value> {
+    pub(crate) async fn status(&self) -> Option<Value> {
         let url = format!("http://{}/status", self.cfg.monitor_listen);
         self.client.get(url).send().await.ok()?.json().await.ok()
     }
 
     /// The HTTP status code of `/readyz` or `/healthz`.
-    pub async fn probe(&self, which: &str) -> Option<u16> {
+    pub(crate) async fn probe(&self, which: &str) -> Option<u16> {
         let url = format!("http://{}/{which}", self.cfg.monitor_listen);
         Some(self.client.get(url).send().await.ok()?.status().as_u16())
     }
 
     /// A sample's value from `/metrics` (the first series whose name and labels start
     /// with `prefix`).
-    pub async fn metric(&self, prefix: &str) -> Option<f64> {
+    pub(crate) async fn metric(&self, prefix: &str) -> Option<f64> {
         let url = format!("http://{}/metrics", self.cfg.monitor_listen);
         let text = self.client.get(url).send().await.ok()?.text().await.ok()?;
         text.lines()
@@ -297,7 +298,7 @@ impl Run {
 
     /// Waits until `/status` satisfies `done`; fails the test (with the last status and
     /// the log's tail) if it does not within `within`.
-    pub async fn wait_status(
+    pub(crate) async fn wait_status(
         &self,
         within: Duration,
         what: &str,
@@ -321,7 +322,7 @@ impl Run {
     }
 
     /// Waits for a condition that is not in `/status` (a file, the log).
-    pub async fn wait_for(&self, within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    pub(crate) async fn wait_for(&self, within: Duration, what: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if done() {
@@ -336,7 +337,7 @@ impl Run {
     }
 
     /// Every partition has all its connections live.
-    pub fn all_live(&self, s: &Value) -> bool {
+    pub(crate) fn all_live(&self, s: &Value) -> bool {
         let ps = partitions(s);
         ps.len() == self.cfg.partitions as usize
             && ps
@@ -344,7 +345,7 @@ impl Run {
                 .all(|p| p["live_connections"].as_u64() == Some(self.cfg.paths.len() as u64))
     }
 
-    pub async fn wait_live(&self) -> Value {
+    pub(crate) async fn wait_live(&self) -> Value {
         self.wait_status(Duration::from_secs(60), "every connection live", |s| {
             self.all_live(s)
         })
@@ -353,7 +354,7 @@ impl Run {
 
     /// Nothing waits anywhere: every connection live, nothing queued or in flight, no
     /// gap under recovery, the sink up.
-    pub fn caught_up(&self, s: &Value) -> bool {
+    pub(crate) fn caught_up(&self, s: &Value) -> bool {
         self.all_live(s)
             && sink_up(s) == Some(true)
             && partitions(s).iter().all(|p| {
@@ -366,7 +367,7 @@ impl Run {
     }
 
     /// Stops publishing and waits until the consumer has caught up for 3 s in a row.
-    pub async fn settle(&self, consumer: &mut Consumer) {
+    pub(crate) async fn settle(&self, consumer: &mut Consumer) {
         self.publish(0.0);
         let deadline = Instant::now() + Duration::from_secs(90);
         let mut since: Option<Instant> = None;
@@ -399,7 +400,7 @@ impl Run {
     }
 
     /// What the store holds.
-    pub async fn stored(&self) -> HashMap<(String, tandem_core::Partition), Vec<tandem_core::ActivityId>> {
+    pub(crate) async fn stored(&self) -> HashMap<(String, tandem_core::Partition), Vec<tandem_core::ActivityId>> {
         match &self.nats {
             Some(n) => tandem_scenario::nats::stored_ids(&n.url(), "TANDEM")
                 .await
@@ -412,7 +413,7 @@ impl Run {
     /// Stops publishing, lets the consumer catch up, stops it with SIGTERM (it must exit
     /// successfully) and judges the store against the simulator's ground truth:
     /// published = stored once.
-    pub async fn finish(&self, mut consumer: Consumer, name: &str) -> Verdict {
+    pub(crate) async fn finish(&self, mut consumer: Consumer, name: &str) -> Verdict {
         self.settle(&mut consumer).await;
         consumer.sigterm();
         let code = consumer.wait_exit(Duration::from_secs(60)).await;
@@ -436,6 +437,9 @@ impl Run {
             v.line(),
             self.started.elapsed().as_secs_f64()
         );
+        if std::env::var_os("TANDEM_TEST_LOG").is_some() {
+            println!("--- log ---\n{}", self.log_text());
+        }
         if !v.clean() {
             println!("lost, as published: {:?}", v.lost_detail);
             println!("--- log tail ---\n{}", self.log_tail(120));
@@ -452,13 +456,13 @@ impl Run {
 }
 
 /// A real tmpfs mounted on a directory, unmounted when dropped (also when the test fails).
-pub struct Tmpfs {
-    pub path: PathBuf,
+pub(crate) struct Tmpfs {
+    pub(crate) path: PathBuf,
 }
 
 impl Tmpfs {
     /// Mounts a tmpfs of `size` (`8m`) on `path` (created). Needs root.
-    pub fn mount(path: &Path, size: &str) -> Tmpfs {
+    pub(crate) fn mount(path: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(path).unwrap();
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -478,7 +482,7 @@ impl Tmpfs {
 
     /// Fills the file system with `filler` until it refuses, then gives back `leave`
     /// bytes. Returns the filler's path.
-    pub fn fill_leaving(&self, leave: u64) -> PathBuf {
+    pub(crate) fn fill_leaving(&self, leave: u64) -> PathBuf {
         let path = self.path.join("filler");
         let mut f = std::fs::File::create(&path).unwrap();
         let chunk = vec![0x5au8; 64 * 1024];
@@ -498,7 +502,7 @@ impl Tmpfs {
     }
 
     /// Bytes free, as `df` sees it.
-    pub fn free_bytes(&self) -> u64 {
+    pub(crate) fn free_bytes(&self) -> u64 {
         let out = Command::new("df")
             .args(["--output=avail", "-B1"])
             .arg(&self.path)
