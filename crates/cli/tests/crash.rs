@@ -62,7 +62,10 @@ async fn expect_abort(run: &Run, mut consumer: Consumer, point: &str) {
         consumer.label,
         run.log_tail(60)
     );
-    assert!(run.crashed_at(point), "the log names the crash point {point}");
+    assert!(
+        run.crashed_at(point),
+        "the log names the crash point {point}"
+    );
 }
 
 /// JetStream down long enough to spool, the consumer SIGKILLed during the outage, the
@@ -84,7 +87,11 @@ async fn jetstream_outage_kill(paths: usize, name: &str) {
     let second = run.start(None);
     run.wait_live().await;
     run.finish(second, name).await;
-    assert_eq!(run.spool_segments(), 0, "the spool was delivered and deleted");
+    assert_eq!(
+        run.spool_segments(),
+        0,
+        "the spool was delivered and deleted"
+    );
 }
 
 /// Two paths in one process: JetStream down, the consumer SIGKILLed with a spool, the
@@ -119,9 +126,11 @@ async fn file_store_disk_full_for_real() {
     run.wait_live().await;
     run.publish(run.cfg.rate_per_sec);
     let s = run
-        .wait_status(Duration::from_secs(60), "the sink down on a full disk", |s| {
-            support::sink_up(s) == Some(false)
-        })
+        .wait_status(
+            Duration::from_secs(60),
+            "the sink down on a full disk",
+            |s| support::sink_up(s) == Some(false),
+        )
         .await;
     println!(
         "{name}: sink down with {} stored, {} in flight, {} bytes free",
@@ -129,17 +138,39 @@ async fn file_store_disk_full_for_real() {
         support::total(&s, "in_flight"),
         disk.free_bytes()
     );
-    // It stays down, alive and healthy while the disk is full and publishing goes on.
-    let before = run.published();
-    run.wait_for(Duration::from_secs(30), "more published into the full disk", || {
-        run.published() >= before + 600
+    // It stays down, alive and healthy while the disk is full and publishing goes on:
+    // what memory cannot hold goes to the spool (on another disk).
+    run.wait_status(
+        Duration::from_secs(60),
+        "a backlog past memory while the disk is full",
+        |s| support::total(s, "in_flight") >= 900,
+    )
+    .await;
+    run.wait_for(Duration::from_secs(30), "spool segments on disk", || {
+        run.spool_segments() > 0
     })
     .await;
-    assert!(consumer.alive(), "the consumer survives a full disk\n{}", run.log_tail(60));
-    assert_eq!(run.probe("healthz").await, Some(200), "healthy on a full disk");
-    assert_ne!(run.probe("readyz").await, Some(200), "not ready on a full disk");
+    assert!(
+        consumer.alive(),
+        "the consumer survives a full disk\n{}",
+        run.log_tail(60)
+    );
+    assert_eq!(
+        run.probe("healthz").await,
+        Some(200),
+        "healthy on a full disk"
+    );
+    assert_ne!(
+        run.probe("readyz").await,
+        Some(200),
+        "not ready on a full disk"
+    );
     let s = run.status().await.expect("status");
-    assert_eq!(support::sink_up(&s), Some(false), "still down while the disk is full");
+    assert_eq!(
+        support::sink_up(&s),
+        Some(false),
+        "still down while the disk is full"
+    );
     // Space given back: it resumes by itself.
     std::fs::remove_file(&filler).unwrap();
     run.wait_status(Duration::from_secs(60), "the sink up again", |s| {
@@ -148,5 +179,97 @@ async fn file_store_disk_full_for_real() {
     .await;
     assert_eq!(run.probe("readyz").await, Some(200), "ready again");
     run.finish(consumer, name).await;
+    drop(disk);
+}
+
+/// The spool's directory on a real 8 MiB tmpfs, filled but for ~1 MiB, while JetStream is
+/// down: the spool fills up, the sink reports down, the process stays alive and healthy
+/// and stops taking activities (backpressure: what it holds stays bounded while the
+/// upstream keeps publishing); space given back and the server back, it delivers
+/// everything, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_disk_full_for_real() {
+    let name = "spool_disk_full_for_real";
+    let mut run = Run::new(true, |c| c.rate_per_sec = 300.0).await;
+    let disk = Tmpfs::mount(&run.path().join("spool"), "8m");
+    let filler = disk.fill_leaving(1 << 20);
+    let mut consumer = run.start(None);
+    run.wait_live().await;
+    run.publish(run.cfg.rate_per_sec);
+    run.wait_status(Duration::from_secs(30), "something stored", |s| {
+        support::total(s, "stored") > 0
+    })
+    .await;
+    run.nats().stop();
+    run.wait_for(Duration::from_secs(60), "the spool refusing writes", || {
+        run.log_text().contains("cannot write the spool")
+    })
+    .await;
+    let s = run.status().await.expect("status");
+    let held = support::total(&s, "in_flight") + support::total(&s, "queued");
+    let spooled = run
+        .metric("tandem_spooled_activities{")
+        .await
+        .expect("tandem_spooled_activities");
+    println!(
+        "{name}: spool full: {held} held ({spooled} spooled), {} bytes free",
+        disk.free_bytes()
+    );
+    // Down, alive, healthy, and bounded while publishing goes on.
+    let before = run.published();
+    run.wait_for(
+        Duration::from_secs(30),
+        "more published into the full spool",
+        || run.published() >= before + 1_500,
+    )
+    .await;
+    assert!(
+        consumer.alive(),
+        "the consumer survives a full spool disk\n{}",
+        run.log_tail(60)
+    );
+    assert_eq!(
+        run.probe("healthz").await,
+        Some(200),
+        "healthy on a full spool disk"
+    );
+    assert_ne!(
+        run.probe("readyz").await,
+        Some(200),
+        "not ready on a full spool disk"
+    );
+    let s = run.status().await.expect("status");
+    assert_eq!(
+        support::sink_up(&s),
+        Some(false),
+        "down while the spool is full"
+    );
+    let held_later = support::total(&s, "in_flight") + support::total(&s, "queued");
+    let spooled_later = run
+        .metric("tandem_spooled_activities{")
+        .await
+        .expect("tandem_spooled_activities");
+    println!(
+        "{name}: {} more published, {held_later} held ({spooled_later} spooled)",
+        run.published() - before
+    );
+    // Memory holds up to twice max_memory_activities (300) when the spool refuses, plus
+    // what the channels carry: far less than the 1500 published meanwhile.
+    assert!(
+        held_later <= held + 1_000,
+        "backpressure: the sink held {held} when the spool filled and {held_later} after 1500 more were published"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    run.nats().restart().expect("nats-server restarts");
+    run.wait_status(Duration::from_secs(60), "the sink up again", |s| {
+        support::sink_up(s) == Some(true)
+    })
+    .await;
+    run.finish(consumer, name).await;
+    assert_eq!(
+        run.spool_segments(),
+        0,
+        "the spool was delivered and deleted"
+    );
     drop(disk);
 }

@@ -176,7 +176,10 @@ pub fn content_time_ms(line: &[u8]) -> Option<u64> {
             let fields = top_level_fields(line).ok()?;
             let (_, range) = fields.iter().find(|(k, _)| k == "timestamp_ms")?;
             let raw = line.get(range.clone())?;
-            let digits = raw.strip_prefix(b"\"").and_then(|r| r.strip_suffix(b"\"")).unwrap_or(raw);
+            let digits = raw
+                .strip_prefix(b"\"")
+                .and_then(|r| r.strip_suffix(b"\""))
+                .unwrap_or(raw);
             std::str::from_utf8(digits).ok()?.parse().ok()
         }
         Ok(LineKind::Activity(id)) => id.created_unix_ms(),
@@ -492,6 +495,32 @@ mod tests {
     use super::*;
 
     const SAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../samples");
+
+    /// Only real creation times count as content time: a post's snowflake, a like's
+    /// `timestamp_ms` (its id carries none), an unlike's; never a system message or a
+    /// line that does not parse.
+    #[test]
+    fn content_time_is_a_creation_time_or_nothing() {
+        let post = br#"{"id":804451830033948672,"id_str":"804451830033948672","text":"x"}"#;
+        assert_eq!(content_time_ms(post), Some(1_480_631_236_929));
+        let like = br#"{"id":"43560406e0ad9f68374445f5f30c33fc","timestamp_ms":1480631259353}"#;
+        assert_eq!(content_time_ms(like), Some(1_480_631_259_353));
+        let quoted = br#"{"id":"43560406e0ad9f68374445f5f30c33fc","timestamp_ms":"1480631259353"}"#;
+        assert_eq!(content_time_ms(quoted), Some(1_480_631_259_353));
+        let undated_like = br#"{"id":"43560406e0ad9f68374445f5f30c33fc"}"#;
+        assert_eq!(content_time_ms(undated_like), None);
+        let unlike = br#"{"delete":{"favorite":{"tweet_id_str":"1","user_id_str":"2"},"timestamp_ms":"1480631260000"}}"#;
+        assert_eq!(content_time_ms(unlike), Some(1_480_631_260_000));
+        assert_eq!(
+            content_time_ms(br#"{"info":{"message":"Replay Request Completed"}}"#),
+            None
+        );
+        assert_eq!(
+            content_time_ms(br#"{"error":{"message":"Forced Disconnect"}}"#),
+            None
+        );
+        assert_eq!(content_time_ms(b"{not json"), None);
+    }
 
     /// Found by the fuzzer: a bad id whose 64th byte falls inside a character panicked
     /// while being quoted in the error.

@@ -82,7 +82,10 @@ impl Lanes {
 
     /// Lines handed so far, per input.
     pub fn handed(&self) -> Vec<u64> {
-        self.handed.iter().map(|c| c.load(Ordering::SeqCst)).collect()
+        self.handed
+            .iter()
+            .map(|c| c.load(Ordering::SeqCst))
+            .collect()
     }
 
     /// Whether the merger has classified at least `handed[i]` lines of every input `i`.

@@ -152,7 +152,11 @@ impl Shard {
             evicted_counter: metrics::counter!(m::DEDUP_EVICTED_EARLY, &labels),
             evicted_reported: 0,
             // Numbers the sink gave to a spool left by an earlier run come first.
-            next_seq: spec.tally.numbered.load(std::sync::atomic::Ordering::SeqCst) + 1,
+            next_seq: spec
+                .tally
+                .numbered
+                .load(std::sync::atomic::Ordering::SeqCst)
+                + 1,
             spec,
         }
     }

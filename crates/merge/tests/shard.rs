@@ -245,8 +245,10 @@ async fn running_shard_merges_two_paths() {
 async fn unique_activities_are_numbered_in_acceptance_order() {
     let mut f = fixture(MergeConfig::default());
     let mut out = Vec::new();
-    f.shard
-        .process(batch(0, vec![post(1), post(2), Bytes::from("{oops")]), &mut out);
+    f.shard.process(
+        batch(0, vec![post(1), post(2), Bytes::from("{oops")]),
+        &mut out,
+    );
     f.shard
         .process(batch(1, vec![post(2), post(3), post(1), post(4)]), &mut out);
     assert_eq!(
@@ -258,7 +260,10 @@ async fn unique_activities_are_numbered_in_acceptance_order() {
             (4, ActivityId::Post(4)),
         ]
     );
-    assert_eq!(f.tally.numbered.load(std::sync::atomic::Ordering::SeqCst), 4);
+    assert_eq!(
+        f.tally.numbered.load(std::sync::atomic::Ordering::SeqCst),
+        4
+    );
     assert!(f.tally.lanes.classified_all(&[3, 4, 0]));
     assert!(!f.tally.lanes.classified_all(&[4, 4, 0]));
 }

@@ -446,8 +446,8 @@ impl Monitor {
                 track.raw_history.push_back((now, t.raw));
                 let old_unique = settled(&mut track.unique_history, now, grace);
                 let old_raw = settled(&mut track.raw_history, now, grace);
-                let unaccounted =
-                    old_unique.saturating_sub(t.stored + t.store_duplicates + t.in_flight + t.queued);
+                let unaccounted = old_unique
+                    .saturating_sub(t.stored + t.store_duplicates + t.in_flight + t.queued);
                 let classified = t.unique + t.duplicates + t.dead_lettered + t.system;
                 let unclassified = old_raw.saturating_sub(classified);
                 metrics::gauge!(m::RECONCILIATION_DIFFERENCE, &labels)

@@ -53,8 +53,7 @@ impl CoverageGate {
     pub fn sample(&mut self, complete_ms: u64, tally: &Tally) {
         if complete_ms > self.last {
             self.last = complete_ms;
-            self.pending
-                .push_back((complete_ms, Stored::ticket(tally)));
+            self.pending.push_back((complete_ms, Stored::ticket(tally)));
         }
     }
 

@@ -425,7 +425,8 @@ impl Harness {
         let report = pipeline.shutdown().await;
         for (stream, p, t) in tallies {
             let t = t.snapshot();
-            *stored_before.entry((stream.to_string(), p)).or_default() += t.stored + t.store_duplicates;
+            *stored_before.entry((stream.to_string(), p)).or_default() +=
+                t.stored + t.store_duplicates;
         }
         let pipeline = start_consumer(&config_text).await?;
         let h = Harness {

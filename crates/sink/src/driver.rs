@@ -262,7 +262,12 @@ pub fn spawn<S: Store>(
     let (spool, found) = Spool::open(&cfg.spool_dir)?;
     tandem_core::crash::point("sink.spool_opened");
     if found.cut_records > 0 {
-        tracing::warn!(sink = name, cut_records = found.cut_records, cut_bytes = found.cut_bytes, "the spool ended in a torn or damaged record; cut");
+        tracing::warn!(
+            sink = name,
+            cut_records = found.cut_records,
+            cut_bytes = found.cut_bytes,
+            "the spool ended in a torn or damaged record; cut"
+        );
     }
     let index_names = names.clone();
     let index = move |s: &str| {
@@ -464,8 +469,12 @@ impl<S: Store> Driver<S> {
         }
         if !self.spool.is_empty() {
             let names = self.names.clone();
-            let index =
-                move |s: &str| names.iter().position(|n| &**n == s).map(|i| StreamId(i as u16));
+            let index = move |s: &str| {
+                names
+                    .iter()
+                    .position(|n| &**n == s)
+                    .map(|i| StreamId(i as u16))
+            };
             match self.spool.pop(index) {
                 Ok(Some(popped)) => {
                     self.meters.spooled.set(self.spool.len() as f64);
@@ -540,9 +549,16 @@ impl<S: Store> Driver<S> {
             }
         }
         if let Some(o) = self.orphans.as_mut() {
-            match o.push(&spooled.stream, &spooled.batch).and_then(|()| o.sync()) {
-                Ok(()) => tracing::error!(sink = %self.name, stream = %spooled.stream, activities = spooled.batch.items.len(), dir = %self.cfg.spool_dir.join("orphaned").display(), "spooled activities of a stream no longer configured are kept aside"),
-                Err(e) => tracing::error!(sink = %self.name, error = %e, "cannot keep spooled activities of a stream no longer configured"),
+            match o
+                .push(&spooled.stream, &spooled.batch)
+                .and_then(|()| o.sync())
+            {
+                Ok(()) => {
+                    tracing::error!(sink = %self.name, stream = %spooled.stream, activities = spooled.batch.items.len(), dir = %self.cfg.spool_dir.join("orphaned").display(), "spooled activities of a stream no longer configured are kept aside")
+                }
+                Err(e) => {
+                    tracing::error!(sink = %self.name, error = %e, "cannot keep spooled activities of a stream no longer configured")
+                }
             }
         }
     }
@@ -599,9 +615,10 @@ impl<S: Store> Driver<S> {
             self.release(key);
         }
         self.stored_total += total;
-        if let Err(e) = self.spool.release(|k, seq| {
-            self.marks.get(&k).is_some_and(|m| m.through >= seq)
-        }) {
+        if let Err(e) = self
+            .spool
+            .release(|k, seq| self.marks.get(&k).is_some_and(|m| m.through >= seq))
+        {
             tracing::warn!(sink = %self.name, error = %e, "cannot delete a stored spool segment");
         }
         total

@@ -153,7 +153,10 @@ fn io_err(e: io::Error) -> StoreError {
 
 /// Mutex poisoning only follows a panic on a writer thread: the store is unusable.
 fn poisoned() -> StoreError {
-    StoreError::fatal("file", "the writer lock is poisoned (a writer thread panicked)")
+    StoreError::fatal(
+        "file",
+        "the writer lock is poisoned (a writer thread panicked)",
+    )
 }
 
 impl FileStore {
@@ -203,7 +206,9 @@ impl FileStore {
             self.unacked = 0;
             return Err(StoreError::lost(
                 "file",
-                format!("fsync failed ({e}); {lost} activities written since the last good fsync are written again"),
+                format!(
+                    "fsync failed ({e}); {lost} activities written since the last good fsync are written again"
+                ),
             ));
         }
         result.map_err(io_err)

@@ -4,13 +4,18 @@
 //! A [`Store`] takes whole batches and acknowledges them once durable. The driver
 //! ([`driver::spawn`]) sits between the mergers and a store: it keeps batches in order
 //! (memory, then the disk [`Spool`]), retries with backoff while the store is down (so
-//! the connections never stall on it), counts what the store acknowledged, and drains at
-//! shutdown.
+//! the connections never stall on it), turns acknowledgements into a contiguous stored
+//! watermark per partition (what gap repair waits on), keeps every batch until it is
+//! acknowledged (a store that lost writes gets them again; at shutdown the rest is
+//! spooled), and drains at shutdown.
 //!
 //! # Layout
-//! - [`store`]: the [`Store`] trait, [`Ack`], [`StoreError`].
-//! - [`driver`]: ordering, retry, acknowledgement accounting, drain ([`DriverConfig`]).
-//! - [`spool`]: the on-disk overflow queue.
+//! - [`store`]: the [`Store`] trait, [`Ack`] (with sequence numbers), [`StoreError`] and
+//!   its [`ErrorClass`] (`Lost`: put it again).
+//! - [`driver`]: ordering, retry, acknowledgements and the stored watermark, drain
+//!   ([`DriverConfig`]).
+//! - [`spool`]: the on-disk overflow queue: checksummed records in segments, deleted only
+//!   once stored.
 //! - [`file`]: [`FileStore`], NDJSON files per stream, partition and time bucket.
 //! - [`nats`]: [`NatsStore`], NATS JetStream with `Nats-Msg-Id` dedup across zones, and
 //!   [`StoredIds`], what the stream already holds (for gap repair in a pair).

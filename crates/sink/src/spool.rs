@@ -105,7 +105,10 @@ fn segment_name(n: u64) -> String {
 }
 
 fn corrupt(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("corrupt spool record: {what}"))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("corrupt spool record: {what}"),
+    )
 }
 
 impl Spool {
@@ -200,9 +203,12 @@ impl Spool {
             .and_then(|()| w.flush());
         tandem_core::crash::point("spool.push");
         if let Err(e) = written {
-            // Throw away what the buffer still holds, then cut the file back.
-            let cut = w.get_ref().set_len(seg.good_len);
-            self.writer = None;
+            // Throw away what the buffer still holds (never flushed on drop), then cut the
+            // file back to its whole records.
+            let cut = match self.writer.take().map(BufWriter::into_parts) {
+                Some((file, _unwritten)) => file.set_len(seg.good_len),
+                None => Ok(()),
+            };
             if cut.is_err() {
                 seg.sealed = true;
             }
@@ -231,7 +237,10 @@ impl Spool {
         }
         let n = self.next_n;
         let path = self.dir.join(segment_name(n));
-        let f = OpenOptions::new().create_new(true).append(true).open(&path)?;
+        let f = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)?;
         File::open(&self.dir).and_then(|d| d.sync_all())?;
         self.next_n += 1;
         self.writer = Some(BufWriter::with_capacity(256 * 1024, f));
@@ -371,7 +380,10 @@ impl Spool {
         self.writer = None;
         fs::remove_file(legacy)?;
         File::open(&self.dir).and_then(|d| d.sync_all())?;
-        tracing::info!(records = count, "spool of the earlier format moved into a segment");
+        tracing::info!(
+            records = count,
+            "spool of the earlier format moved into a segment"
+        );
         Ok(())
     }
 }
@@ -454,7 +466,10 @@ fn encode(stream: &str, batch: &UniqueBatch) -> Vec<u8> {
     rec
 }
 
-fn decode(rec: &[u8], stream_index: &impl Fn(&str) -> Option<StreamId>) -> io::Result<SpooledBatch> {
+fn decode(
+    rec: &[u8],
+    stream_index: &impl Fn(&str) -> Option<StreamId>,
+) -> io::Result<SpooledBatch> {
     let mut at = 0;
     let mut take = |n: usize| -> io::Result<&[u8]> {
         let s = rec.get(at..at + n).ok_or_else(|| corrupt("short"))?;
@@ -593,7 +608,10 @@ mod tests {
         spool.push("d", &batch(3..5)).unwrap();
         assert_eq!(spool.len(), 5);
         let first = spool.pop(index).unwrap().unwrap();
-        assert_eq!(ids(&first), (0..3).map(ActivityId::Post).collect::<Vec<_>>());
+        assert_eq!(
+            ids(&first),
+            (0..3).map(ActivityId::Post).collect::<Vec<_>>()
+        );
         assert!(!first.renumber);
         assert_eq!(
             first.spooled.batch.items[1].line,
@@ -616,7 +634,11 @@ mod tests {
         let last = spool.pop(index).unwrap().unwrap();
         spool.renumbered(last.segment, (StreamId(0), 2), 6);
         assert!(spool.pop(index).unwrap().is_none());
-        assert_eq!(spool.release(|_, seq| seq <= 5).unwrap(), 0, "not all stored");
+        assert_eq!(
+            spool.release(|_, seq| seq <= 5).unwrap(),
+            0,
+            "not all stored"
+        );
         assert_eq!(spool.release(|_, seq| seq <= 6).unwrap(), 1);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }

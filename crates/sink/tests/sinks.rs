@@ -470,13 +470,24 @@ async fn unacknowledged_at_exit_are_spooled_not_dropped() {
     };
     let tally = Arc::new(Tally::default());
     let tallies = HashMap::from([((StreamId(0), 1), tally.clone())]);
-    let (tx, handle) = spawn("test", silent, cfg.clone(), names(), tallies, |_, _| false, 4)
-        .unwrap();
+    let (tx, handle) = spawn(
+        "test",
+        silent,
+        cfg.clone(),
+        names(),
+        tallies,
+        |_, _| false,
+        4,
+    )
+    .unwrap();
     tx.send(batch(1, 0..30)).await.unwrap();
     drop(tx);
     let report = handle.finish().await;
     assert_eq!((report.stored_total, report.left_in_spool), (0, 30));
-    assert!(!tally.stored_through(1), "nothing acknowledged, nothing stored");
+    assert!(
+        !tally.stored_through(1),
+        "nothing acknowledged, nothing stored"
+    );
 
     let written = Arc::new(std::sync::Mutex::new(Vec::new()));
     let good = Scripted {
@@ -503,5 +514,9 @@ async fn unacknowledged_at_exit_are_spooled_not_dropped() {
     assert_eq!(report.stored_total, 30);
     assert_eq!(written.lock().unwrap().len(), 30);
     assert!(tally.stored_through(30));
-    assert_eq!(spool_files(&dir.path().join("spool")), 0, "stored, then deleted");
+    assert_eq!(
+        spool_files(&dir.path().join("spool")),
+        0,
+        "stored, then deleted"
+    );
 }

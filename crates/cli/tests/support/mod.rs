@@ -43,7 +43,7 @@ pub(crate) struct Run {
     pub(crate) config: PathBuf,
     pub(crate) log: PathBuf,
     pub(crate) started: Instant,
-    starts: u32,
+    starts: std::cell::Cell<u32>,
     client: reqwest::Client,
     // Last: removed after everything else (a tmpfs guard declared later is unmounted first).
     pub(crate) dir: tempfile::TempDir,
@@ -185,7 +185,7 @@ impl Run {
             config,
             log,
             started,
-            starts: 0,
+            starts: std::cell::Cell::new(0),
             client: http(),
             dir,
         }
@@ -210,11 +210,12 @@ impl Run {
 
     /// Starts `tandem run`, aborting at `crash_at` (`TANDEM_CRASH_AT`) if given. Its
     /// stderr goes to the run's log, after a line naming the start.
-    pub(crate) fn start(&mut self, crash_at: Option<&str>) -> Consumer {
-        self.starts += 1;
+    pub(crate) fn start(&self, crash_at: Option<&str>) -> Consumer {
+        let n = self.starts.get() + 1;
+        self.starts.set(n);
         let label = match crash_at {
-            Some(at) => format!("start #{} (TANDEM_CRASH_AT={at})", self.starts),
-            None => format!("start #{}", self.starts),
+            Some(at) => format!("start #{n} (TANDEM_CRASH_AT={at})"),
+            None => format!("start #{n}"),
         };
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -322,7 +323,12 @@ impl Run {
     }
 
     /// Waits for a condition that is not in `/status` (a file, the log).
-    pub(crate) async fn wait_for(&self, within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    pub(crate) async fn wait_for(
+        &self,
+        within: Duration,
+        what: &str,
+        mut done: impl FnMut() -> bool,
+    ) {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if done() {
@@ -400,7 +406,9 @@ impl Run {
     }
 
     /// What the store holds.
-    pub(crate) async fn stored(&self) -> HashMap<(String, tandem_core::Partition), Vec<tandem_core::ActivityId>> {
+    pub(crate) async fn stored(
+        &self,
+    ) -> HashMap<(String, tandem_core::Partition), Vec<tandem_core::ActivityId>> {
         match &self.nats {
             Some(n) => tandem_scenario::nats::stored_ids(&n.url(), "TANDEM")
                 .await
