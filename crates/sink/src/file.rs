@@ -145,6 +145,12 @@ pub struct FileStore {
     unacked: usize,
     /// At most one fsync at a time; writes go on while it runs.
     syncing: Option<SyncJob>,
+    /// Durable, not reported yet.
+    ready: Vec<Ack>,
+    /// A failed fsync dropped what was not durable: reported (as
+    /// [`StoreError::lost`]) once everything durable before it has been, and no put is
+    /// taken meanwhile, so the loss covers exactly what the driver holds unacknowledged.
+    lost: Option<String>,
 }
 
 fn io_err(e: io::Error) -> StoreError {
@@ -182,6 +188,8 @@ impl FileStore {
             last_sync: Instant::now(),
             unacked: 0,
             syncing: None,
+            ready: Vec::new(),
+            lost: None,
         };
         Ok((store, repair))
     }
@@ -204,31 +212,29 @@ impl FileStore {
         .map_err(|e| StoreError::fatal("file", format!("writer thread failed: {e}")))??;
         if let Some((e, lost)) = failed {
             self.unacked = 0;
-            return Err(StoreError::lost(
-                "file",
-                format!(
-                    "fsync failed ({e}); {lost} activities written since the last good fsync are written again"
-                ),
+            self.lost = Some(format!(
+                "fsync failed ({e}); {lost} activities written since the last good fsync are to be written again"
             ));
+            return Err(StoreError::transient("file", format!("fsync failed: {e}")));
         }
         result.map_err(io_err)
     }
 
-    /// Waits for a running fsync: its acknowledgements, or, if it failed, the loss of
-    /// everything not yet durable.
-    async fn finish_sync(&mut self, job: SyncJob) -> Result<Vec<Ack>, StoreError> {
+    /// Waits for a running fsync: its acknowledgements go to `ready`; if it failed,
+    /// everything not yet durable is lost.
+    async fn finish_sync(&mut self, job: SyncJob) -> Result<(), StoreError> {
         let (result, lens, acks) = job
             .await
             .map_err(|e| StoreError::fatal("file", format!("fsync thread failed: {e}")))?;
         tandem_core::crash::point("file.fsync");
         match result {
             Ok(()) => {
+                self.ready.extend(acks);
                 self.blocking(move |inner| {
                     inner.synced(&lens);
                     Ok(())
                 })
-                .await?;
-                Ok(acks)
+                .await
             }
             Err(e) => {
                 let unacked = acks;
@@ -237,19 +243,64 @@ impl FileStore {
                     inner.sync_failed = Some(e);
                     Ok(())
                 })
-                .await?;
-                Err(StoreError::lost("file", "fsync failed"))
+                .await
+            }
+        }
+    }
+
+    /// Finishes a done (or, forced, any) fsync, rotates expired buckets and starts the
+    /// next fsync when due. Durable acknowledgements go to `ready`; a failure is logged
+    /// (a failed fsync is recorded in `lost`) and tried again at the next call.
+    async fn collect(&mut self, force: bool) {
+        if self
+            .syncing
+            .as_ref()
+            .is_some_and(|job| force || job.is_finished())
+            && let Some(job) = self.syncing.take()
+            && self.finish_sync(job).await.is_err()
+        {
+            return;
+        }
+        let due =
+            self.syncing.is_none() && (force || self.last_sync.elapsed() >= self.fsync_interval);
+        if due {
+            self.last_sync = Instant::now();
+        }
+        let step = self
+            .blocking(move |inner| {
+                inner.rotate_expired(unix_ms_now())?;
+                let started = if due { inner.begin_sync()? } else { None };
+                Ok((std::mem::take(&mut inner.durable), started))
+            })
+            .await;
+        let (durable, started) = match step {
+            Ok(step) => step,
+            Err(e) => {
+                tracing::warn!(error = %e, "file store: rotating or starting an fsync failed");
+                return;
+            }
+        };
+        self.ready.extend(durable);
+        if let Some((files, lens, covered)) = started {
+            let job = tokio::task::spawn_blocking(move || {
+                let result = files.iter().try_for_each(sync_data);
+                (result, lens, covered)
+            });
+            if force {
+                let _ = self.finish_sync(job).await;
+            } else {
+                self.syncing = Some(job);
             }
         }
     }
 
     /// Closes every open file (fsync and rename). Used at shutdown.
     async fn close_all(&mut self) -> Result<Vec<Ack>, StoreError> {
-        let mut done = match self.syncing.take() {
-            Some(job) => self.finish_sync(job).await?,
-            None => Vec::new(),
-        };
-        let acks = self
+        if let Some(job) = self.syncing.take() {
+            // A failure is recorded in `lost`; what was durable is still reported.
+            let _ = self.finish_sync(job).await;
+        }
+        let closed = self
             .blocking(|inner| {
                 let keys: Vec<Key> = inner.open.keys().copied().collect();
                 for key in keys {
@@ -257,10 +308,28 @@ impl FileStore {
                 }
                 Ok(std::mem::take(&mut inner.durable))
             })
-            .await?;
-        done.extend(acks);
-        self.unacked = 0;
-        Ok(done)
+            .await;
+        if let Ok(acks) = closed {
+            self.ready.extend(acks);
+        }
+        self.report()
+    }
+
+    /// What is durable and not reported yet; once all of it is reported, a loss.
+    fn report(&mut self) -> Result<Vec<Ack>, StoreError> {
+        if !self.ready.is_empty() {
+            let acks = std::mem::take(&mut self.ready);
+            self.unacked -= acks
+                .iter()
+                .map(|a| a.ids.len())
+                .sum::<usize>()
+                .min(self.unacked);
+            return Ok(acks);
+        }
+        match self.lost.take() {
+            Some(why) => Err(StoreError::lost("file", why)),
+            None => Ok(Vec::new()),
+        }
     }
 }
 
@@ -461,6 +530,12 @@ impl Store for FileStore {
     }
 
     async fn put(&mut self, batch: &UniqueBatch) -> Result<(), StoreError> {
+        if self.lost.is_some() {
+            return Err(StoreError::transient(
+                "file",
+                "a failed fsync is being reported; writing resumes after it",
+            ));
+        }
         let batch = batch.clone();
         let n = batch.items.len();
         self.blocking(move |inner| inner.put(&batch, unix_ms_now()))
@@ -470,45 +545,10 @@ impl Store for FileStore {
     }
 
     async fn acks(&mut self, force: bool) -> Result<Vec<Ack>, StoreError> {
-        let mut acks = Vec::new();
-        if self
-            .syncing
-            .as_ref()
-            .is_some_and(|job| force || job.is_finished())
-            && let Some(job) = self.syncing.take()
-        {
-            acks.extend(self.finish_sync(job).await?);
+        if self.lost.is_none() {
+            self.collect(force).await;
         }
-        let due =
-            self.syncing.is_none() && (force || self.last_sync.elapsed() >= self.fsync_interval);
-        if due {
-            self.last_sync = Instant::now();
-        }
-        let (durable, started) = self
-            .blocking(move |inner| {
-                inner.rotate_expired(unix_ms_now())?;
-                let started = if due { inner.begin_sync()? } else { None };
-                Ok((std::mem::take(&mut inner.durable), started))
-            })
-            .await?;
-        acks.extend(durable);
-        if let Some((files, lens, covered)) = started {
-            let job = tokio::task::spawn_blocking(move || {
-                let result = files.iter().try_for_each(File::sync_data);
-                (result, lens, covered)
-            });
-            if force {
-                acks.extend(self.finish_sync(job).await?);
-            } else {
-                self.syncing = Some(job);
-            }
-        }
-        self.unacked -= acks
-            .iter()
-            .map(|a| a.ids.len())
-            .sum::<usize>()
-            .min(self.unacked);
-        Ok(acks)
+        self.report()
     }
 
     fn unacknowledged(&self) -> usize {
@@ -518,6 +558,18 @@ impl Store for FileStore {
     async fn close(&mut self) -> Result<Vec<Ack>, StoreError> {
         self.close_all().await
     }
+}
+
+/// Tests make the next background fsync fail, as a disk does that drops dirty pages.
+#[cfg(test)]
+static FAIL_NEXT_SYNC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn sync_data(f: &File) -> io::Result<()> {
+    #[cfg(test)]
+    if FAIL_NEXT_SYNC.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        return Err(io::Error::other("injected fsync failure"));
+    }
+    f.sync_data()
 }
 
 fn sync_parent(path: &Path) -> io::Result<()> {
@@ -739,6 +791,64 @@ fn parse_stem(stem: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn batch(ids: std::ops::Range<u64>) -> UniqueBatch {
+        UniqueBatch {
+            stream: StreamId(0),
+            partition: 1,
+            items: ids
+                .map(|i| tandem_core::Unique {
+                    seq: i + 1,
+                    id: ActivityId::Post(i),
+                    line: bytes::Bytes::from(format!("{{\"id_str\":\"{i}\"}}")),
+                    path: tandem_core::PathId(0),
+                    received: Instant::now(),
+                })
+                .collect(),
+        }
+    }
+
+    /// A failed fsync is never retried into an acknowledgement: what it covered is
+    /// reported lost (after everything durable before it), the file is cut back to the
+    /// last good fsync, and the activities written again land once each.
+    #[tokio::test]
+    async fn failed_fsync_loses_exactly_what_was_not_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = FileConfig {
+            dir: dir.path().to_path_buf(),
+            fsync_interval_ms: 0,
+            ..FileConfig::default()
+        };
+        let names: StreamNames = Arc::new(vec!["d".into()]);
+        let (mut store, _) = FileStore::open(cfg, names).unwrap();
+        store.put(&batch(0..10)).await.unwrap();
+        let acks = store.acks(true).await.unwrap();
+        assert_eq!(acks.iter().map(|a| a.ids.len()).sum::<usize>(), 10);
+        store.put(&batch(10..20)).await.unwrap();
+        FAIL_NEXT_SYNC.store(true, std::sync::atomic::Ordering::SeqCst);
+        let lost = store.acks(true).await.unwrap_err();
+        assert_eq!(lost.class, crate::ErrorClass::Lost, "{lost}");
+        assert!(store.acks(true).await.unwrap().is_empty(), "reported once");
+        // The driver puts the lost batch again: it goes to a new file.
+        store.put(&batch(10..20)).await.unwrap();
+        let acks = store.close().await.unwrap();
+        assert_eq!(
+            acks.iter().flat_map(|a| a.seqs.clone()).collect::<Vec<_>>(),
+            (11..=20).collect::<Vec<_>>()
+        );
+        let mut lines = Vec::new();
+        for path in walk(dir.path()).unwrap() {
+            let text = fs::read_to_string(&path).unwrap();
+            lines.extend(text.lines().map(str::to_owned));
+        }
+        lines.sort();
+        let mut want: Vec<String> = (0..20).map(|i| format!("{{\"id_str\":\"{i}\"}}")).collect();
+        want.sort();
+        assert_eq!(
+            lines, want,
+            "every activity once, nothing of the failed write kept"
+        );
+    }
 
     /// File names carry the bucket start and parse back.
     #[test]
