@@ -7,6 +7,8 @@
 //!
 //! Needs root (CAP_NET_ADMIN) for `ip netns` and `ip link`, and `socat`; both are set up
 //! by `scripts/setup-test-deps`. Without them the test fails and says why.
+// Waits for external processes (socat, Prometheus) on the real clock, by design.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};

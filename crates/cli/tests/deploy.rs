@@ -6,6 +6,8 @@
 //!
 //! `promtool`, `prometheus`, `nats-server` and `systemd-analyze` come from
 //! `scripts/setup-test-deps`; a test that cannot find one fails and says so.
+// Waits for external processes (socat, Prometheus) on the real clock, by design.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;

@@ -9,7 +9,7 @@ use serde_path_to_error::Segment;
 use tandem_conn::Auth;
 use tandem_core::Secret;
 
-use crate::schema::{ApiConfig, Config, SinkConfig, StreamConfig};
+use crate::schema::{ApiConfig, Config, StreamConfig};
 
 /// One problem: the field that causes it, what is wrong, and the line when it can be
 /// found.
@@ -98,9 +98,7 @@ pub fn load(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, 
     }
     let mut sink_tokens = std::collections::BTreeMap::new();
     for (name, sink) in &config.sinks {
-        if let SinkConfig::Nats(n) = sink
-            && let Some(var) = &n.token_env
-        {
+        if let Some(var) = sink.token_env() {
             match env(var) {
                 Some(v) if !v.is_empty() => {
                     sink_tokens.insert(name.clone(), Secret::new(v));
@@ -432,11 +430,7 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         max_backfill_ms = max_backfill_ms.max(s.backfill.window_minutes * s.backfill.minute_ms);
     }
     for (name, sink) in &c.sinks {
-        let problems = match sink {
-            SinkConfig::File(f) => f.problems(),
-            SinkConfig::Nats(n) => n.problems(c.merge.dedup_window_secs),
-            SinkConfig::Stdout | SinkConfig::Null => Vec::new(),
-        };
+        let problems = sink.problems(c.merge.dedup_window_secs);
         for (field, message) in problems {
             out.push(problem(format!("sinks.{name}.{field}"), message));
         }

@@ -53,16 +53,7 @@ pub fn plan(loaded: &Loaded) -> String {
             }
         }
         let sink = c.sinks.get(&s.sink);
-        let detail = match sink {
-            Some(SinkConfig::File(f)) => format!(
-                "file under {}, {} s buckets{}",
-                f.dir.display(),
-                f.bucket_secs,
-                if f.gzip { ", gzip" } else { "" }
-            ),
-            Some(other) => other.kind().to_owned(),
-            None => "missing".to_owned(),
-        };
+        let detail = sink.map_or_else(|| "missing".to_owned(), SinkConfig::describe);
         let _ = writeln!(out, "  sink {}: {detail}", s.sink);
     }
     let _ = writeln!(

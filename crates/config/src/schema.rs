@@ -10,7 +10,8 @@ use tandem_conn::{
 use tandem_merge::MergeConfig;
 use tandem_monitor::MonitorConfig;
 use tandem_repair::RepairConfig;
-use tandem_sink::{DriverConfig, FileConfig, NatsConfig};
+use tandem_sink::DriverConfig;
+pub use tandem_sink::SinkConfig;
 
 /// A tandem process: its streams, network paths, sinks and the shared stages.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -127,29 +128,4 @@ pub struct AuthConfig {
     /// File holding the bearer token.
     #[serde(default)]
     pub bearer_token_file: Option<PathBuf>,
-}
-
-/// A sink.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SinkConfig {
-    /// Local NDJSON files (the default).
-    File(FileConfig),
-    /// NATS JetStream, the shared store of consumers in several zones.
-    Nats(NatsConfig),
-    /// Lines on standard output, for piping.
-    Stdout,
-    /// Discard everything (benchmarks).
-    Null,
-}
-
-impl SinkConfig {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            SinkConfig::File(_) => "file",
-            SinkConfig::Nats(_) => "nats",
-            SinkConfig::Stdout => "stdout",
-            SinkConfig::Null => "null",
-        }
-    }
 }

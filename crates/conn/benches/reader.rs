@@ -2,6 +2,8 @@
 //! on the sample posts, for two shapes of gzip stream: flushed after every activity (one
 //! compressed block, so one Huffman table, per activity) and flushed every 64 KiB. Which
 //! shape an upstream produces decides most of what inflating costs.
+// A benchmark measures wall-clock time on purpose.
+#![allow(clippy::disallowed_types)]
 
 use std::hint::black_box;
 use std::io::Write;

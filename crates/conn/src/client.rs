@@ -33,6 +33,26 @@ pub fn install_crypto_provider() {
     });
 }
 
+/// The clients of a stream's paths, in order: each leaves through its own path to the
+/// host and port of `url`.
+pub fn path_clients(
+    url: &str,
+    paths: &[&PathConfig],
+    tls: &TlsSettings,
+    liveness: &LivenessConfig,
+) -> Result<Vec<reqwest::Client>, ClientError> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| ClientError {
+        path: "(every)".to_owned(),
+        message: format!("the stream url does not parse: {e}"),
+    })?;
+    let host = parsed.host_str().unwrap_or_default().to_owned();
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    paths
+        .iter()
+        .map(|p| build_client(p, tls, liveness, &host, port))
+        .collect()
+}
+
 /// Builds the client of one path: its own source address, interface, proxy or pinned IP,
 /// and its own connection pool and resolver.
 pub fn build_client(

@@ -56,6 +56,20 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// The account whose recovery jobs this stream counts against: the Gnip account in
+    /// the URL (`…/accounts/<account>/…`), or (X API v2) the URL itself.
+    pub fn account(&self) -> String {
+        let mut parts = self.url.split('/');
+        while let Some(p) = parts.next() {
+            if p == "accounts"
+                && let Some(account) = parts.next()
+            {
+                return account.to_owned();
+            }
+        }
+        self.url.split('?').next().unwrap_or(&self.url).to_owned()
+    }
+
     /// The request URL for a partition and a query.
     pub fn request_url(&self, partition: Partition, query: Query) -> String {
         let mut params = Vec::new();

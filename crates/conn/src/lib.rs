@@ -32,7 +32,7 @@ pub mod policy;
 pub mod reader;
 
 pub use budget::ConnectBudget;
-pub use client::{TlsSettings, build_client, install_crypto_provider};
+pub use client::{TlsSettings, build_client, install_crypto_provider, path_clients};
 pub use config::{
     BackfillConfig, BackfillPolicy, BudgetConfig, LivenessConfig, PathConfig, ReadConfig,
     RetryConfig,

@@ -63,6 +63,9 @@ pub struct PartitionLiveness {
     state: Mutex<State>,
     /// The upstream's clock minus the host's (ms), from the latest connect's `Date`.
     clock_offset_ms: std::sync::atomic::AtomicI64,
+    /// Where coverage began in a run without history (the first connect): nothing
+    /// before it was ever this consumer's to store. 0: not yet, or history was given.
+    origin_ms: std::sync::atomic::AtomicU64,
 }
 
 impl PartitionLiveness {
@@ -73,7 +76,16 @@ impl PartitionLiveness {
                 complete_until_ms: 0,
             }),
             clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
+            origin_ms: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Where coverage began, when this run started without history (see `origin_ms`):
+    /// the coverage ledger records it at once, so a crash before anything is stored
+    /// replays from there instead of from the next start.
+    pub fn origin_ms(&self) -> Option<u64> {
+        let o = self.origin_ms.load(std::sync::atomic::Ordering::SeqCst);
+        (o > 0).then_some(o)
     }
 
     /// Records the upstream's clock offset (see [`crate::connection::clock_offset_ms`]).
@@ -131,6 +143,8 @@ impl PartitionLiveness {
         if st.complete_until_ms == 0 {
             // The first connection of a run without history: nothing before it matters.
             st.complete_until_ms = from_ms;
+            self.origin_ms
+                .store(from_ms, std::sync::atomic::Ordering::SeqCst);
         }
         st.paths[path] = PathState {
             live: true,

@@ -50,6 +50,8 @@ pub fn prometheus() -> PrometheusHandle {
                 .name("metrics-upkeep".into())
                 .spawn(move || {
                     loop {
+                        // A plain thread outside any runtime: nothing to pause here.
+                        #[allow(clippy::disallowed_methods)]
                         std::thread::sleep(Duration::from_secs(5));
                         upkeep.run_upkeep();
                     }

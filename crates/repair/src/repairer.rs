@@ -546,6 +546,14 @@ impl Repairer {
 
     /// Moves the durable coverage on, saves edge ids past gaps' ends, writes the ledger.
     async fn tick(&mut self) {
+        if self.r.ledger.complete_until_ms == 0
+            && let Some(origin) = self.r.liveness.origin_ms()
+        {
+            // A first run: nothing before its first connect is ours to store, and what
+            // it receives from there on must come back if it dies before storing it.
+            self.r.ledger.complete_until_ms = origin;
+            self.dirty = true;
+        }
         let complete = self.r.liveness.complete_until();
         // The ticket is taken after `complete` was read: the lines behind it were handed
         // to the merger before it moved.

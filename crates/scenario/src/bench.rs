@@ -5,6 +5,8 @@
 //!
 //! The simulator runs as a separate process (`tandem sim`), so the CPU figures are the
 //! consumer's alone. CPU time and peak RSS come from `/proc/self` (Linux).
+// A benchmark measures wall-clock time on purpose, outside any paused clock.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};

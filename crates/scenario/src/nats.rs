@@ -87,6 +87,8 @@ impl NatsServer {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return Ok(());
             }
+            // Synchronous on purpose (also used outside a runtime); 50 ms at a time.
+            #[allow(clippy::disallowed_methods)]
             std::thread::sleep(Duration::from_millis(50));
         }
         Err(NatsServerError::Start(format!(

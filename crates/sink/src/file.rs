@@ -560,6 +560,21 @@ impl Store for FileStore {
     }
 }
 
+/// Starts a file sink: repairs what a crash left, and hands the mergers the ids stored
+/// since `ctx.remember_since_ms` (a replay after a restart repeats them).
+pub(crate) fn start(
+    name: &str,
+    cfg: &FileConfig,
+    ctx: crate::start::SinkContext,
+) -> Result<crate::start::StartedSink, crate::start::SinkStartError> {
+    use crate::start::SinkStartError;
+    let (store, _repair) = FileStore::open(cfg.clone(), ctx.names.clone())
+        .map_err(|e| SinkStartError::Store(format!("{}: {e}", cfg.dir.display())))?;
+    let recent = recent_ids(&cfg.dir, ctx.remember_since_ms, cfg.bucket_secs)
+        .map_err(|e| SinkStartError::Store(format!("reading recent ids: {e}")))?;
+    crate::start::with_known(name, store, ctx, recent)
+}
+
 /// Tests make the next background fsync fail, as a disk does that drops dirty pages.
 #[cfg(test)]
 static FAIL_NEXT_SYNC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -10,6 +10,8 @@
 //! spooled), and drains at shutdown.
 //!
 //! # Layout
+//! - [`config`]: [`SinkConfig`], the `[sinks.<name>]` section (one arm per kind).
+//! - [`start`]: [`start()`] builds a sink of any kind from its configuration.
 //! - [`store`]: the [`Store`] trait, [`Ack`] (with sequence numbers), [`StoreError`] and
 //!   its [`ErrorClass`] (`Lost`: put it again).
 //! - [`driver`]: ordering, retry, acknowledgements and the stored watermark, drain
@@ -21,16 +23,20 @@
 //!   [`StoredIds`], what the stream already holds (for gap repair in a pair).
 //! - [`simple`]: [`StdoutStore`] and [`NullStore`].
 
+pub mod config;
 pub mod driver;
 pub mod file;
 pub mod nats;
 pub mod simple;
 pub mod spool;
+pub mod start;
 pub mod store;
 
+pub use config::SinkConfig;
 pub use driver::{DrainReport, DriverConfig, SinkHandle, spawn};
 pub use file::{FileConfig, FileStore, Repair, recent_ids};
 pub use nats::{NatsConfig, NatsStore, StoredIds};
 pub use simple::{NullStore, StdoutStore};
 pub use spool::{Spool, SpooledBatch};
+pub use start::{IdsByPartition, SinkContext, SinkStartError, StartedSink, start};
 pub use store::{Ack, ErrorClass, Store, StoreError, StreamNames};

@@ -537,6 +537,22 @@ impl NatsStore {
     }
 }
 
+/// Starts a JetStream sink. The server may be down: the sink then starts down and spools.
+pub(crate) async fn start(
+    name: &str,
+    cfg: &NatsConfig,
+    ctx: crate::start::SinkContext,
+) -> Result<crate::start::StartedSink, crate::start::SinkStartError> {
+    let token = ctx.token.as_ref().map(|t| t.expose().to_owned());
+    let store = NatsStore::connect(cfg.clone(), ctx.names.clone(), token)
+        .await
+        .map_err(|e| crate::start::SinkStartError::Store(e.to_string()))?;
+    let shared = store.stored_ids();
+    let mut started = crate::start::with_store(name, store, ctx)?;
+    started.shared = Some(shared);
+    Ok(started)
+}
+
 impl Store for NatsStore {
     fn kind(&self) -> &'static str {
         "nats"

@@ -1,0 +1,64 @@
+//! The `[sinks.<name>]` section: which kind of store, and its settings. A sink kind is
+//! one arm here and one module with its store and its `start`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::file::FileConfig;
+use crate::nats::NatsConfig;
+
+/// A sink.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// Local NDJSON files (the default).
+    File(FileConfig),
+    /// NATS JetStream, the shared store of consumers in several zones.
+    Nats(NatsConfig),
+    /// Lines on standard output, for piping.
+    Stdout,
+    /// Discard everything (benchmarks).
+    Null,
+}
+
+impl SinkConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::File(_) => "file",
+            SinkConfig::Nats(_) => "nats",
+            SinkConfig::Stdout => "stdout",
+            SinkConfig::Null => "null",
+        }
+    }
+
+    /// What cannot work, by field (relative to the sink's section).
+    pub fn problems(&self, dedup_window_secs: u64) -> Vec<(&'static str, String)> {
+        match self {
+            SinkConfig::File(f) => f.problems(),
+            SinkConfig::Nats(n) => n.problems(dedup_window_secs),
+            SinkConfig::Stdout | SinkConfig::Null => Vec::new(),
+        }
+    }
+
+    /// The environment variable holding the sink's credential, if it takes one.
+    pub fn token_env(&self) -> Option<&str> {
+        match self {
+            SinkConfig::Nats(n) => n.token_env.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// One line for `tandem check`'s plan.
+    pub fn describe(&self) -> String {
+        match self {
+            SinkConfig::File(f) => format!(
+                "file under {}, {} s buckets{}",
+                f.dir.display(),
+                f.bucket_secs,
+                if f.gzip { ", gzip" } else { "" }
+            ),
+            // Not the URL: it may carry credentials.
+            SinkConfig::Nats(n) => format!("nats, JetStream stream {}", n.stream),
+            other => other.kind().to_owned(),
+        }
+    }
+}
