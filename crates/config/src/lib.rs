@@ -9,8 +9,8 @@
 //!
 //! # Layout
 //! - [`schema`]: the document; every field's doc is the reference.
-//! - [`load`]: parsing, validation and credentials ([`load()`], [`Problems`]).
-//! - [`plan`]: the human-readable plan.
+//! - [`mod@load`]: parsing, validation and credentials ([`load()`], [`Problems`]).
+//! - [`mod@plan`]: the human-readable plan.
 
 pub mod load;
 pub mod plan;

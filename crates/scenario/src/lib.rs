@@ -11,7 +11,7 @@
 //! - [`store`]: reading back what the file sink stored.
 //! - [`nats`]: a real `nats-server -js` for tests, and reading back a JetStream stream.
 //! - [`demo`]: the embedded demo with its fault schedule and live summary.
-//! - [`bench`]: `tandem bench`, the full pipeline at full speed and the X SDK baseline.
+//! - [`mod@bench`]: `tandem bench`, the full pipeline at full speed and the X SDK baseline.
 
 pub mod bench;
 pub mod demo;

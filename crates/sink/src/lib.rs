@@ -11,14 +11,14 @@
 //!
 //! # Layout
 //! - [`config`]: [`SinkConfig`], the `[sinks.<name>]` section (one arm per kind).
-//! - [`start`]: [`start()`] builds a sink of any kind from its configuration.
+//! - [`mod@start`]: [`start()`] builds a sink of any kind from its configuration.
 //! - [`store`]: the [`Store`] trait, [`Ack`] (with sequence numbers), [`StoreError`] and
 //!   its [`ErrorClass`] (`Lost`: put it again).
 //! - [`driver`]: ordering, retry, acknowledgements and the stored watermark, drain
 //!   ([`DriverConfig`]).
 //! - [`spool`]: the on-disk overflow queue: checksummed records in segments, deleted only
 //!   once stored.
-//! - [`file`]: [`FileStore`], NDJSON files per stream, partition and time bucket.
+//! - [`mod@file`]: [`FileStore`], NDJSON files per stream, partition and time bucket.
 //! - [`nats`]: [`NatsStore`], NATS JetStream with `Nats-Msg-Id` dedup across zones, and
 //!   [`StoredIds`], what the stream already holds (for gap repair in a pair).
 //! - [`simple`]: [`StdoutStore`] and [`NullStore`].
