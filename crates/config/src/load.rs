@@ -455,6 +455,9 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     for (field, message) in c.monitor.problems() {
         out.push(problem(format!("monitor.{field}"), message));
     }
+    for (field, message) in c.delivery.problems() {
+        out.push(problem(format!("delivery.{field}"), message));
+    }
     for (field, message) in c.repair.problems() {
         out.push(problem(format!("repair.{field}"), message));
     }

@@ -150,3 +150,13 @@ mod tests {
         assert!(e.to_string().contains("406") && e.to_string().contains("compression"));
     }
 }
+
+impl tandem_core::Retryable for StreamError {
+    fn is_retryable(&self) -> bool {
+        self.kind.is_retryable()
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+}

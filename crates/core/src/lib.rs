@@ -13,6 +13,8 @@
 //! - [`time`]: wall-clock helpers (milliseconds since the Unix epoch, RFC 3339).
 //! - [`secret`]: [`Secret`], a credential that never prints.
 //! - [`metric`]: every metric name tandem exports, in one place.
+//! - [`retry`]: the [`Retryable`] trait every retried error implements, and
+//!   [`ExponentialBackoff`].
 //! - [`tally`]: per-partition counts shared by the stages, for reconciliation.
 //! - [`gap`]: coverage gaps beyond backfill as gap repair reports them ([`GapView`]).
 //! - [`latency`]: a lock-free latency histogram (receipt to sink handoff).
@@ -25,6 +27,7 @@ pub mod identity;
 pub mod ids;
 pub mod latency;
 pub mod metric;
+pub mod retry;
 pub mod secret;
 pub mod tally;
 pub mod time;
@@ -36,6 +39,7 @@ pub use identity::{
     IdentityError, LineKind, SystemKind, SystemMessage, content_time_ms, identify, validate,
 };
 pub use ids::{ActivityId, DedupKey};
+pub use retry::{ExponentialBackoff, InvalidBackoff, Retryable};
 pub use secret::Secret;
 pub use tally::{Lanes, Tally, TallySnapshot};
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 use metrics::Gauge;
 use serde::{Deserialize, Serialize};
 use tandem_core::metric as m;
-use tandem_core::{ActivityId, Partition, StreamId, Tally, Unique, UniqueBatch};
+use tandem_core::{ActivityId, ExponentialBackoff, Partition, StreamId, Tally, Unique, UniqueBatch};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
@@ -230,6 +230,10 @@ struct Driver<S: Store> {
     stored_total: u64,
     store_up: bool,
     spool_ok: bool,
+    /// The store refused for good (a configuration it cannot work with): nothing more is
+    /// put to it; everything waits in memory and the spool for a restart.
+    fatal: Option<String>,
+    backoff: ExponentialBackoff,
     meters: Meters,
     up: Arc<AtomicBool>,
     handoff: Arc<tandem_core::latency::LatencyHistogram>,
@@ -310,6 +314,7 @@ pub fn spawn<S: Store>(
         metrics::gauge!(m::IN_FLIGHT, &labels).set(0.0);
     }
     let alive = Arc::new(AtomicBool::new(true));
+    let cfg_backoff = (cfg.retry_initial_ms, cfg.retry_max_ms);
     let mut driver = Driver {
         name: name.into(),
         store,
@@ -330,6 +335,8 @@ pub fn spawn<S: Store>(
         stored_total: 0,
         store_up: true,
         spool_ok: true,
+        fatal: None,
+        backoff: backoff(&cfg_backoff),
         meters,
         up: Arc::new(AtomicBool::new(true)),
         handoff: Arc::new(tandem_core::latency::LatencyHistogram::default()),
@@ -356,6 +363,30 @@ pub fn spawn<S: Store>(
         }),
     };
     Ok((tx, handle))
+}
+
+/// The driver's retry pacing (bounds that cannot work are refused by the configuration's
+/// validation, [`DriverConfig::problems`]).
+fn backoff((initial_ms, max_ms): &(u64, u64)) -> ExponentialBackoff {
+    ExponentialBackoff::clamped(
+        Duration::from_millis(*initial_ms),
+        Duration::from_millis(*max_ms),
+    )
+}
+
+impl DriverConfig {
+    /// What cannot work, by field.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let ms = Duration::from_millis;
+        let mut out = Vec::new();
+        if let Err(e) = ExponentialBackoff::try_new(ms(self.retry_initial_ms), ms(self.retry_max_ms)) {
+            out.push(("retry_initial_ms", e.to_string()));
+        }
+        if self.max_memory_activities == 0 {
+            out.push(("max_memory_activities", "must be positive".to_owned()));
+        }
+        out
+    }
 }
 
 /// How the put of one batch went.
@@ -669,14 +700,22 @@ impl<S: Store> Driver<S> {
     }
 
     fn failed(&mut self, e: &StoreError, what: &str) {
-        self.error(if e.is_retryable() {
-            "transient"
-        } else {
-            "fatal"
-        });
-        tracing::warn!(sink = %self.name, error = %e, "{what}");
-        if e.class == ErrorClass::Lost {
-            self.put_again();
+        match e.class {
+            ErrorClass::Fatal => {
+                self.error("fatal");
+                tracing::error!(sink = %self.name, error = %e, "the store refused for good; nothing more is sent to it, activities wait in memory and the spool until a restart");
+                self.fatal = Some(e.to_string());
+                self.set_up(Some(false), None);
+            }
+            ErrorClass::Lost => {
+                self.error("transient");
+                tracing::warn!(sink = %self.name, error = %e, "{what}");
+                self.put_again();
+            }
+            ErrorClass::Transient => {
+                self.error("transient");
+                tracing::warn!(sink = %self.name, error = %e, "{what}");
+            }
         }
     }
 
@@ -736,8 +775,6 @@ impl<S: Store> Driver<S> {
     async fn run(mut self, mut rx: mpsc::Receiver<UniqueBatch>) -> DrainReport {
         let ack_every = Duration::from_millis(self.cfg.ack_interval_ms.max(1));
         let mut next_ack = Instant::now() + ack_every;
-        let initial = Duration::from_millis(self.cfg.retry_initial_ms);
-        let mut backoff = initial;
         let mut retry_at: Option<Instant> = None;
         let mut open = true;
         let mut drain_started: Option<(Instant, u64)> = None;
@@ -749,7 +786,8 @@ impl<S: Store> Driver<S> {
                 tracing::info!(sink = %self.name, queued = self.memory_items as u64 + self.spool.len() + self.overflow_items as u64, unacknowledged = self.unacknowledged(), "draining before exit");
             }
             if let Some((since, _)) = drain_started {
-                let done = !self.pending() && self.unacknowledged() == 0;
+                let done =
+                    (!self.pending() || self.fatal.is_some()) && self.unacknowledged() == 0;
                 let late = since.elapsed() >= Duration::from_millis(self.cfg.drain_deadline_ms);
                 if done || late {
                     break;
@@ -758,7 +796,9 @@ impl<S: Store> Driver<S> {
             if !self.overflow.is_empty() && retry_at.is_none_or(|t| Instant::now() >= t) {
                 self.flush_overflow();
             }
-            let ready = self.pending() && retry_at.is_none_or(|t| Instant::now() >= t);
+            let ready = self.fatal.is_none()
+                && self.pending()
+                && retry_at.is_none_or(|t| Instant::now() >= t);
             if ready {
                 // Take what arrived meanwhile first, so the store sees batches in order.
                 while self.can_take()
@@ -769,18 +809,13 @@ impl<S: Store> Driver<S> {
                 match self.put_next().await {
                     Put::Done => {
                         retry_at = None;
-                        backoff = initial;
+                        self.backoff.reset();
                     }
-                    Put::Nothing if self.pending() => {
-                        // The spool could not be read: try again later, not in a loop.
-                        retry_at = Some(Instant::now() + backoff);
-                        backoff = (backoff * 2).min(Duration::from_millis(self.cfg.retry_max_ms));
+                    // Nothing came although something waits: the spool could not be read.
+                    Put::Failed | Put::Nothing if self.pending() => {
+                        retry_at = Some(Instant::now() + self.backoff.next_delay());
                     }
-                    Put::Nothing => {}
-                    Put::Failed => {
-                        retry_at = Some(Instant::now() + backoff);
-                        backoff = (backoff * 2).min(Duration::from_millis(self.cfg.retry_max_ms));
-                    }
+                    Put::Failed | Put::Nothing => {}
                 }
                 if Instant::now() >= next_ack {
                     self.collect(false).await;

@@ -86,6 +86,12 @@ impl StoreError {
     }
 }
 
+impl tandem_core::Retryable for StoreError {
+    fn is_retryable(&self) -> bool {
+        self.class != ErrorClass::Fatal
+    }
+}
+
 /// A durable store. `put` either takes the whole batch or none of it (so a retry after an
 /// error never stores anything twice); acknowledgements come later from `acks`.
 pub trait Store: Send + 'static {

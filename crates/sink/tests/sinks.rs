@@ -520,3 +520,56 @@ async fn unacknowledged_at_exit_are_spooled_not_dropped() {
         "stored, then deleted"
     );
 }
+
+/// A store that refuses every write for good, counting the attempts.
+struct Refusing {
+    attempts: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Store for Refusing {
+    fn kind(&self) -> &'static str {
+        "refusing"
+    }
+    async fn put(&mut self, _batch: &UniqueBatch) -> Result<(), StoreError> {
+        self.attempts.fetch_add(1, Ordering::SeqCst);
+        Err(StoreError::fatal("refusing", "the stream's duplicate window is too short"))
+    }
+    async fn acks(&mut self, _force: bool) -> Result<Vec<Ack>, StoreError> {
+        Ok(Vec::new())
+    }
+    fn unacknowledged(&self) -> usize {
+        0
+    }
+}
+
+/// A store that refuses for good is not retried: the sink reports down and keeps every
+/// activity (memory, then spool at exit) for a restart with a fixed configuration.
+#[tokio::test]
+async fn fatal_store_error_stops_retrying_and_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cfg = DriverConfig {
+        spool_dir: dir.path().join("spool"),
+        retry_initial_ms: 1,
+        retry_max_ms: 2,
+        drain_deadline_ms: 60_000,
+        ..DriverConfig::default()
+    };
+    let store = Refusing {
+        attempts: attempts.clone(),
+    };
+    let (tx, handle) = spawn("test", store, cfg, names(), HashMap::new(), |_, _| false, 4)
+        .unwrap();
+    let up = handle.up.clone();
+    for i in 0..5u64 {
+        tx.send(batch(1, i * 10..i * 10 + 10)).await.unwrap();
+    }
+    // Batches keep being taken while nothing is sent to the store.
+    while up.load(Ordering::SeqCst) {
+        tokio::task::yield_now().await;
+    }
+    drop(tx);
+    let report = handle.finish().await;
+    assert_eq!(attempts.load(Ordering::SeqCst), 1, "refused once, never retried");
+    assert_eq!((report.stored_total, report.left_in_spool), (0, 50));
+}
