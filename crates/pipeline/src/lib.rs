@@ -314,8 +314,12 @@ impl tandem_repair::StoredIdsSince for StoreIds {
         until_ms: u64,
     ) -> std::pin::Pin<
         Box<
-            dyn std::future::Future<Output = Result<std::collections::HashSet<ActivityId>, String>>
-                + Send
+            dyn std::future::Future<
+                    Output = Result<
+                        std::collections::HashSet<ActivityId>,
+                        tandem_repair::repairer::ReadBackError,
+                    >,
+                > + Send
                 + '_,
         >,
     > {
@@ -323,7 +327,7 @@ impl tandem_repair::StoredIdsSince for StoreIds {
             self.ids
                 .between(&self.stream, self.partition, since_ms, until_ms)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(Into::into)
         })
     }
 }

@@ -58,7 +58,7 @@ pub enum ChunkOutcome {
     /// chunk is done once they are stored: the repairer waits for the watermark).
     Completed { activities: u64, requests: u32 },
     /// The upstream refused it for good; the reason names the status and message.
-    Unrecoverable(String),
+    Unrecoverable(StreamError),
     /// The process is stopping.
     Shutdown,
 }
@@ -162,10 +162,7 @@ pub async fn recover(
             resume = %tandem_core::time::rfc3339_ms(from), "recovery request ended early"
         );
         match policy.decide(&error, live_for, Instant::now()) {
-            Decision::GiveUp(e) => {
-                let status = e.status.map(|s| format!("{s}: ")).unwrap_or_default();
-                return ChunkOutcome::Unrecoverable(format!("{status}{}", e.message));
-            }
+            Decision::GiveUp(e) => return ChunkOutcome::Unrecoverable(e),
             Decision::Retry { delay, .. } => tokio::select! {
                 () = sleep(delay) => {}
                 () = tandem_conn::connection::stopped(&mut shutdown) => return ChunkOutcome::Shutdown,

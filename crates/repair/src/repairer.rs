@@ -62,6 +62,10 @@ pub struct PartitionRepair {
     pub stored: Option<Arc<dyn StoredIdsSince>>,
 }
 
+/// Reading back what a shared store holds failed (recovery then relies on the store's
+/// duplicate window).
+pub type ReadBackError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A store that can say which activities of this partition it holds, stored between two
 /// times (Unix ms).
 pub trait StoredIdsSince: Send + Sync + std::fmt::Debug {
@@ -70,7 +74,11 @@ pub trait StoredIdsSince: Send + Sync + std::fmt::Debug {
         since_ms: u64,
         until_ms: u64,
     ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<HashSet<ActivityId>, String>> + Send + '_>,
+        Box<
+            dyn std::future::Future<Output = Result<HashSet<ActivityId>, ReadBackError>>
+                + Send
+                + '_,
+        >,
     >;
 }
 
@@ -475,12 +483,14 @@ impl Repairer {
                 self.settling.push((key, Stored::ticket(&self.r.tally)));
                 self.settle();
             }
-            ChunkOutcome::Unrecoverable(reason) => {
+            ChunkOutcome::Unrecoverable(e) => {
                 tracing::error!(
                     stream = %self.r.stream, partition = self.r.partition,
-                    start = %rfc3339_ms(key.1), reason = %reason, "recovery chunk refused"
+                    start = %rfc3339_ms(key.1), status = e.status, error = %e, "recovery chunk refused"
                 );
-                self.chunk_settled(key, Err(reason));
+                // The ledger keeps the reason as text: it outlives the process.
+                let status = e.status.map(|s| format!("{s}: ")).unwrap_or_default();
+                self.chunk_settled(key, Err(format!("{status}{}", e.message)));
             }
             ChunkOutcome::Shutdown => {}
         }
