@@ -129,6 +129,16 @@ impl fmt::Display for StreamError {
 
 impl std::error::Error for StreamError {}
 
+impl tandem_core::Retryable for StreamError {
+    fn is_retryable(&self) -> bool {
+        self.kind.is_retryable()
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,15 +158,5 @@ mod tests {
         assert!(k(429).is_retryable() && k(503).is_retryable());
         let e = StreamError::from_status(406, "{\"error\":\"requires compression\"}", None);
         assert!(e.to_string().contains("406") && e.to_string().contains("compression"));
-    }
-}
-
-impl tandem_core::Retryable for StreamError {
-    fn is_retryable(&self) -> bool {
-        self.kind.is_retryable()
-    }
-
-    fn retry_after(&self) -> Option<Duration> {
-        self.retry_after
     }
 }

@@ -82,6 +82,57 @@ pub enum ConnEvent {
     },
 }
 
+impl ConnEvent {
+    /// Writes the event's log line. The connection's names come from the span it runs in
+    /// (`conn{stream, partition, path}`), so they are not repeated here.
+    pub fn log(&self) {
+        match self {
+            ConnEvent::Connecting {
+                attempt,
+                backfill_minutes,
+                ..
+            } => tracing::debug!(attempt, backfill_minutes, "connecting"),
+            ConnEvent::Connected {
+                connection,
+                backfill_minutes,
+                ..
+            } => tracing::info!(connection, backfill_minutes, "connected"),
+            ConnEvent::Disconnected {
+                error, live_for, ..
+            } => tracing::warn!(
+                kind = error.kind.label(), status = error.status,
+                live_secs = live_for.map(|d| d.as_secs_f64()), error = %error.message,
+                "connection ended"
+            ),
+            ConnEvent::Reconnecting { attempt, delay, .. } => {
+                tracing::debug!(attempt, delay_ms = delay.as_millis() as u64, "reconnecting")
+            }
+            ConnEvent::Stale {
+                reason, silent_for, ..
+            } => tracing::warn!(
+                reason = reason.label(),
+                silent_secs = silent_for.as_secs_f64(),
+                "stale connection closed"
+            ),
+            ConnEvent::Fatal { error, .. } => tracing::error!(
+                kind = error.kind.label(), status = error.status, error = %error.message,
+                "connection stopped for good"
+            ),
+            ConnEvent::Escalated { persisted, .. } => tracing::warn!(
+                persisted_secs = persisted.as_secs_f64(),
+                "the upstream has refused for a long time"
+            ),
+            ConnEvent::UncoveredBeyondBackfill {
+                start_ms, end_ms, ..
+            } => tracing::debug!(
+                start_ms,
+                end_ms,
+                "uncovered beyond backfill: handed to gap repair"
+            ),
+        }
+    }
+}
+
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ConnPhase {

@@ -19,7 +19,8 @@
 //! - [`client`]: one HTTP client per path (source address, interface, proxy, pinned IP).
 //! - [`liveness`]: what a partition's connections know about each other.
 //! - [`events`]: lifecycle events and state snapshots.
-//! - [`connection`]: the supervised loop.
+//! - [`connection`]: endpoints, requests and the [`Connection`] handle.
+//! - `runner`: the supervised loop; every event is counted, logged and sent in one place.
 
 pub mod budget;
 pub mod client;
@@ -30,6 +31,7 @@ pub mod events;
 pub mod liveness;
 pub mod policy;
 pub mod reader;
+mod runner;
 
 pub use budget::ConnectBudget;
 pub use client::{TlsSettings, build_client, install_crypto_provider, path_clients};

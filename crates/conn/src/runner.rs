@@ -1,0 +1,613 @@
+//! The supervised loop of one connection: wait for the connect budget, connect (with the
+//! backfill the partition needs), read until the stream ends, ask the policy whether and
+//! when to try again. Every lifecycle event goes through [`Runner::emit`], which counts it,
+//! logs it and sends it on, so the three never drift; the connection's names come from
+//! the span it runs in.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use metrics::{Counter, Gauge};
+use tandem_core::metric as m;
+use tandem_core::time::unix_ms_now;
+use tandem_core::{Batch, Tally};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, Interval, MissedTickBehavior, interval, sleep};
+
+use crate::config::{BackfillConfig, BackfillPolicy};
+use crate::connection::{ConnectionSpec, Query, clock_offset_ms, content_time, stopped};
+use crate::error::{ErrorKind, StreamError};
+use crate::events::{ConnEvent, ConnKey, ConnPhase, ConnSnapshot, StaleReason};
+use crate::policy::{Decision, ReconnectPolicy};
+use crate::reader::{Frame, LineReader};
+
+/// Metric handles, resolved once per connection.
+#[derive(Debug)]
+struct Meters {
+    labels: Vec<(&'static str, String)>,
+    raw: Counter,
+    heartbeats: Counter,
+    bytes: Counter,
+    oversize: Counter,
+    partial: Counter,
+    attempts: Counter,
+    connects: Counter,
+    up: Gauge,
+    backoff: Gauge,
+    heartbeat_gap: Gauge,
+    silence: Gauge,
+    budget: Gauge,
+    clock_offset: Gauge,
+    future: Counter,
+}
+
+impl Meters {
+    fn new(key: &ConnKey) -> Meters {
+        let labels = vec![
+            (m::STREAM, key.stream.to_string()),
+            (m::PARTITION, key.partition.to_string()),
+            (m::PATH, key.path.to_string()),
+        ];
+        Meters {
+            raw: metrics::counter!(m::RAW_ACTIVITIES, &labels),
+            heartbeats: metrics::counter!(m::HEARTBEATS, &labels),
+            bytes: metrics::counter!(m::RECEIVED_BYTES, &labels),
+            oversize: metrics::counter!(m::OVERSIZE_LINES, &labels),
+            partial: metrics::counter!(m::PARTIAL_LINES, &labels),
+            attempts: metrics::counter!(m::CONNECT_ATTEMPTS, &labels),
+            connects: metrics::counter!(m::CONNECTS, &labels),
+            up: metrics::gauge!(m::CONNECTION_UP, &labels),
+            backoff: metrics::gauge!(m::CONNECTION_BACKOFF, &labels),
+            heartbeat_gap: metrics::gauge!(m::HEARTBEAT_GAP, &labels),
+            silence: metrics::gauge!(m::DATA_SILENCE, &labels),
+            budget: metrics::gauge!(m::CONNECT_BUDGET_REMAINING, m::STREAM => key.stream.to_string()),
+            clock_offset: metrics::gauge!(m::UPSTREAM_CLOCK_OFFSET, &labels),
+            future: metrics::counter!(m::FUTURE_CONTENT_TIMES, &labels),
+            labels,
+        }
+    }
+
+    /// Creates the labelled series at zero, so rules and dashboards see them from the start.
+    fn register(&self) {
+        use crate::error::ErrorKind::*;
+        self.future.increment(0);
+        self.clock_offset.set(0.0);
+        for kind in [
+            Connection,
+            Timeout,
+            ServerError,
+            RateLimited,
+            StreamInterrupted,
+            Authentication,
+            ClientError,
+            Fatal,
+        ] {
+            self.with(m::KIND, kind.label(), |l| {
+                metrics::counter!(m::DISCONNECTS, l).increment(0)
+            });
+        }
+        for reason in [StaleReason::HeartbeatGap, StaleReason::DataSilence] {
+            self.with(m::REASON, reason.label(), |l| {
+                metrics::counter!(m::STALE_CONNECTIONS, l).increment(0)
+            });
+        }
+    }
+
+    fn with(&self, name: &'static str, value: &str, f: impl FnOnce(&[(&'static str, String)])) {
+        let mut labels = self.labels.clone();
+        labels.push((name, value.to_owned()));
+        f(&labels);
+    }
+
+    /// What an event changes in the connection's metrics.
+    fn record(&self, event: &ConnEvent) {
+        match event {
+            ConnEvent::Connecting { .. } => {
+                self.attempts.increment(1);
+                self.backoff.set(0.0);
+            }
+            ConnEvent::Connected { .. } => {
+                self.connects.increment(1);
+                self.up.set(1.0);
+                self.backoff.set(0.0);
+            }
+            ConnEvent::Disconnected { error, .. } => {
+                self.up.set(0.0);
+                self.with(m::KIND, error.kind.label(), |l| {
+                    metrics::counter!(m::DISCONNECTS, l).increment(1)
+                });
+            }
+            ConnEvent::Reconnecting { delay, .. } => self.backoff.set(delay.as_secs_f64()),
+            ConnEvent::Stale { reason, .. } => self.with(m::REASON, reason.label(), |l| {
+                metrics::counter!(m::STALE_CONNECTIONS, l).increment(1)
+            }),
+            ConnEvent::Fatal { .. } => self.up.set(0.0),
+            ConnEvent::Escalated { .. } | ConnEvent::UncoveredBeyondBackfill { .. } => {}
+        }
+    }
+}
+
+/// How a read loop (or an attempt) ended.
+pub(crate) enum Ended<E = StreamError> {
+    Error(E),
+    Shutdown,
+}
+
+pub(crate) struct Runner {
+    spec: ConnectionSpec,
+    policy: ReconnectPolicy,
+    out: mpsc::Sender<Batch>,
+    events: mpsc::UnboundedSender<ConnEvent>,
+    shutdown: watch::Receiver<bool>,
+    state: watch::Sender<ConnSnapshot>,
+    meters: Meters,
+    connections: u64,
+}
+
+/// The state of one established stream while it is read.
+struct Reading {
+    connection: u64,
+    path: usize,
+    reader: LineReader,
+    frames: Vec<Frame>,
+    watchdog: Interval,
+    started: Instant,
+    last_byte: Instant,
+    last_activity: Instant,
+    last_snapshot: Instant,
+    seq: u64,
+    oversize_seen: u64,
+    /// The last `{"error":…}` line: why the upstream is about to close.
+    last_error_line: Option<String>,
+    /// Counted since the last snapshot.
+    items: u64,
+    heartbeats: u64,
+    bytes: u64,
+}
+
+impl Runner {
+    pub(crate) fn new(
+        spec: ConnectionSpec,
+        out: mpsc::Sender<Batch>,
+        events: mpsc::UnboundedSender<ConnEvent>,
+        shutdown: watch::Receiver<bool>,
+        state: watch::Sender<ConnSnapshot>,
+    ) -> Runner {
+        let meters = Meters::new(&spec.key);
+        meters.register();
+        let seed = u64::from(spec.origin.partition) << 8
+            | u64::from(spec.origin.path.0)
+            | (unix_ms_now() << 16);
+        Runner {
+            policy: ReconnectPolicy::new(spec.retry.clone(), seed),
+            spec,
+            out,
+            events,
+            shutdown,
+            state,
+            meters,
+            connections: 0,
+        }
+    }
+
+    /// Counts, logs and sends an event.
+    fn emit(&self, event: ConnEvent) {
+        self.meters.record(&event);
+        event.log();
+        let _ = self.events.send(event);
+    }
+
+    fn key(&self) -> ConnKey {
+        self.spec.key.clone()
+    }
+
+    pub(crate) async fn run(mut self) {
+        while !*self.shutdown.borrow() {
+            self.state.send_modify(|s| {
+                s.phase = ConnPhase::Connecting;
+                s.current_backoff = None;
+            });
+            let urgent = self.spec.partition.live_count() == 0;
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                () = self.spec.budget.acquire(urgent) => {}
+                _ = stopped(&mut shutdown) => break,
+            }
+            self.meters.budget.set(self.spec.budget.remaining() as f64);
+            let (error, live_for) = match self.attempt().await {
+                Ended::Shutdown => break,
+                Ended::Error(e) => e,
+            };
+            if !self.after(error, live_for).await {
+                return;
+            }
+        }
+        self.state.send_modify(|s| s.phase = ConnPhase::Stopped);
+        self.meters.up.set(0.0);
+    }
+
+    /// One connection request and, if it is answered, the stream until it ends.
+    async fn attempt(&mut self) -> Ended<(StreamError, Option<Duration>)> {
+        let backfill = self.backfill_minutes();
+        self.emit(ConnEvent::Connecting {
+            key: self.key(),
+            attempt: self.policy.failures() + 1,
+            backfill_minutes: backfill,
+        });
+        let query = Query::Live {
+            backfill_minutes: backfill,
+        };
+        let opened = self
+            .spec
+            .endpoint
+            .open(&self.spec.client, self.spec.origin.partition, query)
+            .await;
+        match opened {
+            Err(e) => Ended::Error((e, None)),
+            Ok(resp) => {
+                let started = Instant::now();
+                match self.stream(resp, backfill).await {
+                    Ended::Shutdown => Ended::Shutdown,
+                    Ended::Error(e) => Ended::Error((e, Some(started.elapsed()))),
+                }
+            }
+        }
+    }
+
+    /// After a connection ended: false when it stops for good.
+    async fn after(&mut self, error: StreamError, live_for: Option<Duration>) -> bool {
+        self.emit(ConnEvent::Disconnected {
+            key: self.key(),
+            error: error.clone(),
+            live_for,
+        });
+        self.state
+            .send_modify(|s| s.last_error = Some(error.clone()));
+        match self.policy.decide(&error, live_for, Instant::now()) {
+            Decision::GiveUp(fatal) => {
+                self.emit(ConnEvent::Fatal {
+                    key: self.key(),
+                    error: fatal.clone(),
+                });
+                self.state.send_modify(|s| {
+                    s.phase = ConnPhase::Stopped;
+                    s.last_error = Some(fatal);
+                });
+                false
+            }
+            Decision::Retry { delay, attempt } => {
+                if let Some(persisted) = self.policy.escalation(Instant::now()) {
+                    self.emit(ConnEvent::Escalated {
+                        key: self.key(),
+                        persisted,
+                    });
+                }
+                self.state.send_modify(|s| {
+                    s.phase = ConnPhase::Backoff;
+                    s.retry_count = attempt;
+                    s.current_backoff = Some(delay);
+                });
+                self.emit(ConnEvent::Reconnecting {
+                    key: self.key(),
+                    attempt,
+                    delay,
+                });
+                let mut shutdown = self.shutdown.clone();
+                tokio::select! {
+                    () = sleep(delay) => true,
+                    _ = stopped(&mut shutdown) => false,
+                }
+            }
+        }
+    }
+
+    /// How many minutes to replay on this connect (see [`BackfillPolicy`]).
+    fn backfill_minutes(&self) -> u64 {
+        let cfg: &BackfillConfig = &self.spec.backfill;
+        match cfg.policy {
+            BackfillPolicy::Never => 0,
+            BackfillPolicy::Always => cfg.window_minutes,
+            BackfillPolicy::Auto => {
+                let now = self.spec.partition.upstream_now_ms();
+                // A sibling that delivered within this window covers the partition.
+                let fresh_ms = (self.spec.liveness.data_silence_ms / 2).clamp(100, 1_000);
+                let path = usize::from(self.spec.origin.path.0);
+                let Some(since) = self.spec.partition.backfill_from(path, now, fresh_ms) else {
+                    return 0;
+                };
+                // Two seconds of slack for the time the request itself takes.
+                let gap_ms = now.saturating_sub(since) + 2_000;
+                let minutes = (gap_ms.div_ceil(cfg.minute_ms)).max(1);
+                if minutes <= cfg.window_minutes {
+                    return minutes;
+                }
+                // The backfill reaches back to `now - reach`; the two seconds of slack let
+                // its start (taken when the answer comes) join the interval handed to
+                // recovery, which also adds a margin on each side.
+                let reach = cfg.window_minutes * cfg.minute_ms;
+                let end_ms = (now + 2_000).saturating_sub(reach);
+                self.spec.partition.hand_over(end_ms);
+                self.emit(ConnEvent::UncoveredBeyondBackfill {
+                    stream: self.spec.key.stream.clone(),
+                    partition: self.spec.key.partition,
+                    start_ms: since,
+                    end_ms,
+                });
+                cfg.window_minutes
+            }
+        }
+    }
+
+    /// Reads an established stream until it ends.
+    async fn stream(&mut self, mut resp: reqwest::Response, backfill: u64) -> Ended {
+        let mut r = self.go_live(&resp, backfill);
+        let mut shutdown = self.shutdown.clone();
+        let ended = loop {
+            tokio::select! {
+                biased;
+                _ = stopped(&mut shutdown) => break Ended::Shutdown,
+                chunk = resp.chunk() => {
+                    let chunk = match chunk {
+                        Err(e) => break Ended::Error(StreamError::from_reqwest(&e)),
+                        Ok(None) => {
+                            let why = r.last_error_line.take().unwrap_or_else(|| "the server closed the stream".to_owned());
+                            break Ended::Error(StreamError::new(ErrorKind::StreamInterrupted, why));
+                        }
+                        Ok(Some(c)) => c,
+                    };
+                    if let Some(ended) = self.on_chunk(&mut r, &chunk).await {
+                        break ended;
+                    }
+                }
+                _ = r.watchdog.tick() => {
+                    if let Some(ended) = self.on_tick(&mut r) {
+                        break ended;
+                    }
+                }
+            }
+        };
+        self.went_down(&mut r);
+        ended
+    }
+
+    /// The upstream answered 200: the partition's coverage and the snapshot say so.
+    fn go_live(&mut self, resp: &reqwest::Response, backfill: u64) -> Reading {
+        self.connections += 1;
+        let spec = &self.spec;
+        let path = usize::from(spec.origin.path.0);
+        let gzip = resp
+            .headers()
+            .get(reqwest::header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+        if let Some(offset) = clock_offset_ms(resp.headers(), unix_ms_now()) {
+            self.meters.clock_offset.set(offset as f64 / 1000.0);
+            if offset.unsigned_abs() > spec.liveness.max_clock_skew_ms {
+                tracing::warn!(
+                    offset_ms = offset,
+                    max_clock_skew_ms = spec.liveness.max_clock_skew_ms,
+                    "the upstream's clock is far from the host's; coverage uses the upstream's"
+                );
+            }
+            spec.partition.set_clock_offset(offset);
+        }
+        let now_wall = spec.partition.upstream_now_ms();
+        // Content time from which this connection delivers continuously.
+        let covered_from = now_wall.saturating_sub(backfill * spec.backfill.minute_ms);
+        spec.partition.set_live(path, covered_from);
+        self.state.send_modify(|s| {
+            s.phase = ConnPhase::Live;
+            s.connected_since_ms = Some(now_wall);
+            s.connects += 1;
+            s.current_backoff = None;
+        });
+        self.emit(ConnEvent::Connected {
+            key: self.key(),
+            connection: self.connections,
+            backfill_minutes: backfill,
+        });
+        let liveness = &self.spec.liveness;
+        let quiet_limit =
+            Duration::from_millis(liveness.heartbeat_interval_ms + liveness.heartbeat_margin_ms);
+        let silence = Duration::from_millis(liveness.data_silence_ms);
+        let tick = (quiet_limit.min(silence) / 5)
+            .clamp(Duration::from_millis(20), Duration::from_millis(500));
+        let mut watchdog = interval(tick);
+        watchdog.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let started = Instant::now();
+        let read = &self.spec.read;
+        Reading {
+            connection: self.connections,
+            path,
+            reader: LineReader::new(gzip, read.chunk_size_bytes, read.max_line_bytes),
+            frames: Vec::new(),
+            watchdog,
+            started,
+            last_byte: started,
+            last_activity: started,
+            last_snapshot: started,
+            seq: 0,
+            oversize_seen: 0,
+            last_error_line: None,
+            items: 0,
+            heartbeats: 0,
+            bytes: 0,
+        }
+    }
+
+    /// A chunk of the body: its lines go to the merger. `Some` when the stream must end.
+    async fn on_chunk(&mut self, r: &mut Reading, chunk: &Bytes) -> Option<Ended> {
+        let now = Instant::now();
+        r.last_byte = now;
+        r.bytes += chunk.len() as u64;
+        self.meters.bytes.increment(chunk.len() as u64);
+        if let Err(e) = r.reader.feed(chunk, &mut r.frames) {
+            let why = format!("undecodable stream: {e}");
+            return Some(Ended::Error(StreamError::new(
+                ErrorKind::StreamInterrupted,
+                why,
+            )));
+        }
+        if r.reader.oversize > r.oversize_seen {
+            let n = r.reader.oversize - r.oversize_seen;
+            r.oversize_seen = r.reader.oversize;
+            self.meters.oversize.increment(n);
+            tracing::warn!(
+                lines = n,
+                max_line_bytes = self.spec.read.max_line_bytes,
+                "oversize line skipped"
+            );
+        }
+        let mut lines = Vec::with_capacity(r.frames.len());
+        for f in r.frames.drain(..) {
+            match f {
+                Frame::Heartbeat => r.heartbeats += 1,
+                Frame::Line(line) => {
+                    if line.starts_with(b"{\"error\"") {
+                        let text = String::from_utf8_lossy(&line[..line.len().min(300)]);
+                        r.last_error_line = Some(text.into_owned());
+                    }
+                    lines.push(line);
+                }
+            }
+        }
+        if lines.is_empty() {
+            return None;
+        }
+        self.hand_over(r, lines, now).await
+    }
+
+    /// Counts lines, hands them to the merger, then notes their coverage.
+    async fn hand_over(
+        &mut self,
+        r: &mut Reading,
+        lines: Vec<Bytes>,
+        now: Instant,
+    ) -> Option<Ended> {
+        let spec = &self.spec;
+        let n = lines.len() as u64;
+        r.items += n;
+        self.meters.raw.increment(n);
+        Tally::add(&spec.tally.raw, n);
+        r.last_activity = now;
+        let content_ms = content_time(&lines).map(|t| self.clamp_future(t));
+        let batch = Batch {
+            origin: spec.origin,
+            connection: r.connection,
+            received: now,
+            first_seq: r.seq,
+            lines,
+        };
+        r.seq += n;
+        let mut stopping = self.shutdown.clone();
+        tokio::select! {
+            sent = self.out.send(batch) => if sent.is_err() {
+                return Some(Ended::Error(StreamError::new(ErrorKind::Fatal, "the merger stopped")));
+            },
+            _ = stopped(&mut stopping) => return Some(Ended::Shutdown),
+        }
+        // Handed, then noted: coverage only counts lines the merger will see.
+        spec.tally.lanes.hand(r.path, n);
+        spec.partition.note_activity(r.path, now, content_ms);
+        // Time spent waiting for the merger is not the upstream's silence.
+        r.last_byte = Instant::now();
+        None
+    }
+
+    /// An activity time further ahead of the (upstream's) clock than the bound is that
+    /// clock instead, so coverage never runs into the future.
+    fn clamp_future(&self, t: u64) -> u64 {
+        let now = self.spec.partition.upstream_now_ms();
+        let skew = self.spec.liveness.max_clock_skew_ms;
+        if t <= now + skew {
+            return t;
+        }
+        self.meters.future.increment(1);
+        tracing::warn!(
+            ahead_ms = t - now,
+            "an activity time ahead of the clock was clamped"
+        );
+        now
+    }
+
+    /// The watchdog: heartbeat gap and data silence. `Some` when the stream must end.
+    fn on_tick(&mut self, r: &mut Reading) -> Option<Ended> {
+        let liveness = &self.spec.liveness;
+        let quiet_limit =
+            Duration::from_millis(liveness.heartbeat_interval_ms + liveness.heartbeat_margin_ms);
+        let now = Instant::now();
+        let quiet = now.duration_since(r.last_byte);
+        let silent = now.duration_since(r.last_activity);
+        self.meters.heartbeat_gap.set(quiet.as_secs_f64());
+        self.meters.silence.set(silent.as_secs_f64());
+        if quiet > quiet_limit {
+            self.stale(StaleReason::HeartbeatGap, quiet);
+            let why = format!("no byte for {:.1} s (heartbeat gap)", quiet.as_secs_f64());
+            return Some(Ended::Error(StreamError::new(ErrorKind::Timeout, why)));
+        }
+        let silence = Duration::from_millis(liveness.data_silence_ms);
+        let lead_ms = liveness.data_silence_ms / 2;
+        if silent >= silence
+            && self
+                .spec
+                .partition
+                .sibling_ahead(r.path, lead_ms, r.started)
+        {
+            self.stale(StaleReason::DataSilence, silent);
+            let why = format!(
+                "no activity for {:.1} s while a sibling path delivered (data silence)",
+                silent.as_secs_f64()
+            );
+            return Some(Ended::Error(StreamError::new(ErrorKind::Timeout, why)));
+        }
+        if now.duration_since(r.last_snapshot) >= Duration::from_secs(1) {
+            r.last_snapshot = now;
+            self.publish_counts(r);
+        }
+        None
+    }
+
+    fn stale(&self, reason: StaleReason, silent_for: Duration) {
+        self.emit(ConnEvent::Stale {
+            key: self.key(),
+            reason,
+            silent_for,
+        });
+    }
+
+    /// The stream ended: what was half received is dropped and counted; the partition
+    /// learns this path is down.
+    fn went_down(&mut self, r: &mut Reading) {
+        let partial = r.reader.finish();
+        if partial > 0 {
+            self.meters.partial.increment(1);
+            tracing::warn!(bytes = partial, "partial line discarded at disconnect");
+        }
+        self.publish_counts(r);
+        self.spec.partition.set_down(r.path);
+        self.meters.up.set(0.0);
+        self.state.send_modify(|s| s.connected_since_ms = None);
+    }
+
+    /// Moves the counts since the last call into the snapshot (and heartbeats into their
+    /// counter).
+    fn publish_counts(&self, r: &mut Reading) {
+        let (i, h, b) = (
+            std::mem::take(&mut r.items),
+            std::mem::take(&mut r.heartbeats),
+            std::mem::take(&mut r.bytes),
+        );
+        self.meters.heartbeats.increment(h);
+        let now = unix_ms_now();
+        self.state.send_modify(|s| {
+            s.items_received += i;
+            s.heartbeats += h;
+            s.bytes_received += b;
+            if i > 0 {
+                s.last_activity_ms = Some(now);
+            }
+            if h > 0 {
+                s.last_heartbeat_ms = Some(now);
+            }
+        });
+    }
+}
