@@ -238,7 +238,7 @@ impl Shard {
                         m::KIND => message.kind.as_str())
                     .increment(1);
                     tracing::info!(
-                        stream = %self.spec.stream_name, partition = self.spec.partition, path = self.path_name(path),
+                        path = self.path_name(path),
                         kind = message.kind.as_str(), message = %message.message, "system message from the upstream"
                     );
                     let _ = self.spec.events.send(MergeEvent::System {
@@ -284,7 +284,7 @@ impl Shard {
             m::PARTITION => self.spec.partition.to_string(),
             m::REASON => reason.to_owned())
         .increment(1);
-        tracing::warn!(stream = %self.spec.stream_name, partition = self.spec.partition, path, reason, detail, "dead letter");
+        tracing::warn!(path, reason, detail, "dead letter");
         let source = Source {
             stream: &self.spec.stream_name,
             partition: self.spec.partition,
@@ -307,8 +307,9 @@ impl Shard {
                 .increment(evicted - self.evicted_reported);
             self.evicted_reported = evicted;
             tracing::warn!(
-                stream = %self.spec.stream_name, partition = self.spec.partition, total = evicted,
-                horizon_secs = horizon.as_secs_f64(), "dedup cache at its cap: ids forgotten before their window ended"
+                total = evicted,
+                horizon_secs = horizon.as_secs_f64(),
+                "dedup cache at its cap: ids forgotten before their window ended"
             );
             let _ = self.spec.events.send(MergeEvent::EvictedEarly {
                 stream: self.spec.stream_name.clone(),
@@ -337,6 +338,8 @@ impl Shard {
         tx: mpsc::Sender<UniqueBatch>,
         mut control: mpsc::UnboundedReceiver<ShardControl>,
     ) -> JoinHandle<Shard> {
+        use tracing::Instrument;
+        let span = tracing::info_span!("shard", stream = %self.spec.stream_name, partition = self.spec.partition);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -357,7 +360,7 @@ impl Shard {
                             let items = std::mem::replace(&mut out, Vec::with_capacity(max_batch));
                             let batch = UniqueBatch { stream: self.spec.stream, partition: self.spec.partition, items };
                             if tx.send(batch).await.is_err() {
-                                tracing::error!(stream = %self.spec.stream_name, partition = self.spec.partition, "the sink stopped; merger shard ends");
+                                tracing::error!("the sink stopped; merger shard ends");
                                 break;
                             }
                         }
@@ -373,6 +376,6 @@ impl Shard {
             }
             self.report(Instant::now());
             self
-        })
+        }.instrument(span))
     }
 }

@@ -106,7 +106,6 @@ pub async fn recover(
         };
         requests += 1;
         tracing::info!(
-            stream = %spec.key.stream, partition = spec.key.partition,
             start = %tandem_core::time::rfc3339_ms(from), end = %tandem_core::time::rfc3339_ms(end_ms),
             "recovery request"
         );
@@ -157,7 +156,7 @@ pub async fn recover(
         };
         drop(permit);
         tracing::warn!(
-            stream = %spec.key.stream, partition = spec.key.partition, status = error.status,
+            status = error.status,
             kind = error.kind.label(), error = %error.message,
             resume = %tandem_core::time::rfc3339_ms(from), "recovery request ended early"
         );

@@ -33,6 +33,7 @@ use tandem_core::{ActivityId, GapState, GapView, Partition, Tally};
 use tandem_merge::ShardControl;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::config::RepairConfig;
 use crate::gate::{CoverageGate, Stored};
@@ -158,6 +159,7 @@ pub fn spawn(
     meters.by_recovery.increment(0);
     meters.unrecoverable.increment(0);
     let (drained, drained_rx) = oneshot::channel();
+    let span = tracing::info_span!("repair", stream = %repair.stream, partition = repair.partition);
     let r = Repairer {
         r: repair,
         shutdown: shutdown.clone(),
@@ -174,7 +176,7 @@ pub fn spawn(
     RepairHandle {
         gaps,
         drained,
-        task: tokio::spawn(r.run(events, shutdown, drained_rx)),
+        task: tokio::spawn(r.run(events, shutdown, drained_rx).instrument(span)),
     }
 }
 
@@ -216,7 +218,7 @@ impl Repairer {
     ) {
         let open = self.r.ledger.open_gaps().count();
         if open > 0 {
-            tracing::info!(stream = %self.r.stream, partition = self.r.partition, gaps = open, "resuming the repair of open gaps");
+            tracing::info!(gaps = open, "resuming the repair of open gaps");
         }
         self.publish();
         self.schedule();
@@ -266,8 +268,7 @@ impl Repairer {
         let chunk_ms = cfg.chunk_secs * 1000;
         let now = unix_ms_now();
         tracing::warn!(
-            stream = %self.r.stream, partition = self.r.partition,
-            start = %rfc3339_ms(start_ms), end = %rfc3339_ms(end_ms),
+                        start = %rfc3339_ms(start_ms), end = %rfc3339_ms(end_ms),
             secs = (end_ms - start_ms) as f64 / 1000.0, "coverage gap beyond backfill"
         );
 
@@ -357,8 +358,9 @@ impl Repairer {
                 chunk_ms,
             );
             tracing::info!(
-                stream = %self.r.stream, partition = self.r.partition, chunks = gap.chunks.len(),
-                edge_ids = ids.len(), "recovery planned"
+                chunks = gap.chunks.len(),
+                edge_ids = ids.len(),
+                "recovery planned"
             );
             self.r.ledger.gaps.push(gap);
         }
@@ -370,8 +372,7 @@ impl Repairer {
     fn unrecoverable(&self, gap: &Gap) {
         self.meters.unrecoverable.increment(1);
         tracing::error!(
-            stream = %self.r.stream, partition = self.r.partition,
-            start = %rfc3339_ms(gap.start_ms), end = %rfc3339_ms(gap.end_ms),
+                        start = %rfc3339_ms(gap.start_ms), end = %rfc3339_ms(gap.end_ms),
             reason = gap.reason.as_deref().unwrap_or(""), "coverage gap cannot be repaired"
         );
     }
@@ -390,7 +391,7 @@ impl Repairer {
         match tokio::time::timeout(Duration::from_secs(5), answer).await {
             Ok(Ok(ids)) => ids,
             _ => {
-                tracing::warn!(stream = %self.r.stream, partition = self.r.partition, "the merger did not answer with the ids at a gap's edge");
+                tracing::warn!("the merger did not answer with the ids at a gap's edge");
                 Vec::new()
             }
         }
@@ -424,13 +425,16 @@ impl Repairer {
             let shutdown = self.shutdown.clone();
             let stored = self.r.stored.clone();
             let (stream, partition) = (self.r.stream.clone(), self.r.partition);
-            let handle = self.jobs.spawn(async move {
+            let span = tracing::info_span!("recovery", start = %rfc3339_ms(key.1));
+            let job = async move {
                 if let Some(stored) = stored {
                     edge = with_stored(edge, &*stored, (key.1, end_ms), &stream, partition).await;
                 }
                 let outcome = recover(&spec, key.1, end_ms, edge, shutdown).await;
                 (key, outcome)
-            });
+            };
+            // A child of the repair's span: the chunk's lines carry stream and partition.
+            let handle = self.jobs.spawn(job.instrument(span.or_current()));
             self.tasks.insert(handle.id(), key);
             self.running.insert(key);
         }
@@ -476,8 +480,7 @@ impl Repairer {
                 requests,
             } => {
                 tracing::info!(
-                    stream = %self.r.stream, partition = self.r.partition,
-                    start = %rfc3339_ms(key.1), activities, requests,
+                                        start = %rfc3339_ms(key.1), activities, requests,
                     "recovery chunk received; done once stored"
                 );
                 self.settling.push((key, Stored::ticket(&self.r.tally)));
@@ -485,8 +488,7 @@ impl Repairer {
             }
             ChunkOutcome::Unrecoverable(e) => {
                 tracing::error!(
-                    stream = %self.r.stream, partition = self.r.partition,
-                    start = %rfc3339_ms(key.1), status = e.status, error = %e, "recovery chunk refused"
+                                        start = %rfc3339_ms(key.1), status = e.status, error = %e, "recovery chunk refused"
                 );
                 // The ledger keeps the reason as text: it outlives the process.
                 let status = e.status.map(|s| format!("{s}: ")).unwrap_or_default();
@@ -516,8 +518,7 @@ impl Repairer {
             Ok(()) => {
                 c.done = true;
                 tracing::info!(
-                    stream = %self.r.stream, partition = self.r.partition,
-                    start = %rfc3339_ms(c.start_ms), end = %rfc3339_ms(c.end_ms),
+                                        start = %rfc3339_ms(c.start_ms), end = %rfc3339_ms(c.end_ms),
                     "recovery chunk stored"
                 );
             }
@@ -534,8 +535,7 @@ impl Repairer {
                 .duration
                 .record(now.saturating_sub(g.found_ms) as f64 / 1000.0);
             tracing::info!(
-                stream = %self.r.stream, partition = self.r.partition,
-                start = %rfc3339_ms(g.start_ms), end = %rfc3339_ms(g.end_ms),
+                                start = %rfc3339_ms(g.start_ms), end = %rfc3339_ms(g.end_ms),
                 repair_secs = now.saturating_sub(g.found_ms) as f64 / 1000.0, "coverage gap repaired"
             );
         } else if ended {

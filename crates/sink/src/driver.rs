@@ -21,10 +21,13 @@ use std::time::Duration;
 use metrics::Gauge;
 use serde::{Deserialize, Serialize};
 use tandem_core::metric as m;
-use tandem_core::{ActivityId, ExponentialBackoff, Partition, StreamId, Tally, Unique, UniqueBatch};
+use tandem_core::{
+    ActivityId, ExponentialBackoff, Partition, StreamId, Tally, Unique, UniqueBatch,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
+use tracing::Instrument;
 
 use crate::spool::{Popped, Spool, SpooledBatch};
 use crate::store::{Ack, ErrorClass, Store, StoreError, StreamNames};
@@ -357,10 +360,13 @@ pub fn spawn<S: Store>(
         alive,
         handoff: driver.handoff.clone(),
         waiting: found.waiting,
-        task: tokio::spawn(async move {
-            let _guard = guard;
-            driver.run(rx).await
-        }),
+        task: tokio::spawn(
+            async move {
+                let _guard = guard;
+                driver.run(rx).await
+            }
+            .instrument(tracing::info_span!("sink", sink = name)),
+        ),
     };
     Ok((tx, handle))
 }
@@ -379,7 +385,9 @@ impl DriverConfig {
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let ms = Duration::from_millis;
         let mut out = Vec::new();
-        if let Err(e) = ExponentialBackoff::try_new(ms(self.retry_initial_ms), ms(self.retry_max_ms)) {
+        if let Err(e) =
+            ExponentialBackoff::try_new(ms(self.retry_initial_ms), ms(self.retry_max_ms))
+        {
             out.push(("retry_initial_ms", e.to_string()));
         }
         if self.max_memory_activities == 0 {
@@ -464,7 +472,7 @@ impl<S: Store> Driver<S> {
             let stream = self.stream_name(batch.stream);
             if let Err(e) = self.spool.push(&stream, batch) {
                 if self.spool_ok {
-                    tracing::error!(sink = %self.name, error = %e, dir = %self.cfg.spool_dir.display(), "cannot write the spool; holding activities in memory, the sink reports down until the disk takes writes again");
+                    tracing::error!(error = %e, dir = %self.cfg.spool_dir.display(), "cannot write the spool; holding activities in memory, the sink reports down until the disk takes writes again");
                     self.error("transient");
                 }
                 self.set_up(None, Some(false));
@@ -477,7 +485,7 @@ impl<S: Store> Driver<S> {
                 h.spool += n;
             });
             if !self.spool_ok {
-                tracing::info!(sink = %self.name, "the spool takes writes again");
+                tracing::info!("the spool takes writes again");
                 self.set_up(None, Some(true));
             }
         }
@@ -513,7 +521,7 @@ impl<S: Store> Driver<S> {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::error!(sink = %self.name, error = %e, "cannot read the spool");
+                    tracing::error!(error = %e, "cannot read the spool");
                     self.error("transient");
                     return None;
                 }
@@ -563,7 +571,7 @@ impl<S: Store> Driver<S> {
         if !stored.is_empty() {
             self.publish_watermark(key);
         }
-        tracing::info!(sink = %self.name, stream = %spooled.stream, partition = key.1, replaying = keep.len(), already_stored = stored.len(), "replaying spooled activities of an earlier run");
+        tracing::info!(stream = %spooled.stream, partition = key.1, replaying = keep.len(), already_stored = stored.len(), "replaying spooled activities of an earlier run");
         batch.items = keep;
         (!batch.items.is_empty()).then_some(batch)
     }
@@ -574,7 +582,7 @@ impl<S: Store> Driver<S> {
             match Spool::open(&self.cfg.spool_dir.join("orphaned")) {
                 Ok((s, _)) => self.orphans = Some(s),
                 Err(e) => {
-                    tracing::error!(sink = %self.name, error = %e, "cannot open the spool for streams no longer configured");
+                    tracing::error!(error = %e, "cannot open the spool for streams no longer configured");
                     return;
                 }
             }
@@ -585,10 +593,10 @@ impl<S: Store> Driver<S> {
                 .and_then(|()| o.sync())
             {
                 Ok(()) => {
-                    tracing::error!(sink = %self.name, stream = %spooled.stream, activities = spooled.batch.items.len(), dir = %self.cfg.spool_dir.join("orphaned").display(), "spooled activities of a stream no longer configured are kept aside")
+                    tracing::error!(stream = %spooled.stream, activities = spooled.batch.items.len(), dir = %self.cfg.spool_dir.join("orphaned").display(), "spooled activities of a stream no longer configured are kept aside")
                 }
                 Err(e) => {
-                    tracing::error!(sink = %self.name, error = %e, "cannot keep spooled activities of a stream no longer configured")
+                    tracing::error!(error = %e, "cannot keep spooled activities of a stream no longer configured")
                 }
             }
         }
@@ -650,7 +658,7 @@ impl<S: Store> Driver<S> {
             .spool
             .release(|k, seq| self.marks.get(&k).is_some_and(|m| m.through >= seq))
         {
-            tracing::warn!(sink = %self.name, error = %e, "cannot delete a stored spool segment");
+            tracing::warn!(error = %e, "cannot delete a stored spool segment");
         }
         total
     }
@@ -691,7 +699,10 @@ impl<S: Store> Driver<S> {
                 h.memory += n;
             });
         }
-        tracing::warn!(sink = %self.name, activities = n_again, "the store lost unacknowledged writes; putting them again");
+        tracing::warn!(
+            activities = n_again,
+            "the store lost unacknowledged writes; putting them again"
+        );
     }
 
     fn error(&self, kind: &'static str) {
@@ -703,18 +714,18 @@ impl<S: Store> Driver<S> {
         match e.class {
             ErrorClass::Fatal => {
                 self.error("fatal");
-                tracing::error!(sink = %self.name, error = %e, "the store refused for good; nothing more is sent to it, activities wait in memory and the spool until a restart");
+                tracing::error!(error = %e, "the store refused for good; nothing more is sent to it, activities wait in memory and the spool until a restart");
                 self.fatal = Some(e.to_string());
                 self.set_up(Some(false), None);
             }
             ErrorClass::Lost => {
                 self.error("transient");
-                tracing::warn!(sink = %self.name, error = %e, "{what}");
+                tracing::warn!(error = %e, "{what}");
                 self.put_again();
             }
             ErrorClass::Transient => {
                 self.error("transient");
-                tracing::warn!(sink = %self.name, error = %e, "{what}");
+                tracing::warn!(error = %e, "{what}");
             }
         }
     }
@@ -753,7 +764,7 @@ impl<S: Store> Driver<S> {
                 self.held(key, |h| h.unacknowledged += n);
                 self.retained.entry(key).or_default().push_back(batch);
                 if !self.store_up {
-                    tracing::info!(sink = %self.name, "store is back");
+                    tracing::info!("store is back");
                 }
                 self.set_up(Some(true), None);
                 tandem_core::crash::point("sink.put");
@@ -783,11 +794,15 @@ impl<S: Store> Driver<S> {
             if !open && drain_started.is_none() {
                 drain_started = Some((Instant::now(), self.stored_total));
                 tandem_core::crash::point("sink.drain");
-                tracing::info!(sink = %self.name, queued = self.memory_items as u64 + self.spool.len() + self.overflow_items as u64, unacknowledged = self.unacknowledged(), "draining before exit");
+                tracing::info!(
+                    queued =
+                        self.memory_items as u64 + self.spool.len() + self.overflow_items as u64,
+                    unacknowledged = self.unacknowledged(),
+                    "draining before exit"
+                );
             }
             if let Some((since, _)) = drain_started {
-                let done =
-                    (!self.pending() || self.fatal.is_some()) && self.unacknowledged() == 0;
+                let done = (!self.pending() || self.fatal.is_some()) && self.unacknowledged() == 0;
                 let late = since.elapsed() >= Duration::from_millis(self.cfg.drain_deadline_ms);
                 if done || late {
                     break;
@@ -851,7 +866,7 @@ impl<S: Store> Driver<S> {
             Ok(acks) => {
                 self.apply(acks);
             }
-            Err(e) => tracing::warn!(sink = %self.name, error = %e, "closing the store failed"),
+            Err(e) => tracing::warn!(error = %e, "closing the store failed"),
         }
         let (since, stored_before) = drain_started.unwrap_or((Instant::now(), self.stored_total));
         let mut leftover: Vec<UniqueBatch> = Vec::new();
@@ -885,12 +900,12 @@ impl<S: Store> Driver<S> {
                     });
                 }
                 Err(e) => {
-                    tracing::error!(sink = %self.name, error = %e, activities = n, "cannot spool at exit: the coverage ledger has not passed them, so the next start asks upstream for them again");
+                    tracing::error!(error = %e, activities = n, "cannot spool at exit: the coverage ledger has not passed them, so the next start asks upstream for them again");
                 }
             }
         }
         if let Err(e) = self.spool.sync() {
-            tracing::error!(sink = %self.name, error = %e, "cannot sync the spool at exit");
+            tracing::error!(error = %e, "cannot sync the spool at exit");
         }
         let report = DrainReport {
             drained: self.stored_total - stored_before,
@@ -898,7 +913,12 @@ impl<S: Store> Driver<S> {
             stored_total: self.stored_total,
             elapsed: since.elapsed(),
         };
-        tracing::info!(sink = %self.name, drained = report.drained, left_in_spool = report.left_in_spool, stored_total = report.stored_total, "sink finished");
+        tracing::info!(
+            drained = report.drained,
+            left_in_spool = report.left_in_spool,
+            stored_total = report.stored_total,
+            "sink finished"
+        );
         report
     }
 }
