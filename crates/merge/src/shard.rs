@@ -11,8 +11,8 @@ use std::time::Duration;
 use metrics::Counter;
 use tandem_core::metric as m;
 use tandem_core::{
-    ActivityId, Batch, DedupKey, LineKind, Partition, StreamId, SystemMessage, Tally, Unique,
-    UniqueBatch, identify, validate,
+    ActivityId, Batch, DedupKey, LineKind, Partition, PathId, StreamId, SystemMessage, Tally,
+    Unique, UniqueBatch, identify, validate,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -89,6 +89,23 @@ pub struct Shard {
 }
 
 type DedupKeyHash = u64;
+
+/// What became of the lines of one batch.
+#[derive(Debug, Default, Clone, Copy)]
+struct Classified {
+    unique: u64,
+    duplicates: u64,
+    dead: u64,
+    system: u64,
+}
+
+/// What one activity line is.
+enum Copy {
+    First(Unique),
+    Duplicate,
+    /// Its first copy failed validation (dead-lettered).
+    Invalid,
+}
 
 fn key_hash(key: &DedupKey) -> u64 {
     let x = match *key {
@@ -189,87 +206,109 @@ impl Shard {
         } = batch;
         let path = origin.path.0;
         let handed = lines.len() as u64;
-        let sample_every = self.spec.config.lag_sample_every;
-        let (mut unique, mut dups, mut dead, mut system) = (0u64, 0u64, 0u64, 0u64);
+        let mut n = Classified::default();
         for line in lines {
             match identify(&line) {
                 Ok(LineKind::Activity(id)) => {
-                    let key = id.dedup_key();
-                    let sampled = key_hash(&key).is_multiple_of(sample_every);
-                    if self.cache.contains(&key) {
-                        dups += 1;
-                        if sampled
-                            && let Some((first, at)) = self.lag.get(&key_hash(&key))
-                            && first != path
-                        {
-                            let lag = received.saturating_duration_since(at);
-                            if let Some(p) = self.paths.get(usize::from(path)) {
-                                p.lag.record(lag.as_secs_f64());
-                            }
+                    match self.activity(id, line, origin.path, received, connection) {
+                        Copy::First(u) => {
+                            n.unique += 1;
+                            out.push(u);
                         }
-                        continue;
+                        Copy::Duplicate => n.duplicates += 1,
+                        Copy::Invalid => n.dead += 1,
                     }
-                    if let Err(e) = validate(&line) {
-                        dead += 1;
-                        self.dead_letter(path, connection, e.label(), &e.to_string(), &line);
-                        continue;
-                    }
-                    self.cache.insert(key, received);
-                    if sampled {
-                        self.lag
-                            .entry(key_hash(&key))
-                            .or_insert_with(|| (path, received));
-                    }
-                    unique += 1;
-                    self.next_seq += 1;
-                    out.push(Unique {
-                        seq: self.next_seq - 1,
-                        id,
-                        line,
-                        path: origin.path,
-                        received,
-                    });
                 }
                 Ok(LineKind::System(message)) => {
-                    system += 1;
-                    metrics::counter!(m::SYSTEM_MESSAGES,
-                        m::STREAM => self.spec.stream_name.to_string(),
-                        m::PARTITION => self.spec.partition.to_string(),
-                        m::KIND => message.kind.as_str())
-                    .increment(1);
-                    tracing::info!(
-                        path = self.path_name(path),
-                        kind = message.kind.as_str(), message = %message.message, "system message from the upstream"
-                    );
-                    let _ = self.spec.events.send(MergeEvent::System {
-                        stream: self.spec.stream_name.clone(),
-                        partition: self.spec.partition,
-                        path: self
-                            .spec
-                            .paths
-                            .get(usize::from(path))
-                            .cloned()
-                            .unwrap_or_else(|| "?".into()),
-                        message,
-                    });
+                    n.system += 1;
+                    self.system_message(path, message);
                 }
                 Err(e) => {
-                    dead += 1;
+                    n.dead += 1;
                     self.dead_letter(path, connection, e.label(), &e.to_string(), &line);
                 }
             }
         }
+        self.count(path, handed, n);
+    }
+
+    /// An activity: a duplicate if its id is remembered (the path's lag sampled), else
+    /// validated, remembered and numbered.
+    fn activity(
+        &mut self,
+        id: ActivityId,
+        line: bytes::Bytes,
+        origin_path: PathId,
+        received: Instant,
+        connection: u64,
+    ) -> Copy {
+        let path = origin_path.0;
+        let key = id.dedup_key();
+        let sampled = key_hash(&key).is_multiple_of(self.spec.config.lag_sample_every);
+        if self.cache.contains(&key) {
+            if sampled
+                && let Some((first, at)) = self.lag.get(&key_hash(&key))
+                && first != path
+                && let Some(p) = self.paths.get(usize::from(path))
+            {
+                p.lag
+                    .record(received.saturating_duration_since(at).as_secs_f64());
+            }
+            return Copy::Duplicate;
+        }
+        if let Err(e) = validate(&line) {
+            self.dead_letter(path, connection, e.label(), &e.to_string(), &line);
+            return Copy::Invalid;
+        }
+        self.cache.insert(key, received);
+        if sampled {
+            self.lag
+                .entry(key_hash(&key))
+                .or_insert_with(|| (path, received));
+        }
+        self.next_seq += 1;
+        Copy::First(Unique {
+            seq: self.next_seq - 1,
+            id,
+            line,
+            path: origin_path,
+            received,
+        })
+    }
+
+    /// An info, warn or error message from the upstream: counted, logged, reported.
+    fn system_message(&self, path: u8, message: SystemMessage) {
+        metrics::counter!(m::SYSTEM_MESSAGES,
+            m::STREAM => self.spec.stream_name.to_string(),
+            m::PARTITION => self.spec.partition.to_string(),
+            m::KIND => message.kind.as_str())
+        .increment(1);
+        tracing::info!(
+            path = self.path_name(path),
+            kind = message.kind.as_str(), message = %message.message, "system message from the upstream"
+        );
+        let path = self.spec.paths.get(usize::from(path)).cloned();
+        let _ = self.spec.events.send(MergeEvent::System {
+            stream: self.spec.stream_name.clone(),
+            partition: self.spec.partition,
+            path: path.unwrap_or_else(|| "?".into()),
+            message,
+        });
+    }
+
+    /// Counts what a batch of `handed` lines of `path` became.
+    fn count(&self, path: u8, handed: u64, n: Classified) {
         let t = &self.spec.tally;
         // Downstream first: the channel to the sink, then the unique count.
-        Tally::add(&t.queued, unique);
-        Tally::add(&t.unique, unique);
-        Tally::add(&t.duplicates, dups);
-        Tally::add(&t.dead_lettered, dead);
-        Tally::add(&t.system, system);
-        self.unique.increment(unique);
+        Tally::add(&t.queued, n.unique);
+        Tally::add(&t.unique, n.unique);
+        Tally::add(&t.duplicates, n.duplicates);
+        Tally::add(&t.dead_lettered, n.dead);
+        Tally::add(&t.system, n.system);
+        self.unique.increment(n.unique);
         if let Some(p) = self.paths.get(usize::from(path)) {
-            p.duplicates.increment(dups);
-            p.first.increment(unique);
+            p.duplicates.increment(n.duplicates);
+            p.first.increment(n.unique);
         }
         // Numbers first, then the lane: whoever sees the lines classified sees their numbers.
         t.numbered

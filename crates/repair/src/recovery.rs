@@ -14,6 +14,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use tandem_conn::reader::{Frame, LineReader};
 use tandem_conn::{
     ConnKey, Decision, Endpoint, ErrorKind, LivenessConfig, Query, ReadConfig, ReconnectPolicy,
@@ -67,104 +69,53 @@ pub enum ChunkOutcome {
 /// a gap's edges, and, with a store shared by two consumers, whatever it already holds.
 pub type EdgeIds = Arc<HashSet<tandem_core::ActivityId>>;
 
-/// How one request ended.
-enum Read {
-    Completed,
-    Shutdown,
-    Broken(StreamError),
-}
-
 /// Recovers `[start_ms, end_ms)` of the spec's partition.
 pub async fn recover(
     spec: &RecoverySpec,
     start_ms: u64,
     end_ms: u64,
     edge: EdgeIds,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> ChunkOutcome {
-    let seed = unix_ms_now() ^ (start_ms << 3) ^ u64::from(spec.origin.partition);
-    let mut policy = ReconnectPolicy::new(spec.retry.clone(), seed);
-    let mut from = start_ms;
-    let mut activities = 0u64;
-    let mut requests = 0u32;
     let labels = [
         (m::STREAM, spec.key.stream.to_string()),
         (m::PARTITION, spec.key.partition.to_string()),
         (m::PATH, spec.key.path.to_string()),
     ];
-    let meters = Meters {
+    let seed = unix_ms_now() ^ (start_ms << 3) ^ u64::from(spec.origin.partition);
+    let mut chunk = Chunk {
+        spec,
+        end_ms,
+        edge,
+        shutdown,
+        policy: ReconnectPolicy::new(spec.retry.clone(), seed),
+        from: start_ms,
+        activities: 0,
+        requests: 0,
         raw: metrics::counter!(m::RAW_ACTIVITIES, &labels),
         duplicates: metrics::counter!(m::DUPLICATES, &labels),
     };
     loop {
-        let permit = tokio::select! {
-            p = spec.jobs.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return ChunkOutcome::Shutdown,
-            },
-            () = tandem_conn::connection::stopped(&mut shutdown) => return ChunkOutcome::Shutdown,
-        };
-        requests += 1;
-        tracing::info!(
-            start = %tandem_core::time::rfc3339_ms(from), end = %tandem_core::time::rfc3339_ms(end_ms),
-            "recovery request"
-        );
-        let opened = spec
-            .endpoint
-            .open(
-                &spec.client,
-                spec.origin.partition,
-                Query::Recovery {
-                    start_ms: from,
-                    end_ms,
-                },
-            )
-            .await;
-        let (error, live_for) = match opened {
-            Err(e) => (e, None),
-            Ok(resp) => {
-                let started = Instant::now();
-                let mut latest = None;
-                let read = read(
-                    spec,
-                    resp,
-                    Progress {
-                        connection: u64::from(requests),
-                        activities: &mut activities,
-                        latest: &mut latest,
-                    },
-                    &edge,
-                    &meters,
-                    &mut shutdown,
-                )
-                .await;
-                if let Some(l) = latest {
-                    from = from.max(l - l % RESUME_GRANULARITY_MS).min(end_ms - 1);
-                }
-                match read {
-                    Read::Completed => {
-                        tandem_core::crash::point("repair.chunk_read");
-                        return ChunkOutcome::Completed {
-                            activities,
-                            requests,
-                        };
-                    }
-                    Read::Shutdown => return ChunkOutcome::Shutdown,
-                    Read::Broken(e) => (e, Some(started.elapsed())),
-                }
+        let (error, live_for) = match chunk.request().await {
+            Read::Completed => {
+                tandem_core::crash::point("repair.chunk_read");
+                return ChunkOutcome::Completed {
+                    activities: chunk.activities,
+                    requests: chunk.requests,
+                };
             }
+            Read::Shutdown => return ChunkOutcome::Shutdown,
+            Read::Broken(e, live_for) => (e, live_for),
         };
-        drop(permit);
         tracing::warn!(
-            status = error.status,
-            kind = error.kind.label(), error = %error.message,
-            resume = %tandem_core::time::rfc3339_ms(from), "recovery request ended early"
+            status = error.status, kind = error.kind.label(), error = %error.message,
+            resume = %tandem_core::time::rfc3339_ms(chunk.from), "recovery request ended early"
         );
-        match policy.decide(&error, live_for, Instant::now()) {
+        match chunk.policy.decide(&error, live_for, Instant::now()) {
             Decision::GiveUp(e) => return ChunkOutcome::Unrecoverable(e),
             Decision::Retry { delay, .. } => tokio::select! {
                 () = sleep(delay) => {}
-                () = tandem_conn::connection::stopped(&mut shutdown) => return ChunkOutcome::Shutdown,
+                () = tandem_conn::connection::stopped(&mut chunk.shutdown) => return ChunkOutcome::Shutdown,
             },
         }
     }
@@ -181,132 +132,197 @@ fn is_completion(line: &[u8]) -> bool {
     )
 }
 
-struct Meters {
+/// One chunk on its way: where the next request resumes, and what came so far.
+struct Chunk<'a> {
+    spec: &'a RecoverySpec,
+    end_ms: u64,
+    edge: EdgeIds,
+    shutdown: watch::Receiver<bool>,
+    policy: ReconnectPolicy,
+    /// Where the next request starts.
+    from: u64,
+    activities: u64,
+    requests: u32,
     raw: metrics::Counter,
     duplicates: metrics::Counter,
 }
 
-/// What a request got through, for resumption.
-struct Progress<'a> {
-    connection: u64,
-    activities: &'a mut u64,
-    /// Content time of the latest activity received.
-    latest: &'a mut Option<u64>,
+/// How one request ended.
+enum Read {
+    Completed,
+    Shutdown,
+    /// With how long the request was live (if it was answered).
+    Broken(StreamError, Option<Duration>),
 }
 
-/// Reads one recovery response to its end.
-async fn read(
-    spec: &RecoverySpec,
-    mut resp: reqwest::Response,
-    progress: Progress<'_>,
-    edge: &HashSet<tandem_core::ActivityId>,
-    meters: &Meters,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Read {
-    let Progress {
-        connection,
-        activities,
-        latest,
-    } = progress;
-    let gzip = resp
-        .headers()
-        .get(reqwest::header::CONTENT_ENCODING)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
-    let mut reader = LineReader::new(gzip, spec.read.chunk_size_bytes, spec.read.max_line_bytes);
-    let quiet_limit = Duration::from_millis(
-        spec.liveness.heartbeat_interval_ms + spec.liveness.heartbeat_margin_ms,
-    );
-    let mut frames = Vec::new();
-    let mut seq = 0u64;
-    let mut completed = false;
-    loop {
-        let chunk = tokio::select! {
-            c = tokio::time::timeout(quiet_limit, resp.chunk()) => c,
-            () = tandem_conn::connection::stopped(shutdown) => return Read::Shutdown,
+/// What one response delivered so far.
+struct Response {
+    reader: LineReader,
+    frames: Vec<Frame>,
+    connection: u64,
+    seq: u64,
+    completed: bool,
+    /// Content time of the latest activity received.
+    latest: Option<u64>,
+}
+
+impl Chunk<'_> {
+    /// One request (within the account's job limit) read to its end.
+    async fn request(&mut self) -> Read {
+        let spec = self.spec;
+        let _permit = tokio::select! {
+            p = spec.jobs.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return Read::Shutdown,
+            },
+            () = tandem_conn::connection::stopped(&mut self.shutdown) => return Read::Shutdown,
         };
-        let chunk = match chunk {
-            Err(_) => {
-                return Read::Broken(StreamError::new(
-                    ErrorKind::Timeout,
-                    format!(
+        self.requests += 1;
+        let (from, end_ms) = (self.from, self.end_ms);
+        tracing::info!(
+            start = %tandem_core::time::rfc3339_ms(from), end = %tandem_core::time::rfc3339_ms(end_ms),
+            "recovery request"
+        );
+        let query = Query::Recovery {
+            start_ms: from,
+            end_ms,
+        };
+        let resp = match spec
+            .endpoint
+            .open(&spec.client, spec.origin.partition, query)
+            .await
+        {
+            Err(e) => return Read::Broken(e, None),
+            Ok(resp) => resp,
+        };
+        let started = Instant::now();
+        let gzip = resp
+            .headers()
+            .get(reqwest::header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+        let mut r = Response {
+            reader: LineReader::new(gzip, spec.read.chunk_size_bytes, spec.read.max_line_bytes),
+            frames: Vec::new(),
+            connection: u64::from(self.requests),
+            seq: 0,
+            completed: false,
+            latest: None,
+        };
+        let read = self.read(resp, &mut r).await;
+        // Recovery delivers oldest minute first: the minutes before the latest are whole.
+        if let Some(l) = r.latest {
+            self.from = self.from.max(l - l % RESUME_GRANULARITY_MS).min(end_ms - 1);
+        }
+        match read {
+            Err(e) => Read::Broken(e, Some(started.elapsed())),
+            Ok(true) => Read::Completed,
+            Ok(false) => Read::Shutdown,
+        }
+    }
+
+    /// Reads a response to its end: `Ok(true)` once complete, `Ok(false)` at shutdown.
+    async fn read(
+        &mut self,
+        mut resp: reqwest::Response,
+        r: &mut Response,
+    ) -> Result<bool, StreamError> {
+        let liveness = &self.spec.liveness;
+        let quiet_limit =
+            Duration::from_millis(liveness.heartbeat_interval_ms + liveness.heartbeat_margin_ms);
+        loop {
+            let chunk = tokio::select! {
+                c = tokio::time::timeout(quiet_limit, resp.chunk()) => c,
+                () = tandem_conn::connection::stopped(&mut self.shutdown) => return Ok(false),
+            };
+            let chunk = match chunk {
+                Err(_) => {
+                    let why = format!(
                         "no byte for {:.1} s (heartbeat gap)",
                         quiet_limit.as_secs_f64()
-                    ),
-                ));
-            }
-            Ok(Err(e)) => return Read::Broken(StreamError::from_reqwest(&e)),
-            Ok(Ok(None)) if completed => return Read::Completed,
-            Ok(Ok(None)) => {
-                return Read::Broken(StreamError::new(
-                    ErrorKind::StreamInterrupted,
-                    "the server closed the recovery stream before its completion message",
-                ));
-            }
-            Ok(Ok(Some(c))) => c,
-        };
-        if let Err(e) = reader.feed(&chunk, &mut frames) {
-            return Read::Broken(StreamError::new(
-                ErrorKind::StreamInterrupted,
-                format!("undecodable stream: {e}"),
-            ));
-        }
-        let mut lines = Vec::with_capacity(frames.len());
-        let mut stored_before = 0u64;
-        for f in frames.drain(..) {
-            if let Frame::Line(line) = f {
-                if is_completion(&line) {
-                    completed = true;
-                } else if let Ok(LineKind::Activity(id)) = tandem_core::identify(&line) {
-                    *activities += 1;
-                    if let Some(t) = id.created_unix_ms() {
-                        *latest = Some(latest.map_or(t, |l: u64| l.max(t)));
-                    }
-                    if edge.contains(&id) {
-                        stored_before += 1;
-                        continue;
-                    }
+                    );
+                    return Err(StreamError::new(ErrorKind::Timeout, why));
                 }
-                lines.push(line);
+                Ok(Err(e)) => return Err(StreamError::from_reqwest(&e)),
+                Ok(Ok(None)) if r.completed => return Ok(true),
+                Ok(Ok(None)) => {
+                    let why = "the server closed the recovery stream before its completion message";
+                    return Err(StreamError::new(ErrorKind::StreamInterrupted, why));
+                }
+                Ok(Ok(Some(c))) => c,
+            };
+            if let Err(e) = r.reader.feed(&chunk, &mut r.frames) {
+                let why = format!("undecodable stream: {e}");
+                return Err(StreamError::new(ErrorKind::StreamInterrupted, why));
             }
+            let lines = self.sort_out(r);
+            if !lines.is_empty() && !self.forward(r, lines).await {
+                return Ok(false);
+            }
+            if r.completed {
+                // Nothing follows the completion message; do not wait for the close.
+                return Ok(true);
+            }
+        }
+    }
+
+    /// The lines for the merger. The completion message is noted, not forwarded; copies of
+    /// ids already stored (edge ids, or what a shared store holds) are counted as
+    /// duplicates here, raw and duplicate at once, so the accounting holds without the
+    /// merger seeing them.
+    fn sort_out(&mut self, r: &mut Response) -> Vec<Bytes> {
+        let mut lines = Vec::with_capacity(r.frames.len());
+        let mut stored_before = 0u64;
+        for f in r.frames.drain(..) {
+            let Frame::Line(line) = f else { continue };
+            if is_completion(&line) {
+                r.completed = true;
+                continue;
+            }
+            if let Ok(LineKind::Activity(id)) = tandem_core::identify(&line) {
+                self.activities += 1;
+                if let Some(t) = id.created_unix_ms() {
+                    r.latest = Some(r.latest.map_or(t, |l| l.max(t)));
+                }
+                if self.edge.contains(&id) {
+                    stored_before += 1;
+                    continue;
+                }
+            }
+            lines.push(line);
         }
         if stored_before > 0 {
-            // Raw and duplicate at once: the accounting (raw = unique + duplicates + …)
-            // holds without the merger seeing them.
-            Tally::add(&spec.tally.duplicates, stored_before);
-            Tally::add(&spec.tally.raw, stored_before);
-            meters.raw.increment(stored_before);
-            meters.duplicates.increment(stored_before);
+            Tally::add(&self.spec.tally.duplicates, stored_before);
+            Tally::add(&self.spec.tally.raw, stored_before);
+            self.raw.increment(stored_before);
+            self.duplicates.increment(stored_before);
         }
-        if lines.is_empty() {
-            if completed {
-                return Read::Completed;
-            }
-            continue;
-        }
+        lines
+    }
+
+    /// Hands lines to the merger on the recovery lane; false when the process stops.
+    async fn forward(&mut self, r: &mut Response, lines: Vec<Bytes>) -> bool {
+        let spec = self.spec;
         let n = lines.len() as u64;
-        meters.raw.increment(n);
+        self.raw.increment(n);
         Tally::add(&spec.tally.raw, n);
         let batch = Batch {
             origin: spec.origin,
-            connection,
+            connection: r.connection,
             received: Instant::now(),
-            first_seq: seq,
+            first_seq: r.seq,
             lines,
         };
-        seq += n;
+        r.seq += n;
         let lane = spec.send_lock.lock().await;
         tokio::select! {
             sent = spec.out.send(batch) => if sent.is_err() {
-                return Read::Shutdown;
+                return false;
             },
-            () = tandem_conn::connection::stopped(shutdown) => return Read::Shutdown,
+            () = tandem_conn::connection::stopped(&mut self.shutdown) => return false,
         }
         spec.tally.lanes.hand(usize::from(spec.origin.path.0), n);
         drop(lane);
-        if completed {
-            // Nothing follows the completion message; do not wait for the close.
-            return Read::Completed;
-        }
+        true
     }
 }
 

@@ -263,110 +263,122 @@ impl Repairer {
         if end_ms <= start_ms {
             return;
         }
-        let cfg = &self.r.config;
-        let margin = cfg.margin_secs * 1000;
-        let chunk_ms = cfg.chunk_secs * 1000;
-        let now = unix_ms_now();
         tracing::warn!(
-                        start = %rfc3339_ms(start_ms), end = %rfc3339_ms(end_ms),
+            start = %rfc3339_ms(start_ms), end = %rfc3339_ms(end_ms),
             secs = (end_ms - start_ms) as f64 / 1000.0, "coverage gap beyond backfill"
         );
+        if !self.extend_latest_gap(start_ms, end_ms) {
+            let gap = Gap {
+                start_ms,
+                end_ms,
+                state: GapState::Open,
+                found_ms: unix_ms_now(),
+                repaired_ms: None,
+                chunks: Vec::new(),
+                reason: None,
+                end_edge_saved: false,
+            };
+            if let Some(gap) = self.within_retention(gap) {
+                self.plan(gap).await;
+            }
+        }
+        self.save();
+        self.publish();
+        self.schedule();
+    }
 
-        // Adjacent to the latest gap (a reconnect that failed again): extend it.
-        if let Some(g) = self
+    /// A gap adjacent to the latest one (a reconnect that failed again) extends it, with
+    /// chunks for the new part. False when there is no such gap.
+    fn extend_latest_gap(&mut self, start_ms: u64, end_ms: u64) -> bool {
+        let margin = self.r.config.margin_secs * 1000;
+        let chunk_ms = self.r.config.chunk_secs * 1000;
+        let Some(g) = self
             .r
             .ledger
             .gaps
             .iter_mut()
             .rev()
             .find(|g| g.state != GapState::Repaired)
-            && start_ms >= g.start_ms
-            && start_ms <= g.end_ms + margin
-        {
-            if g.state == GapState::Unrecoverable {
-                g.end_ms = g.end_ms.max(end_ms);
-            } else if end_ms > g.end_ms {
-                let (from, to) = (g.end_ms + margin, end_ms + margin);
-                let gap_start = g.start_ms;
-                g.end_ms = end_ms;
-                g.end_edge_saved = false;
-                let mut rest = ledger::chunks(from, to, chunk_ms);
-                if let Some(last) = g.chunks.last_mut()
-                    && !last.done
-                    && last.failed.is_none()
-                    && !self.running.contains(&(gap_start, last.start_ms))
-                    && to - last.start_ms <= chunk_ms
-                {
-                    last.end_ms = to;
-                    rest.clear();
-                }
-                g.chunks.extend(rest);
-            }
-            self.save();
-            self.publish();
-            self.schedule();
-            return;
-        }
-
-        let mut gap = Gap {
-            start_ms,
-            end_ms,
-            state: GapState::Open,
-            found_ms: now,
-            repaired_ms: None,
-            chunks: Vec::new(),
-            reason: None,
-            end_edge_saved: false,
+            .filter(|g| start_ms >= g.start_ms && start_ms <= g.end_ms + margin)
+        else {
+            return false;
         };
-        let oldest = now.saturating_sub(cfg.retention_secs * 1000) + 60_000;
-        if self.r.recovery.is_none() {
-            gap.state = GapState::Unrecoverable;
-            gap.reason = Some("likes streams have no recovery".to_owned());
-        } else if end_ms <= oldest {
-            gap.state = GapState::Unrecoverable;
-            gap.reason = Some(format!(
-                "older than the upstream's recovery retention ({} s)",
-                cfg.retention_secs
-            ));
-        } else if start_ms < oldest {
-            // The part past retention is lost; the rest can still come back.
-            let lost = Gap {
-                end_ms: oldest,
-                state: GapState::Unrecoverable,
-                reason: Some(format!(
-                    "older than the upstream's recovery retention ({} s)",
-                    cfg.retention_secs
-                )),
-                ..gap.clone()
-            };
-            self.unrecoverable(&lost);
-            self.r.ledger.gaps.push(lost);
-            gap.start_ms = oldest;
+        if g.state == GapState::Unrecoverable {
+            g.end_ms = g.end_ms.max(end_ms);
+            return true;
         }
-        if gap.state == GapState::Unrecoverable {
-            self.unrecoverable(&gap);
-            self.r.ledger.gaps.push(gap);
+        if end_ms <= g.end_ms {
+            return true;
+        }
+        let (from, to) = (g.end_ms + margin, end_ms + margin);
+        let gap_start = g.start_ms;
+        g.end_ms = end_ms;
+        g.end_edge_saved = false;
+        let mut rest = ledger::chunks(from, to, chunk_ms);
+        // A last chunk not started yet grows instead, while it stays within a chunk.
+        if let Some(last) = g.chunks.last_mut()
+            && !last.done
+            && last.failed.is_none()
+            && !self.running.contains(&(gap_start, last.start_ms))
+            && to - last.start_ms <= chunk_ms
+        {
+            last.end_ms = to;
+            rest.clear();
+        }
+        g.chunks.extend(rest);
+        true
+    }
+
+    /// What of a new gap can still be recovered: a likes stream has no recovery, and the
+    /// part older than the upstream's retention is lost (recorded as unrecoverable).
+    fn within_retention(&mut self, mut gap: Gap) -> Option<Gap> {
+        let retention_secs = self.r.config.retention_secs;
+        let oldest = gap.found_ms.saturating_sub(retention_secs * 1000) + 60_000;
+        let too_old = format!("older than the upstream's recovery retention ({retention_secs} s)");
+        let lost = if self.r.recovery.is_none() {
+            Some((gap.end_ms, "likes streams have no recovery".to_owned()))
+        } else if gap.end_ms <= oldest {
+            Some((gap.end_ms, too_old))
+        } else if gap.start_ms < oldest {
+            Some((oldest, too_old))
         } else {
-            let ids = self.posts_since(gap.start_ms.saturating_sub(margin)).await;
-            let file = ledger::edge_ids_path(&self.r.ledger_path, gap.start_ms);
-            if let Err(e) = ledger::append_edge_ids(&file, &ids) {
-                tracing::error!(file = %file.display(), error = %e, "cannot save the ids at a gap's start edge; its margin may store duplicates");
-            }
-            gap.chunks = ledger::chunks(
-                gap.start_ms.saturating_sub(margin),
-                gap.end_ms + margin,
-                chunk_ms,
-            );
-            tracing::info!(
-                chunks = gap.chunks.len(),
-                edge_ids = ids.len(),
-                "recovery planned"
-            );
-            self.r.ledger.gaps.push(gap);
+            None
+        };
+        let Some((lost_until, reason)) = lost else {
+            return Some(gap);
+        };
+        let lost = Gap {
+            end_ms: lost_until,
+            state: GapState::Unrecoverable,
+            reason: Some(reason),
+            ..gap.clone()
+        };
+        self.unrecoverable(&lost);
+        self.r.ledger.gaps.push(lost);
+        gap.start_ms = lost_until;
+        (gap.start_ms < gap.end_ms).then_some(gap)
+    }
+
+    /// Saves the ids stored at the gap's start edge, then splits it into chunks.
+    async fn plan(&mut self, mut gap: Gap) {
+        let margin = self.r.config.margin_secs * 1000;
+        let ids = self.posts_since(gap.start_ms.saturating_sub(margin)).await;
+        let file = ledger::edge_ids_path(&self.r.ledger_path, gap.start_ms);
+        if let Err(e) = ledger::append_edge_ids(&file, &ids) {
+            tracing::error!(file = %file.display(), error = %e, "cannot save the ids at a gap's start edge; its margin may store duplicates");
         }
-        self.save();
-        self.publish();
-        self.schedule();
+        let chunk_ms = self.r.config.chunk_secs * 1000;
+        gap.chunks = ledger::chunks(
+            gap.start_ms.saturating_sub(margin),
+            gap.end_ms + margin,
+            chunk_ms,
+        );
+        tracing::info!(
+            chunks = gap.chunks.len(),
+            edge_ids = ids.len(),
+            "recovery planned"
+        );
+        self.r.ledger.gaps.push(gap);
     }
 
     fn unrecoverable(&self, gap: &Gap) {

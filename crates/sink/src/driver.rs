@@ -276,48 +276,8 @@ pub fn spawn<S: Store>(
             "the spool ended in a torn or damaged record; cut"
         );
     }
-    let index_names = names.clone();
-    let index = move |s: &str| {
-        index_names
-            .iter()
-            .position(|n| &**n == s)
-            .map(|i| StreamId(i as u16))
-    };
-    let mut replay_seq = HashMap::new();
-    for ((stream, partition), ids) in &found.waiting {
-        let Some(sid) = index(stream) else { continue };
-        let n = ids.len() as u64;
-        let first = tallies.get(&(sid, *partition)).map_or(1, |t| t.number(n));
-        replay_seq.insert((sid, *partition), first);
-        tracing::info!(sink = name, %stream, partition, activities = n, "the spool of an earlier run is replayed first");
-    }
-    let sink = name.to_owned();
-    let meters = Meters {
-        up: metrics::gauge!(m::SINK_UP, m::SINK => sink.clone()),
-        spooled: metrics::gauge!(m::SPOOLED, m::SINK => sink.clone()),
-        sink,
-    };
-    // Series exist from the start (at zero), so rules and dashboards see them.
-    for kind in ["transient", "fatal"] {
-        metrics::counter!(m::SINK_ERRORS, m::SINK => name.to_owned(), m::KIND => kind).increment(0);
-    }
-    for (sid, partition) in tallies.keys() {
-        let labels = [
-            (
-                m::STREAM,
-                names
-                    .get(usize::from(sid.0))
-                    .map_or_else(String::new, |s| s.to_string()),
-            ),
-            (m::PARTITION, partition.to_string()),
-            (m::SINK, name.to_owned()),
-        ];
-        metrics::counter!(m::STORED_ACTIVITIES, &labels).increment(0);
-        metrics::counter!(m::SINK_DUPLICATE_ACKS, &labels).increment(0);
-        metrics::gauge!(m::IN_FLIGHT, &labels).set(0.0);
-    }
-    let alive = Arc::new(AtomicBool::new(true));
-    let cfg_backoff = (cfg.retry_initial_ms, cfg.retry_max_ms);
+    register_series(name, &names, &tallies);
+    let backoff = backoff(&(cfg.retry_initial_ms, cfg.retry_max_ms));
     let mut driver = Driver {
         name: name.into(),
         store,
@@ -331,7 +291,7 @@ pub fn spawn<S: Store>(
         overflow_items: 0,
         retained: HashMap::new(),
         marks: HashMap::new(),
-        replay_seq,
+        replay_seq: HashMap::new(),
         already_stored: Box::new(already_stored),
         orphans: None,
         held: HashMap::new(),
@@ -339,20 +299,19 @@ pub fn spawn<S: Store>(
         store_up: true,
         spool_ok: true,
         fatal: None,
-        backoff: backoff(&cfg_backoff),
-        meters,
+        backoff,
+        meters: Meters {
+            up: metrics::gauge!(m::SINK_UP, m::SINK => name.to_owned()),
+            spooled: metrics::gauge!(m::SPOOLED, m::SINK => name.to_owned()),
+            sink: name.to_owned(),
+        },
         up: Arc::new(AtomicBool::new(true)),
         handoff: Arc::new(tandem_core::latency::LatencyHistogram::default()),
         handoff_metric: metrics::histogram!(m::HANDOFF_LATENCY, m::SINK => name.to_owned()),
     };
-    for ((stream, partition), ids) in &found.waiting {
-        if let Some(sid) = index(stream) {
-            let n = ids.len() as u64;
-            driver.held((sid, *partition), |h| h.spool += n);
-        }
-    }
-    driver.meters.spooled.set(driver.spool.len() as f64);
+    driver.reserve_replay(&found.waiting);
     let (tx, rx) = mpsc::channel(capacity.max(1));
+    let alive = Arc::new(AtomicBool::new(true));
     let guard = AliveGuard(alive.clone());
     let handle = SinkHandle {
         name: driver.name.clone(),
@@ -369,6 +328,26 @@ pub fn spawn<S: Store>(
         ),
     };
     Ok((tx, handle))
+}
+
+/// Creates the sink's series at zero, so rules and dashboards see them from the start.
+fn register_series(name: &str, names: &StreamNames, tallies: &HashMap<Key, Arc<Tally>>) {
+    for kind in ["transient", "fatal"] {
+        metrics::counter!(m::SINK_ERRORS, m::SINK => name.to_owned(), m::KIND => kind).increment(0);
+    }
+    for (sid, partition) in tallies.keys() {
+        let stream = names
+            .get(usize::from(sid.0))
+            .map_or_else(String::new, |s| s.to_string());
+        let labels = [
+            (m::STREAM, stream),
+            (m::PARTITION, partition.to_string()),
+            (m::SINK, name.to_owned()),
+        ];
+        metrics::counter!(m::STORED_ACTIVITIES, &labels).increment(0);
+        metrics::counter!(m::SINK_DUPLICATE_ACKS, &labels).increment(0);
+        metrics::gauge!(m::IN_FLIGHT, &labels).set(0.0);
+    }
 }
 
 /// The driver's retry pacing (bounds that cannot work are refused by the configuration's
@@ -409,6 +388,23 @@ impl<S: Store> Driver<S> {
         self.names
             .get(usize::from(id.0))
             .map_or_else(|| format!("stream-{}", id.0), |s| s.to_string())
+    }
+
+    /// The spool an earlier run left is numbered before anything the mergers number, and
+    /// counts as held.
+    fn reserve_replay(&mut self, waiting: &HashMap<(String, Partition), Vec<ActivityId>>) {
+        for ((stream, partition), ids) in waiting {
+            let Some(i) = self.names.iter().position(|n| **n == **stream) else {
+                continue;
+            };
+            let key = (StreamId(i as u16), *partition);
+            let n = ids.len() as u64;
+            let first = self.tallies.get(&key).map_or(1, |t| t.number(n));
+            self.replay_seq.insert(key, first);
+            self.held(key, |h| h.spool += n);
+            tracing::info!(sink = %self.name, %stream, partition, activities = n, "the spool of an earlier run is replayed first");
+        }
+        self.meters.spooled.set(self.spool.len() as f64);
     }
 
     fn held(&mut self, key: Key, change: impl FnOnce(&mut Held)) {
