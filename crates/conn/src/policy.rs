@@ -87,8 +87,26 @@ impl ReconnectPolicy {
                 attempt: self.failures,
             };
         }
+        let (base_ms, floor_ms) = self.schedule(err);
         let c = &self.cfg;
-        let (base_ms, floor_ms) = match err.kind {
+        let ms = if c.jitter {
+            let factor = 0.8 + 0.4 * self.rng.f64();
+            ((base_ms as f64 * factor) as u64).max(floor_ms)
+        } else {
+            base_ms
+        };
+        Decision::Retry {
+            delay: Duration::from_millis(ms),
+            attempt: self.failures,
+        }
+    }
+
+    /// The delay the error's class calls for before jitter, and the floor jitter may not
+    /// go below (what the upstream asked for; a minute after a 429).
+    fn schedule(&mut self, err: &StreamError) -> (u64, u64) {
+        let c = &self.cfg;
+        let asked = err.retry_after.map_or(0, |d| d.as_millis() as u64);
+        match err.kind {
             ErrorKind::RateLimited => {
                 self.rate_limited += 1;
                 let ms = exponential(
@@ -97,7 +115,6 @@ impl ReconnectPolicy {
                     self.rate_limited,
                     c.rate_limit_max_backoff_ms,
                 );
-                let asked = err.retry_after.map_or(0, |d| d.as_millis() as u64);
                 (ms.max(asked), c.rate_limit_initial_backoff_ms.max(asked))
             }
             ErrorKind::ServerError => {
@@ -108,30 +125,19 @@ impl ReconnectPolicy {
                     self.http,
                     c.http_max_backoff_ms,
                 );
-                let asked = err.retry_after.map_or(0, |d| d.as_millis() as u64);
                 (ms.max(asked), asked)
             }
             _ => {
                 self.network += 1;
+                let steps = c
+                    .network_backoff_step_ms
+                    .saturating_mul(u64::from(self.network - 1));
                 let ms = c
                     .network_initial_backoff_ms
-                    .saturating_add(
-                        c.network_backoff_step_ms
-                            .saturating_mul(u64::from(self.network - 1)),
-                    )
+                    .saturating_add(steps)
                     .min(c.network_max_backoff_ms);
                 (ms, 0)
             }
-        };
-        let ms = if c.jitter {
-            let factor = 0.8 + 0.4 * self.rng.f64();
-            ((base_ms as f64 * factor) as u64).max(floor_ms)
-        } else {
-            base_ms
-        };
-        Decision::Retry {
-            delay: Duration::from_millis(ms),
-            attempt: self.failures,
         }
     }
 
