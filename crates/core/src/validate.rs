@@ -118,6 +118,11 @@ impl Cursor<'_> {
 }
 
 /// Validates a whole line: exactly one JSON value, optionally surrounded by whitespace.
+///
+/// Longer than the project's 80 lines on purpose: one iterative state machine with an
+/// explicit stack (no recursion, so no stack overflow on deep nesting), on the hot path of
+/// every first copy (~31 % of the pipeline's CPU); splitting it per token kind measured no
+/// gain and spreads the stack discipline over several functions.
 pub(crate) fn json(line: &[u8]) -> Result<(), IdentityError> {
     if let Err(e) = simdutf8::compat::from_utf8(line) {
         return Err(IdentityError::InvalidUtf8(e.to_string()));
