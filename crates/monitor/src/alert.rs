@@ -6,8 +6,10 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use serde::Serialize;
+use tandem_core::Partition;
 use tandem_core::metric as m;
 use tandem_core::time::unix_ms_now;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 /// How bad.
@@ -121,6 +123,21 @@ pub struct AlertKey {
     pub path: Option<String>,
 }
 
+/// The key of `name` about a stream (or sink), a partition of it, a path of that.
+pub(crate) fn key(
+    name: AlertName,
+    stream: &str,
+    partition: Option<Partition>,
+    path: Option<&str>,
+) -> AlertKey {
+    AlertKey {
+        name,
+        stream: stream.to_owned(),
+        partition,
+        path: path.map(str::to_owned),
+    }
+}
+
 /// Where an alert is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "phase")]
@@ -204,28 +221,31 @@ impl Alerts {
                 }
                 self.promote(&key, pending_for, now)
             }
-            (Some(_), false) => {
-                let state = self.states.remove(&key).expect("present");
-                let (fired_at, fired_ms) = state.firing_since?;
-                let resolved = Resolved {
-                    severity: key.name.severity(),
-                    firing_secs: now.duration_since(fired_at).as_secs_f64(),
-                    fired_ms,
-                    resolved_ms: unix_ms_now(),
-                    message: state.message,
-                    key,
-                };
-                set_gauge(&resolved.key, 0.0);
-                tracing::info!(
-                    alert = resolved.key.name.as_str(), severity = resolved.severity.as_str(), stream = %resolved.key.stream,
-                    partition = resolved.key.partition, path = resolved.key.path.as_deref(), firing_secs = resolved.firing_secs,
-                    "alert resolved"
-                );
-                self.recent.push_front(resolved.clone());
-                self.recent.truncate(100);
-                Some(Transition::Resolved(resolved))
-            }
+            (Some(_), false) => self.resolve(key, now),
         }
+    }
+
+    /// Ends an alert; a transition only if it was firing (a pending one just lapses).
+    fn resolve(&mut self, key: AlertKey, now: Instant) -> Option<Transition> {
+        let state = self.states.remove(&key)?;
+        let (fired_at, fired_ms) = state.firing_since?;
+        let resolved = Resolved {
+            severity: key.name.severity(),
+            firing_secs: now.duration_since(fired_at).as_secs_f64(),
+            fired_ms,
+            resolved_ms: unix_ms_now(),
+            message: state.message,
+            key,
+        };
+        set_gauge(&resolved.key, 0.0);
+        tracing::info!(
+            alert = resolved.key.name.as_str(), severity = resolved.severity.as_str(), stream = %resolved.key.stream,
+            partition = resolved.key.partition, path = resolved.key.path.as_deref(), firing_secs = resolved.firing_secs,
+            "alert resolved"
+        );
+        self.recent.push_front(resolved.clone());
+        self.recent.truncate(100);
+        Some(Transition::Resolved(resolved))
     }
 
     fn promote(
@@ -285,6 +305,42 @@ impl Alerts {
             .filter(|k| k.name == name)
             .cloned()
             .collect()
+    }
+}
+
+/// The monitor's alerts together with the channel their transitions are published on, so
+/// that no concern can change an alert without telling the listeners.
+#[derive(Debug)]
+pub(crate) struct AlertBus {
+    alerts: Alerts,
+    transitions: broadcast::Sender<Transition>,
+}
+
+impl AlertBus {
+    pub(crate) fn new(transitions: broadcast::Sender<Transition>) -> AlertBus {
+        AlertBus {
+            alerts: Alerts::default(),
+            transitions,
+        }
+    }
+
+    /// [`Alerts::observe`], publishing the transition if there is one.
+    pub(crate) fn observe(
+        &mut self,
+        key: AlertKey,
+        active: bool,
+        pending_for: Duration,
+        message: impl FnOnce() -> String,
+        now: Instant,
+    ) {
+        if let Some(t) = self.alerts.observe(key, active, pending_for, message, now) {
+            // Nobody listening is fine: the state is in `/status` as well.
+            let _ = self.transitions.send(t);
+        }
+    }
+
+    pub(crate) fn alerts(&self) -> &Alerts {
+        &self.alerts
     }
 }
 

@@ -14,7 +14,7 @@ use tandem_core::time::unix_ms_now;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::monitor::Status;
+use crate::status::Status;
 
 static EXPORTER: OnceLock<PrometheusHandle> = OnceLock::new();
 
