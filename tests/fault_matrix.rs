@@ -264,12 +264,18 @@ async fn drop_while_sibling_stalled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_path_lagging() {
     // A steady lag is not silence: the lagging path still delivers continuously.
-    let (h, _dir) = harness(|c| c.data_silence_ms = 5_000).await;
+    // A stream name of its own: the metrics read below are process-wide, and other tests
+    // may run in the same process (`cargo test`).
+    let (h, _dir) = harness(|c| {
+        c.data_silence_ms = 5_000;
+        c.stream = "lagging".to_owned();
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let first = |path: &str| {
         metric_sum(
             "tandem_first_arrivals_total",
-            &[("partition", "1"), ("path", path)],
+            &[("stream", "lagging"), ("partition", "1"), ("path", path)],
         )
     };
     let lag = on_path(&h, 1, 1);
@@ -290,10 +296,15 @@ async fn one_path_lagging() {
     // Sampled lags of path b's copies reach the seconds buckets.
     let lagged = metric_sum(
         "tandem_path_lag_seconds_count",
-        &[("partition", "1"), ("path", "b")],
+        &[("stream", "lagging"), ("partition", "1"), ("path", "b")],
     ) - metric_sum(
         "tandem_path_lag_seconds_bucket",
-        &[("partition", "1"), ("path", "b"), ("le", "1")],
+        &[
+            ("stream", "lagging"),
+            ("partition", "1"),
+            ("path", "b"),
+            ("le", "1"),
+        ],
     );
     assert!(lagged > 0.0, "lags over 1 s were recorded for path b");
     let v = h.finish(SETTLE).await;
@@ -530,6 +541,8 @@ async fn dedup_memory_cap_reached() {
     let (h, _dir) = harness(|c| {
         c.rate_per_sec = 400.0;
         c.max_ids_per_partition = Some(1_000);
+        // Its own stream name: the metric read below is process-wide.
+        c.stream = "capped".to_owned();
     })
     .await;
     let mut alerts = h.pipeline.alert_transitions();
@@ -546,7 +559,7 @@ async fn dedup_memory_cap_reached() {
             break Instant::now();
         }
     };
-    let evicted = metric_sum("tandem_dedup_evicted_early_total", &[]);
+    let evicted = metric_sum("tandem_dedup_evicted_early_total", &[("stream", "capped")]);
     assert!(evicted > 0.0, "ids were evicted early: {evicted}");
     let v = h.finish(SETTLE).await;
     assert!(v.duplicates_removed > 0);
