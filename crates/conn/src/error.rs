@@ -25,6 +25,18 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, for metric series created at zero.
+    pub const ALL: [ErrorKind; 8] = [
+        ErrorKind::Connection,
+        ErrorKind::Timeout,
+        ErrorKind::ServerError,
+        ErrorKind::RateLimited,
+        ErrorKind::StreamInterrupted,
+        ErrorKind::Authentication,
+        ErrorKind::ClientError,
+        ErrorKind::Fatal,
+    ];
+
     /// Whether reconnecting can help.
     pub fn is_retryable(self) -> bool {
         matches!(

@@ -69,19 +69,9 @@ impl Meters {
 
     /// Creates the labelled series at zero, so rules and dashboards see them from the start.
     fn register(&self) {
-        use crate::error::ErrorKind::*;
         self.future.increment(0);
         self.clock_offset.set(0.0);
-        for kind in [
-            Connection,
-            Timeout,
-            ServerError,
-            RateLimited,
-            StreamInterrupted,
-            Authentication,
-            ClientError,
-            Fatal,
-        ] {
+        for kind in ErrorKind::ALL {
             self.with(m::KIND, kind.label(), |l| {
                 metrics::counter!(m::DISCONNECTS, l).increment(0)
             });

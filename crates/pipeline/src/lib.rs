@@ -31,7 +31,7 @@ use std::time::Duration;
 use tandem_config::Loaded;
 use tandem_conn::{ConnEvent, Connection, install_crypto_provider};
 use tandem_core::time::unix_ms_now;
-use tandem_core::{ActivityId, Partition, StreamId, Tally};
+use tandem_core::{Partition, StreamId, Tally};
 use tandem_merge::{DeadLetters, MergeEvent, Shard};
 use tandem_monitor::{MonitorHandle, MonitorInputs, SinkView, Status};
 use tandem_repair::RepairHandle;
@@ -308,21 +308,7 @@ pub(crate) struct StoreIds {
 }
 
 impl tandem_repair::StoredIdsSince for StoreIds {
-    fn between(
-        &self,
-        since_ms: u64,
-        until_ms: u64,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = Result<
-                        std::collections::HashSet<ActivityId>,
-                        tandem_repair::repairer::ReadBackError,
-                    >,
-                > + Send
-                + '_,
-        >,
-    > {
+    fn between(&self, since_ms: u64, until_ms: u64) -> tandem_repair::ReadBack<'_> {
         Box::pin(async move {
             self.ids
                 .between(&self.stream, self.partition, since_ms, until_ms)

@@ -27,4 +27,4 @@ pub use config::RepairConfig;
 pub use gate::{CoverageGate, Stored};
 pub use ledger::PartitionLedger;
 pub use recovery::{ChunkOutcome, RecoverySpec};
-pub use repairer::{PartitionRepair, ReadBackError, RepairHandle, StoredIdsSince, spawn};
+pub use repairer::{PartitionRepair, ReadBack, ReadBackError, RepairHandle, StoredIdsSince, spawn};

@@ -70,18 +70,13 @@ pub type ReadBackError = Box<dyn std::error::Error + Send + Sync>;
 /// A store that can say which activities of this partition it holds, stored between two
 /// times (Unix ms).
 pub trait StoredIdsSince: Send + Sync + std::fmt::Debug {
-    fn between(
-        &self,
-        since_ms: u64,
-        until_ms: u64,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<HashSet<ActivityId>, ReadBackError>>
-                + Send
-                + '_,
-        >,
-    >;
+    fn between(&self, since_ms: u64, until_ms: u64) -> ReadBack<'_>;
 }
+
+/// What [`StoredIdsSince::between`] answers, once read.
+pub type ReadBack<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<HashSet<ActivityId>, ReadBackError>> + Send + 'a>,
+>;
 
 /// How long after a chunk's end the store is still searched for its activities: what the
 /// other consumer stored late (its own backfill or recovery) within this is found too, and

@@ -729,6 +729,81 @@ fn repair_gzip(path: &Path) -> io::Result<u64> {
     Ok((decoded.len() - keep) as u64)
 }
 
+/// A file of the store, as the layout names it:
+/// `<dir>/<stream>/partition-<n>/<bucket start>[-<n>].ndjson[.gz][.tmp]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredFile {
+    pub path: PathBuf,
+    pub stream: String,
+    pub partition: Partition,
+    /// The start of the file's time bucket (ms), when the name carries one.
+    pub bucket_start_ms: Option<u64>,
+    pub gzip: bool,
+    /// Still open (`.tmp`): written by a running process or left by a crash.
+    pub open: bool,
+}
+
+impl StoredFile {
+    /// Reads a path of the layout; `None` for anything else.
+    fn parse(path: &Path) -> Option<StoredFile> {
+        let name = path.file_name()?.to_str()?;
+        let (name, open) = match name.strip_suffix(".tmp") {
+            Some(n) => (n, true),
+            None => (name, false),
+        };
+        let gzip = name.ends_with(".ndjson.gz");
+        if !gzip && !name.ends_with(".ndjson") {
+            return None;
+        }
+        let partition_dir = path.parent()?;
+        let partition = partition_dir
+            .file_name()?
+            .to_str()?
+            .strip_prefix("partition-")?
+            .parse::<Partition>()
+            .ok()?;
+        let stream = partition_dir.parent()?.file_name()?.to_str()?.to_owned();
+        let stem = name.split(['.', '-']).next().unwrap_or_default();
+        Some(StoredFile {
+            path: path.to_path_buf(),
+            stream,
+            partition,
+            bucket_start_ms: parse_stem(stem),
+            gzip,
+            open,
+        })
+    }
+
+    /// The activity ids the file holds, in order (an incomplete gzip member or last line
+    /// ends the reading).
+    pub fn ids(&self) -> io::Result<Vec<ActivityId>> {
+        let raw = fs::read(&self.path)?;
+        let data = if self.gzip {
+            let mut data = Vec::new();
+            let _ = flate2::read::MultiGzDecoder::new(&raw[..]).read_to_end(&mut data);
+            data
+        } else {
+            raw
+        };
+        Ok(data
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| match identify(l) {
+                Ok(LineKind::Activity(id)) => Some(id),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+/// Every file of the store under `dir`, in path order.
+pub fn stored_files(dir: &Path) -> io::Result<Vec<StoredFile>> {
+    Ok(walk(dir)?
+        .iter()
+        .filter_map(|p| StoredFile::parse(p))
+        .collect())
+}
+
 /// The ids stored in files whose bucket may hold activities from `since_ms` on, per
 /// (stream name, partition): what the merger remembers again after a restart.
 pub fn recent_ids(
@@ -736,52 +811,14 @@ pub fn recent_ids(
     since_ms: u64,
     bucket_secs: u64,
 ) -> io::Result<HashMap<(String, Partition), Vec<ActivityId>>> {
-    let mut out: HashMap<(String, Partition), Vec<ActivityId>> = HashMap::new();
     let earliest_bucket_start = since_ms.saturating_sub(bucket_secs * 1000);
-    for path in walk(dir)? {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        if name.ends_with(".tmp") || !(name.ends_with(".ndjson") || name.ends_with(".ndjson.gz")) {
+    let mut out: HashMap<(String, Partition), Vec<ActivityId>> = HashMap::new();
+    for f in stored_files(dir)? {
+        if f.open || f.bucket_start_ms.is_none_or(|s| s < earliest_bucket_start) {
             continue;
         }
-        let stem = name.split(['.', '-']).next().unwrap_or_default();
-        let Some(start) = parse_stem(stem) else {
-            continue;
-        };
-        if start < earliest_bucket_start {
-            continue;
-        }
-        let Some(partition) = path
-            .parent()
-            .and_then(|p| p.file_name())
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("partition-"))
-            .and_then(|n| n.parse::<Partition>().ok())
-        else {
-            continue;
-        };
-        let Some(stream) = path
-            .parent()
-            .and_then(Path::parent)
-            .and_then(|p| p.file_name())
-            .and_then(|n| n.to_str())
-        else {
-            continue;
-        };
-        let mut data = Vec::new();
-        if name.ends_with(".gz") {
-            let raw = fs::read(&path)?;
-            let _ = flate2::read::MultiGzDecoder::new(&raw[..]).read_to_end(&mut data);
-        } else {
-            data = fs::read(&path)?;
-        }
-        let ids = out.entry((stream.to_owned(), partition)).or_default();
-        for line in data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            if let Ok(LineKind::Activity(id)) = identify(line) {
-                ids.push(id);
-            }
-        }
+        let ids = f.ids()?;
+        out.entry((f.stream, f.partition)).or_default().extend(ids);
     }
     Ok(out)
 }

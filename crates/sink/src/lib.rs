@@ -34,7 +34,7 @@ pub mod store;
 
 pub use config::SinkConfig;
 pub use driver::{DrainReport, DriverConfig, SinkHandle, spawn};
-pub use file::{FileConfig, FileStore, Repair, recent_ids};
+pub use file::{FileConfig, FileStore, Repair, StoredFile, recent_ids, stored_files};
 pub use nats::{NatsConfig, NatsStore, StoredIds};
 pub use simple::{NullStore, StdoutStore};
 pub use spool::{Spool, SpooledBatch};

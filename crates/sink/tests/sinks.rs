@@ -532,7 +532,10 @@ impl Store for Refusing {
     }
     async fn put(&mut self, _batch: &UniqueBatch) -> Result<(), StoreError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
-        Err(StoreError::fatal("refusing", "the stream's duplicate window is too short"))
+        Err(StoreError::fatal(
+            "refusing",
+            "the stream's duplicate window is too short",
+        ))
     }
     async fn acks(&mut self, _force: bool) -> Result<Vec<Ack>, StoreError> {
         Ok(Vec::new())
@@ -558,8 +561,7 @@ async fn fatal_store_error_stops_retrying_and_keeps_everything() {
     let store = Refusing {
         attempts: attempts.clone(),
     };
-    let (tx, handle) = spawn("test", store, cfg, names(), HashMap::new(), |_, _| false, 4)
-        .unwrap();
+    let (tx, handle) = spawn("test", store, cfg, names(), HashMap::new(), |_, _| false, 4).unwrap();
     let up = handle.up.clone();
     for i in 0..5u64 {
         tx.send(batch(1, i * 10..i * 10 + 10)).await.unwrap();
@@ -570,6 +572,10 @@ async fn fatal_store_error_stops_retrying_and_keeps_everything() {
     }
     drop(tx);
     let report = handle.finish().await;
-    assert_eq!(attempts.load(Ordering::SeqCst), 1, "refused once, never retried");
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        1,
+        "refused once, never retried"
+    );
     assert_eq!((report.stored_total, report.left_in_spool), (0, 50));
 }
