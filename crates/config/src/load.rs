@@ -1,15 +1,16 @@
 //! Loading: TOML syntax, the schema (collecting every unknown or mistyped field, not just
 //! the first), the rules across fields, and credentials from the environment or files.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_path_to_error::Segment;
 use tandem_conn::Auth;
+use tandem_conn::config::InvalidSetting;
 use tandem_core::Secret;
 
-use crate::schema::{ApiConfig, Config, StreamConfig};
+use crate::schema::{ApiConfig, AuthConfig, Config, StreamConfig};
 
 /// One problem: the field that causes it, what is wrong, and the line when it can be
 /// found.
@@ -54,7 +55,7 @@ pub struct Loaded {
     /// Credentials per stream, in stream order.
     pub auth: Vec<Auth>,
     /// Tokens of sinks that name one (`token_env`), by sink name.
-    pub sink_tokens: std::collections::BTreeMap<String, Secret>,
+    pub sink_tokens: BTreeMap<String, Secret>,
 }
 
 fn problem(field: impl Into<String>, message: impl Into<String>) -> Problem {
@@ -81,11 +82,7 @@ pub fn load_file(path: &Path) -> Result<Loaded, Problems> {
 pub fn load(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, Problems> {
     let (config, mut problems) = parse_lenient(text);
     let Some(config) = config else {
-        for p in &mut problems {
-            if p.line.is_none() {
-                p.line = find_line(text, &p.field);
-            }
-        }
+        locate(text, &mut problems);
         return Err(Problems(problems));
     };
     problems.extend(validate(&config));
@@ -96,25 +93,8 @@ pub fn load(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, 
             Err(p) => problems.extend(p),
         }
     }
-    let mut sink_tokens = std::collections::BTreeMap::new();
-    for (name, sink) in &config.sinks {
-        if let Some(var) = sink.token_env() {
-            match env(var) {
-                Some(v) if !v.is_empty() => {
-                    sink_tokens.insert(name.clone(), Secret::new(v));
-                }
-                _ => problems.push(problem(
-                    format!("sinks.{name}.token_env"),
-                    format!("environment variable {var} is not set"),
-                )),
-            }
-        }
-    }
-    for p in &mut problems {
-        if p.line.is_none() {
-            p.line = find_line(text, &p.field);
-        }
-    }
+    let sink_tokens = resolve_sink_tokens(&config, env, &mut problems);
+    locate(text, &mut problems);
     if problems.is_empty() {
         Ok(Loaded {
             config,
@@ -123,6 +103,37 @@ pub fn load(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, 
         })
     } else {
         Err(Problems(problems))
+    }
+}
+
+/// The tokens of the sinks that name one (`token_env`), by sink name.
+fn resolve_sink_tokens(
+    config: &Config,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<Problem>,
+) -> BTreeMap<String, Secret> {
+    let mut sink_tokens = BTreeMap::new();
+    for (name, sink) in &config.sinks {
+        if let Some(var) = sink.token_env() {
+            // An empty variable is reported as unset here.
+            match secret_from_env(var, env) {
+                Ok(token) => {
+                    sink_tokens.insert(name.clone(), token);
+                }
+                Err(_) => problems.push(problem(
+                    format!("sinks.{name}.token_env"),
+                    format!("environment variable {var} is not set"),
+                )),
+            }
+        }
+    }
+    sink_tokens
+}
+
+/// Gives each problem that has no line yet the line of its field, where it can be found.
+fn locate(text: &str, problems: &mut [Problem]) {
+    for p in problems.iter_mut().filter(|p| p.line.is_none()) {
+        p.line = find_line(text, &p.field);
     }
 }
 
@@ -313,7 +324,53 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     if c.streams.is_empty() {
         out.push(problem("stream", "no streams: add at least one [[stream]]"));
     }
+    validate_paths(c, &mut out);
     let path_names: HashSet<&str> = c.paths.iter().map(|p| p.name.as_str()).collect();
+    let mut names = HashSet::new();
+    for (i, s) in c.streams.iter().enumerate() {
+        let at = format!("stream[{i}]");
+        validate_stream_name(s, &at, &mut names, &mut out);
+        validate_stream_url(s, &at, &mut out);
+        validate_partitions(s, &at, &mut out);
+        validate_stream_paths(s, &at, &path_names, &mut out);
+        if !c.sinks.contains_key(&s.sink) {
+            out.push(problem(
+                format!("{at}.sink"),
+                format!("no [sinks.{}]", s.sink),
+            ));
+        }
+        validate_stream_settings(s, &at, &mut out);
+        if let Some(ca) = &s.ca_file
+            && !ca.exists()
+        {
+            out.push(problem(
+                format!("{at}.ca_file"),
+                format!("{} does not exist", ca.display()),
+            ));
+        }
+    }
+    validate_sections(c, &mut out);
+    out
+}
+
+/// Adds each `(field, message)` a section reports, its field under `prefix`.
+fn nest(
+    out: &mut Vec<Problem>,
+    prefix: &str,
+    found: impl IntoIterator<Item = (&'static str, String)>,
+) {
+    for (field, message) in found {
+        out.push(problem(format!("{prefix}.{field}"), message));
+    }
+}
+
+/// The `(field, message)` pairs of a connection setting's problems.
+fn settings(found: Vec<InvalidSetting>) -> impl Iterator<Item = (&'static str, String)> {
+    found.into_iter().map(|p| (p.field, p.message))
+}
+
+/// Each `[[path]]`: a unique name and, when it has one, an http(s) proxy.
+fn validate_paths(c: &Config, out: &mut Vec<Problem>) {
     let mut seen = HashSet::new();
     for (i, p) in c.paths.iter().enumerate() {
         if !seen.insert(p.name.as_str()) {
@@ -331,118 +388,160 @@ pub fn validate(c: &Config) -> Vec<Problem> {
             ));
         }
     }
-    let mut names = HashSet::new();
-    let mut max_backfill_ms = 0;
-    for (i, s) in c.streams.iter().enumerate() {
-        let at = |f: &str| format!("stream[{i}].{f}");
-        if s.name.is_empty()
-            || !s
-                .name
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
-        {
-            out.push(problem(
-                at("name"),
-                format!("{:?}: use letters, digits, '-' and '_'", s.name),
-            ));
-        }
-        if !names.insert(s.name.as_str()) {
-            out.push(problem(
-                at("name"),
-                format!("stream {:?} is defined twice", s.name),
-            ));
-        }
-        match s.url.split_once("://") {
-            Some(("https", _)) => {}
-            Some(("http", _)) if s.allow_plain_http => {}
-            Some(("http", _)) => out.push(problem(
-                at("url"),
-                "plain http: set allow_plain_http = true (test peers only) or use https",
-            )),
-            _ => out.push(problem(
-                at("url"),
-                format!("{:?} is not an http(s) URL", s.url),
-            )),
-        }
-        if s.partitions == 0 {
-            out.push(problem(at("partitions"), "must be at least 1"));
-        }
-        if let Some(only) = &s.only_partitions {
-            for p in only {
-                if *p == 0 || *p > s.partitions {
-                    out.push(problem(
-                        at("only_partitions"),
-                        format!("partition {p} is not between 1 and {}", s.partitions),
-                    ));
-                }
-            }
-        }
-        if s.api == ApiConfig::Gnip && !s.partitioned {
-            out.push(problem(
-                at("partitioned"),
-                "Gnip streams always take a partition",
-            ));
-        }
-        if s.paths.is_empty() {
-            out.push(problem(
-                at("paths"),
-                "zero paths: each partition needs at least one connection (two for redundancy)",
-            ));
-        }
-        let mut used = HashSet::new();
-        for p in &s.paths {
-            if !path_names.contains(p.as_str()) {
-                out.push(problem(at("paths"), format!("no [[path]] named {p:?}")));
-            }
-            if !used.insert(p) {
-                out.push(problem(at("paths"), format!("path {p:?} is listed twice: two connections of a partition must not share a path")));
-            }
-        }
-        if s.paths.len() > 255 {
-            out.push(problem(at("paths"), "at most 255 paths"));
-        }
-        if !c.sinks.contains_key(&s.sink) {
-            out.push(problem(at("sink"), format!("no [sinks.{}]", s.sink)));
-        }
-        for p in s.retry.problems(s.backfill.minute_ms) {
-            out.push(problem(at(&format!("retry.{}", p.field)), p.message));
-        }
-        for p in s.liveness.problems(s.api == ApiConfig::Gnip) {
-            out.push(problem(at(&format!("liveness.{}", p.field)), p.message));
-        }
-        for p in s.backfill.problems() {
-            out.push(problem(at(&format!("backfill.{}", p.field)), p.message));
-        }
-        for p in s.budget.problems() {
-            out.push(problem(at(&format!("budget.{}", p.field)), p.message));
-        }
-        for p in s.read.problems() {
-            out.push(problem(at(&format!("read.{}", p.field)), p.message));
-        }
-        if let Some(ca) = &s.ca_file
-            && !ca.exists()
-        {
-            out.push(problem(
-                at("ca_file"),
-                format!("{} does not exist", ca.display()),
-            ));
-        }
-        max_backfill_ms = max_backfill_ms.max(s.backfill.window_minutes * s.backfill.minute_ms);
-    }
-    for (name, sink) in &c.sinks {
-        let problems = sink.problems(c.merge.dedup_window_secs);
-        for (field, message) in problems {
-            out.push(problem(format!("sinks.{name}.{field}"), message));
-        }
-    }
-    for (field, message) in c.merge.problems() {
-        out.push(problem(format!("merge.{field}"), message));
-    }
-    // Invariant 1 (DESIGN.md): the dedup window must outlast a backfill plus the delays
-    // and skew around it; twice the backfill window leaves that margin.
-    let window_ms = c.merge.dedup_window_secs * 1000;
-    if max_backfill_ms > 0 && window_ms < 2 * max_backfill_ms {
+}
+
+/// A stream's name: usable as a label, directory and subject part, and not taken by an
+/// earlier stream (`names` holds the names seen so far).
+fn validate_stream_name<'a>(
+    s: &'a StreamConfig,
+    at: &str,
+    names: &mut HashSet<&'a str>,
+    out: &mut Vec<Problem>,
+) {
+    if s.name.is_empty()
+        || !s
+            .name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+    {
         out.push(problem(
+            format!("{at}.name"),
+            format!("{:?}: use letters, digits, '-' and '_'", s.name),
+        ));
+    }
+    if !names.insert(s.name.as_str()) {
+        out.push(problem(
+            format!("{at}.name"),
+            format!("stream {:?} is defined twice", s.name),
+        ));
+    }
+}
+
+/// A stream's URL: https, or plain http where the stream allows it.
+fn validate_stream_url(s: &StreamConfig, at: &str, out: &mut Vec<Problem>) {
+    match s.url.split_once("://") {
+        Some(("https", _)) => {}
+        Some(("http", _)) if s.allow_plain_http => {}
+        Some(("http", _)) => out.push(problem(
+            format!("{at}.url"),
+            "plain http: set allow_plain_http = true (test peers only) or use https",
+        )),
+        _ => out.push(problem(
+            format!("{at}.url"),
+            format!("{:?} is not an http(s) URL", s.url),
+        )),
+    }
+}
+
+/// A stream's partitions: at least one, the chosen ones among them, and always
+/// partitioned for Gnip.
+fn validate_partitions(s: &StreamConfig, at: &str, out: &mut Vec<Problem>) {
+    if s.partitions == 0 {
+        out.push(problem(format!("{at}.partitions"), "must be at least 1"));
+    }
+    if let Some(only) = &s.only_partitions {
+        for p in only {
+            if *p == 0 || *p > s.partitions {
+                out.push(problem(
+                    format!("{at}.only_partitions"),
+                    format!("partition {p} is not between 1 and {}", s.partitions),
+                ));
+            }
+        }
+    }
+    if s.api == ApiConfig::Gnip && !s.partitioned {
+        out.push(problem(
+            format!("{at}.partitioned"),
+            "Gnip streams always take a partition",
+        ));
+    }
+}
+
+/// The paths a stream's connections use: at least one, each defined, none twice, at
+/// most 255.
+fn validate_stream_paths(
+    s: &StreamConfig,
+    at: &str,
+    path_names: &HashSet<&str>,
+    out: &mut Vec<Problem>,
+) {
+    let field = format!("{at}.paths");
+    if s.paths.is_empty() {
+        out.push(problem(
+            &field,
+            "zero paths: each partition needs at least one connection (two for redundancy)",
+        ));
+    }
+    let mut used = HashSet::new();
+    for p in &s.paths {
+        if !path_names.contains(p.as_str()) {
+            out.push(problem(&field, format!("no [[path]] named {p:?}")));
+        }
+        if !used.insert(p) {
+            out.push(problem(
+                &field,
+                format!(
+                    "path {p:?} is listed twice: two connections of a partition must not share a path"
+                ),
+            ));
+        }
+    }
+    if s.paths.len() > 255 {
+        out.push(problem(&field, "at most 255 paths"));
+    }
+}
+
+/// The connection settings of a stream, each checked by the crate that owns it.
+fn validate_stream_settings(s: &StreamConfig, at: &str, out: &mut Vec<Problem>) {
+    let gnip = s.api == ApiConfig::Gnip;
+    nest(
+        out,
+        &format!("{at}.retry"),
+        settings(s.retry.problems(s.backfill.minute_ms)),
+    );
+    nest(
+        out,
+        &format!("{at}.liveness"),
+        settings(s.liveness.problems(gnip)),
+    );
+    nest(
+        out,
+        &format!("{at}.backfill"),
+        settings(s.backfill.problems()),
+    );
+    nest(out, &format!("{at}.budget"), settings(s.budget.problems()));
+    nest(out, &format!("{at}.read"), settings(s.read.problems()));
+}
+
+/// The shared sections: sinks, merge (with the dedup window against the streams'
+/// backfill), monitor, delivery and repair.
+fn validate_sections(c: &Config, out: &mut Vec<Problem>) {
+    for (name, sink) in &c.sinks {
+        nest(
+            out,
+            &format!("sinks.{name}"),
+            sink.problems(c.merge.dedup_window_secs),
+        );
+    }
+    nest(out, "merge", c.merge.problems());
+    out.extend(dedup_window_problem(c));
+    nest(out, "monitor", c.monitor.problems());
+    nest(out, "delivery", c.delivery.problems());
+    nest(out, "repair", c.repair.problems());
+}
+
+/// Invariant 1 (DESIGN.md): the dedup window must outlast a backfill plus the delays
+/// and skew around it; twice the longest backfill window leaves that margin.
+fn dedup_window_problem(c: &Config) -> Option<Problem> {
+    let max_backfill_ms = c
+        .streams
+        .iter()
+        .map(|s| s.backfill.window_minutes * s.backfill.minute_ms)
+        .max()
+        .unwrap_or(0);
+    let window_ms = c.merge.dedup_window_secs * 1000;
+    (max_backfill_ms > 0 && window_ms < 2 * max_backfill_ms).then(|| {
+        problem(
             "merge.dedup_window_secs",
             format!(
                 "{} s is too short for a backfill window of {} s: it must exceed the backfill window plus reconnect delays and path skew (at least {} s)",
@@ -450,18 +549,8 @@ pub fn validate(c: &Config) -> Vec<Problem> {
                 max_backfill_ms / 1000,
                 2 * max_backfill_ms / 1000
             ),
-        ));
-    }
-    for (field, message) in c.monitor.problems() {
-        out.push(problem(format!("monitor.{field}"), message));
-    }
-    for (field, message) in c.delivery.problems() {
-        out.push(problem(format!("delivery.{field}"), message));
-    }
-    for (field, message) in c.repair.problems() {
-        out.push(problem(format!("repair.{field}"), message));
-    }
-    out
+        )
+    })
 }
 
 /// Resolves a stream's credentials from the environment or files.
@@ -470,14 +559,97 @@ pub fn resolve_auth(
     at: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Auth, Vec<Problem>> {
-    let a = &s.auth;
-    let secret = |env_field: &str,
-                  env_name: &Option<String>,
-                  file_field: &str,
-                  file: &Option<std::path::PathBuf>,
-                  what: &str|
-     -> Result<Secret, Problem> {
-        match (env_name, file) {
+    match s.api {
+        ApiConfig::Gnip => basic_auth(&s.auth, at, env),
+        ApiConfig::XV2 => bearer_auth(&s.auth, at, env),
+    }
+}
+
+/// Gnip: a user name and a password, no bearer token.
+fn basic_auth(
+    a: &AuthConfig,
+    at: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Auth, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let user = a.username.clone().filter(|u| !u.is_empty());
+    if user.is_none() {
+        problems.push(problem(
+            format!("{at}.username"),
+            "Gnip streams use Basic auth: set the account user name",
+        ));
+    }
+    if a.bearer_token_env.is_some() || a.bearer_token_file.is_some() {
+        problems.push(problem(
+            format!("{at}.bearer_token_env"),
+            "Gnip streams use Basic auth, not a bearer token",
+        ));
+    }
+    let password = SecretSource {
+        env_field: "password_env",
+        env_name: &a.password_env,
+        file_field: "password_file",
+        file: &a.password_file,
+        what: "Basic-auth password",
+    }
+    .resolve(at, env);
+    match (user, password) {
+        (Some(username), Ok(password)) if problems.is_empty() => {
+            Ok(Auth::Basic { username, password })
+        }
+        (_, p) => {
+            problems.extend(p.err());
+            Err(problems)
+        }
+    }
+}
+
+/// X API v2: a bearer token, no Basic-auth settings.
+fn bearer_auth(
+    a: &AuthConfig,
+    at: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Auth, Vec<Problem>> {
+    let token = SecretSource {
+        env_field: "bearer_token_env",
+        env_name: &a.bearer_token_env,
+        file_field: "bearer_token_file",
+        file: &a.bearer_token_file,
+        what: "bearer token",
+    }
+    .resolve(at, env);
+    let mut problems = Vec::new();
+    if a.username.is_some() || a.password_env.is_some() || a.password_file.is_some() {
+        problems.push(problem(
+            format!("{at}.username"),
+            "X API v2 streams use a bearer token, not Basic auth",
+        ));
+    }
+    match token {
+        Ok(t) if problems.is_empty() => Ok(Auth::Bearer(t)),
+        t => {
+            problems.extend(t.err());
+            Err(problems)
+        }
+    }
+}
+
+/// The two places one secret may be named: an environment variable or a file (exactly
+/// one of them).
+struct SecretSource<'a> {
+    env_field: &'static str,
+    env_name: &'a Option<String>,
+    file_field: &'static str,
+    file: &'a Option<PathBuf>,
+    /// What the secret is, for the message when neither place is named.
+    what: &'static str,
+}
+
+impl SecretSource<'_> {
+    /// Reads the secret from the one place named; `at` is the auth table's field.
+    fn resolve(&self, at: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Secret, Problem> {
+        let (env_field, file_field) = (self.env_field, self.file_field);
+        match (self.env_name, self.file) {
             (Some(_), Some(_)) => Err(problem(
                 format!("{at}.{env_field}"),
                 format!("set either {env_field} or {file_field}, not both"),
@@ -485,90 +657,34 @@ pub fn resolve_auth(
             (None, None) => Err(problem(
                 format!("{at}.{env_field}"),
                 format!(
-                    "missing: name the environment variable ({env_field}) or the file ({file_field}) that holds the {what}"
+                    "missing: name the environment variable ({env_field}) or the file ({file_field}) that holds the {}",
+                    self.what
                 ),
             )),
-            (Some(var), None) => match env(var) {
-                Some(v) if !v.is_empty() => Ok(Secret::new(v)),
-                Some(_) => Err(problem(
-                    format!("{at}.{env_field}"),
-                    format!("environment variable {var} is empty"),
-                )),
-                None => Err(problem(
-                    format!("{at}.{env_field}"),
-                    format!("environment variable {var} is not set"),
-                )),
-            },
-            (None, Some(path)) => match std::fs::read_to_string(path) {
-                Ok(v) if !v.trim_end_matches(['\n', '\r']).is_empty() => {
-                    Ok(Secret::new(v.trim_end_matches(['\n', '\r'])))
-                }
-                Ok(_) => Err(problem(
-                    format!("{at}.{file_field}"),
-                    format!("{} is empty", path.display()),
-                )),
-                Err(e) => Err(problem(
-                    format!("{at}.{file_field}"),
-                    format!("cannot read {}: {e}", path.display()),
-                )),
-            },
+            (Some(var), None) => secret_from_env(var, env)
+                .map_err(|message| problem(format!("{at}.{env_field}"), message)),
+            (None, Some(path)) => secret_from_file(path)
+                .map_err(|message| problem(format!("{at}.{file_field}"), message)),
         }
-    };
-    match s.api {
-        ApiConfig::Gnip => {
-            let mut problems = Vec::new();
-            let user = a.username.clone().filter(|u| !u.is_empty());
-            if user.is_none() {
-                problems.push(problem(
-                    format!("{at}.username"),
-                    "Gnip streams use Basic auth: set the account user name",
-                ));
-            }
-            if a.bearer_token_env.is_some() || a.bearer_token_file.is_some() {
-                problems.push(problem(
-                    format!("{at}.bearer_token_env"),
-                    "Gnip streams use Basic auth, not a bearer token",
-                ));
-            }
-            let password = secret(
-                "password_env",
-                &a.password_env,
-                "password_file",
-                &a.password_file,
-                "Basic-auth password",
-            );
-            match (user, password) {
-                (Some(username), Ok(password)) if problems.is_empty() => {
-                    Ok(Auth::Basic { username, password })
-                }
-                (_, p) => {
-                    problems.extend(p.err());
-                    Err(problems)
-                }
-            }
+    }
+}
+
+/// A secret from the environment variable `var`: set and not empty.
+fn secret_from_env(var: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Secret, String> {
+    match env(var) {
+        Some(v) if !v.is_empty() => Ok(Secret::new(v)),
+        Some(_) => Err(format!("environment variable {var} is empty")),
+        None => Err(format!("environment variable {var} is not set")),
+    }
+}
+
+/// A secret from a file, without its trailing line ending: readable and not empty.
+fn secret_from_file(path: &Path) -> Result<Secret, String> {
+    match std::fs::read_to_string(path) {
+        Ok(v) if !v.trim_end_matches(['\n', '\r']).is_empty() => {
+            Ok(Secret::new(v.trim_end_matches(['\n', '\r'])))
         }
-        ApiConfig::XV2 => {
-            let token = secret(
-                "bearer_token_env",
-                &a.bearer_token_env,
-                "bearer_token_file",
-                &a.bearer_token_file,
-                "bearer token",
-            );
-            let mut problems = Vec::new();
-            if a.username.is_some() || a.password_env.is_some() || a.password_file.is_some() {
-                problems.push(problem(
-                    format!("{at}.username"),
-                    "X API v2 streams use a bearer token, not Basic auth",
-                ));
-            }
-            match token {
-                Ok(t) if problems.is_empty() => Ok(Auth::Bearer(t)),
-                t => {
-                    problems.extend(t.err());
-                    Err(problems)
-                }
-            }
-        }
+        Ok(_) => Err(format!("{} is empty", path.display())),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
 }

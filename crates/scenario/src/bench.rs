@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tandem_config::Loaded;
 use tandem_pipeline::Pipeline;
 
-use crate::harness::{HarnessConfig, PASSWORD_VAR};
+use crate::harness::{HarnessConfig, load_consumer};
 
 /// Benchmark settings.
 #[derive(Debug, Clone)]
@@ -159,7 +160,38 @@ async fn pipeline_run(
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let n = opts.activities_per_partition;
     let sim = start_sim(&opts.exe, &dir, &gnip_corpus(n)).map_err(|e| format!("simulator: {e}"))?;
-    let mut cfg = HarnessConfig::fast(dir.clone());
+    let loaded = consumer_config(&dir, sim.addr, tweak)?;
+    let meter = Meter::start(&sim);
+    let pipeline = Pipeline::start(loaded).await.map_err(|e| e.to_string())?;
+    let deadline = meter.t0 + Duration::from_secs(600);
+    let (raw, unique) = wait_stored(&pipeline, 2 * n, deadline, label).await?;
+    let usage = meter.read();
+    let (p50, p99) = handoff_quantiles(&pipeline);
+    let report = pipeline.shutdown().await;
+    drop(sim);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(RunResult {
+        label: label.to_owned(),
+        raw,
+        unique,
+        secs: usage.secs,
+        cpu_secs: usage.cpu_secs,
+        p50_ms: p50.as_secs_f64() * 1000.0,
+        p99_ms: p99.as_secs_f64() * 1000.0,
+        peak_rss_mb: usage.peak_rss_mb,
+        bytes_per_id: report.dedup_bytes as f64 / report.dedup_ids.max(1) as f64,
+        sim_cpu_secs: usage.sim_cpu_secs,
+    })
+}
+
+/// The consumer of the simulator at `sim_addr`, writing under `dir`: the test setup with
+/// one-second heartbeats, generous silence and grace, then `tweak`.
+fn consumer_config(
+    dir: &Path,
+    sim_addr: SocketAddr,
+    tweak: impl FnOnce(&mut HarnessConfig),
+) -> Result<Loaded, String> {
+    let mut cfg = HarnessConfig::fast(dir.to_path_buf());
     cfg.heartbeat_ms = 1_000;
     cfg.heartbeat_margin_ms = 9_000;
     // Both paths stream flat out; a path starved for a while by the scheduler is not dead.
@@ -167,24 +199,63 @@ async fn pipeline_run(
     cfg.dedup_window_secs = 900;
     cfg.reconciliation_grace_secs = 60;
     tweak(&mut cfg);
-    let url = format!(
-        "http://{}/stream/sample10/accounts/demo/publishers/twitter/prod.json",
-        sim.addr
-    );
+    let url =
+        format!("http://{sim_addr}/stream/sample10/accounts/demo/publishers/twitter/prod.json");
     let text = cfg.consumer_toml(&[url]);
-    let loaded = tandem_config::load(&text, &|v| {
-        (v == PASSWORD_VAR).then(|| "demo-password".to_owned())
-    })
-    .map_err(|e| e.to_string())?;
-    reset_peak_rss();
-    let sim_pid = sim.child.id().to_string();
-    let sim_cpu0 = cpu_secs_of(&sim_pid);
-    let cpu0 = cpu_secs();
-    let t0 = Instant::now();
-    let pipeline = Pipeline::start(loaded).await.map_err(|e| e.to_string())?;
-    let want = 2 * n;
-    let deadline = t0 + Duration::from_secs(600);
-    let (raw, unique) = loop {
+    load_consumer(&text).map_err(|e| e.to_string())
+}
+
+/// Wall-clock time, CPU time (this process and the simulator's) and peak memory, from
+/// the moment it starts.
+struct Meter {
+    sim_pid: String,
+    sim_cpu0: f64,
+    cpu0: f64,
+    t0: Instant,
+}
+
+/// What a [`Meter`] measured.
+struct Usage {
+    secs: f64,
+    cpu_secs: f64,
+    sim_cpu_secs: f64,
+    peak_rss_mb: f64,
+}
+
+impl Meter {
+    fn start(sim: &SimProcess) -> Meter {
+        reset_peak_rss();
+        let sim_pid = sim.child.id().to_string();
+        Meter {
+            sim_cpu0: cpu_secs_of(&sim_pid),
+            cpu0: cpu_secs(),
+            t0: Instant::now(),
+            sim_pid,
+        }
+    }
+
+    fn read(&self) -> Usage {
+        let secs = self.t0.elapsed().as_secs_f64();
+        let cpu_secs = cpu_secs() - self.cpu0;
+        let sim_cpu_secs = cpu_secs_of(&self.sim_pid) - self.sim_cpu0;
+        Usage {
+            secs,
+            cpu_secs,
+            sim_cpu_secs,
+            peak_rss_mb: peak_rss_mb(),
+        }
+    }
+}
+
+/// Waits until the pipeline has stored `want` activities; returns the raw and unique
+/// counts then, or an error at `deadline`.
+async fn wait_stored(
+    pipeline: &Pipeline,
+    want: u64,
+    deadline: Instant,
+    label: &str,
+) -> Result<(u64, u64), String> {
+    loop {
         let (mut raw, mut unique, mut stored) = (0, 0, 0);
         for (_, _, t) in pipeline.tallies() {
             let s = t.snapshot();
@@ -193,7 +264,7 @@ async fn pipeline_run(
             stored += s.stored;
         }
         if stored >= want {
-            break (raw, unique);
+            return Ok((raw, unique));
         }
         if Instant::now() > deadline {
             return Err(format!(
@@ -201,13 +272,13 @@ async fn pipeline_run(
             ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let secs = t0.elapsed().as_secs_f64();
-    let cpu = cpu_secs() - cpu0;
-    let sim_cpu = cpu_secs_of(&sim_pid) - sim_cpu0;
-    let rss = peak_rss_mb();
-    let latency = pipeline.handoff_latency();
-    let (p50, p99) = latency
+    }
+}
+
+/// The median and 99th percentile of the hand-off latency (the first histogram).
+fn handoff_quantiles(pipeline: &Pipeline) -> (Duration, Duration) {
+    pipeline
+        .handoff_latency()
         .first()
         .map(|(_, h)| {
             (
@@ -215,22 +286,7 @@ async fn pipeline_run(
                 h.quantile(0.99).unwrap_or_default(),
             )
         })
-        .unwrap_or_default();
-    let report = pipeline.shutdown().await;
-    drop(sim);
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(RunResult {
-        label: label.to_owned(),
-        raw,
-        unique,
-        secs,
-        cpu_secs: cpu,
-        p50_ms: p50.as_secs_f64() * 1000.0,
-        p99_ms: p99.as_secs_f64() * 1000.0,
-        peak_rss_mb: rss,
-        bytes_per_id: report.dedup_bytes as f64 / report.dedup_ids.max(1) as f64,
-        sim_cpu_secs: sim_cpu,
-    })
+        .unwrap_or_default()
 }
 
 /// The X SDK baseline: one connection to the simulator's corpus of the same native posts
@@ -298,37 +354,67 @@ print(n, time.perf_counter() - t0, time.process_time() - c0)
 /// Runs everything and returns the printed report.
 pub async fn run(opts: BenchOptions) -> Result<String, String> {
     std::fs::create_dir_all(&opts.work_dir).map_err(|e| e.to_string())?;
+    let mut notes = Vec::new();
+    let results = pipeline_runs(&opts, &mut notes).await?;
+    let xdk = opts.python.as_ref().map(|py| xdk_run(&opts, py));
+    Ok(report(&opts, &results, xdk, notes))
+}
+
+/// The pipeline runs `opts.sinks` names, in the order null, file, JetStream; what the
+/// JetStream run adds (the read-back, or why it was skipped) goes to `notes`.
+async fn pipeline_runs(
+    opts: &BenchOptions,
+    notes: &mut Vec<String>,
+) -> Result<Vec<RunResult>, String> {
     let wants = |s: &str| opts.sinks.iter().any(|x| x == s);
     let mut results = Vec::new();
     if wants("null") {
-        results.push(pipeline_run(&opts, "null sink", |c| c.null_sink = true).await?);
+        results.push(pipeline_run(opts, "null sink", |c| c.null_sink = true).await?);
     }
     if wants("file") {
-        results.push(pipeline_run(&opts, "file sink", |_| {}).await?);
+        results.push(pipeline_run(opts, "file sink", |_| {}).await?);
     }
-    let mut notes = Vec::new();
     if opts.jetstream && wants("jetstream") {
-        let store = opts.work_dir.join("nats-store");
-        let _ = std::fs::remove_dir_all(&store);
-        match crate::nats::NatsServer::start(&store) {
-            Ok(server) => {
-                let url = server.url();
-                let js_opts = BenchOptions {
-                    activities_per_partition: opts.activities_per_partition.min(50_000),
-                    ..opts.clone()
-                };
-                results.push(
-                    pipeline_run(&js_opts, "jetstream sink", |c| {
-                        c.nats_url = Some(url.clone())
-                    })
-                    .await?,
-                );
-                notes.push(read_back(&url).await);
-            }
-            Err(e) => notes.push(format!("jetstream run skipped: {e}")),
-        }
+        results.extend(jetstream_run(opts, notes).await?);
     }
-    let xdk = opts.python.as_ref().map(|py| xdk_run(&opts, py));
+    Ok(results)
+}
+
+/// The pipeline into a `nats-server` of its own (at most 50 000 activities per partition),
+/// then the read-back; `None` when the server cannot start.
+async fn jetstream_run(
+    opts: &BenchOptions,
+    notes: &mut Vec<String>,
+) -> Result<Option<RunResult>, String> {
+    let store = opts.work_dir.join("nats-store");
+    let _ = std::fs::remove_dir_all(&store);
+    let server = match crate::nats::NatsServer::start(&store) {
+        Ok(server) => server,
+        Err(e) => {
+            notes.push(format!("jetstream run skipped: {e}"));
+            return Ok(None);
+        }
+    };
+    let url = server.url();
+    let js_opts = BenchOptions {
+        activities_per_partition: opts.activities_per_partition.min(50_000),
+        ..opts.clone()
+    };
+    let result = pipeline_run(&js_opts, "jetstream sink", |c| {
+        c.nats_url = Some(url.clone())
+    })
+    .await?;
+    notes.push(read_back(&url).await);
+    Ok(Some(result))
+}
+
+/// The table: a header, a row per pipeline run, the X SDK baseline, then the notes.
+fn report(
+    opts: &BenchOptions,
+    results: &[RunResult],
+    xdk: Option<Result<(u64, f64, f64), String>>,
+    mut notes: Vec<String>,
+) -> String {
     let mut out = String::new();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let _ = writeln!(
@@ -341,7 +427,7 @@ pub async fn run(opts: BenchOptions) -> Result<String, String> {
         "{:<16} {:>10} {:>10} {:>11} {:>9} {:>9} {:>10} {:>6} {:>9}",
         "run", "raw/s", "unique/s", "CPU-µs/raw", "p50 ms", "p99 ms", "peak RSS", "B/id", "sim CPU"
     );
-    for r in &results {
+    for r in results {
         let _ = writeln!(
             out,
             "{:<16} {:>10.0} {:>10.0} {:>11.2} {:>9.2} {:>9.2} {:>7.0} MB {:>6.1} {:>8.0}%",
@@ -376,7 +462,7 @@ pub async fn run(opts: BenchOptions) -> Result<String, String> {
     for n in notes {
         let _ = writeln!(out, "note: {n}");
     }
-    Ok(out)
+    out
 }
 
 /// How fast gap repair can ask JetStream what it already holds: every id of partition 1

@@ -8,8 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tandem_monitor::{Status, Transition};
+use tandem_monitor::{AlertKey, Status, Transition};
 use tandem_sim::{Fault, Target};
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::harness::{Harness, HarnessConfig, HarnessError, Verdict};
@@ -51,9 +52,35 @@ pub struct DemoReport {
 
 /// Runs the demo, printing the live summary to stdout.
 pub async fn run(opts: DemoOptions) -> Result<DemoReport, HarnessError> {
-    // The real service's timings (10 s heartbeats, 60 s minutes, 10 connects per 61 s,
-    // the published backoff schedule) on the test harness's shape.
-    let cfg = HarnessConfig {
+    let h = Harness::start(demo_config(&opts)).await?;
+    let transitions = h.pipeline.alert_transitions();
+    let mut schedule = fault_schedule(opts.duration, &h.cfg.paths);
+    let mut timeline = Timeline {
+        started: Instant::now(),
+        transitions,
+        log: Vec::new(),
+    };
+    println!(
+        "tandem demo: simulator {} | metrics http://{}/metrics | status http://{}/status | files {}",
+        h.sim.base_url(),
+        h.pipeline.http_addr(),
+        h.pipeline.http_addr(),
+        opts.run_dir.join("store").display()
+    );
+    watch(&h, &mut schedule, &mut timeline, opts.duration).await;
+    let final_status = h.status();
+    println!("\nstopping the generator and letting the consumer settle...");
+    let verdict = h.finish(Duration::from_secs(30)).await;
+    timeline.record_alerts();
+    let text = report(&verdict, &final_status, &timeline.log, &opts);
+    println!("{text}");
+    Ok(DemoReport { verdict, text })
+}
+
+/// The real service's timings (10 s heartbeats, 60 s minutes, 10 connects per 61 s, the
+/// published backoff schedule) on the test harness's shape.
+fn demo_config(opts: &DemoOptions) -> HarnessConfig {
+    HarnessConfig {
         paths: path_addresses(),
         rate_per_sec: opts.rate_per_sec,
         heartbeat_ms: 10_000,
@@ -67,20 +94,21 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, HarnessError> {
         fast_retry: false,
         repair_margin_secs: 30,
         ..HarnessConfig::fast(opts.run_dir.clone())
-    };
-    let h = Harness::start(cfg).await?;
-    let mut transitions = h.pipeline.alert_transitions();
-    let d = opts.duration;
+    }
+}
+
+/// The faults of a run lasting `d`, through the source addresses `paths`: a dropped
+/// path, a stalled path, then an outage of a whole partition.
+fn fault_schedule(d: Duration, paths: &[Option<IpAddr>]) -> [Scheduled; 3] {
     let at = |f: f64| Duration::from_secs_f64(d.as_secs_f64() * f);
-    let ip = |i: usize| h.cfg.paths[i];
     let on = |partition: u32, path: usize| Target {
         stream: Some("decahose".into()),
         partition: Some(partition),
-        client_ip: ip(path),
+        client_ip: paths[path],
         connection: None,
     };
     let outage_ms = (d.as_millis() as u64 / 10).clamp(1_000, 4_000);
-    let mut schedule = [
+    [
         Scheduled {
             at: at(0.2),
             what: "drop path a of partition 1".into(),
@@ -117,83 +145,93 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, HarnessError> {
             ],
             done: false,
         },
-    ];
+    ]
+}
+
+/// What happened during a run, one line per event (a fault injected, an alert firing
+/// or resolved), timed from the start.
+struct Timeline {
+    started: Instant,
+    transitions: broadcast::Receiver<Transition>,
+    log: Vec<String>,
+}
+
+impl Timeline {
+    /// Logs every alert transition received since the last call.
+    fn record_alerts(&mut self) {
+        while let Ok(t) = self.transitions.try_recv() {
+            self.log.push(describe(&t, self.started.elapsed()));
+        }
+    }
+}
+
+/// Until `total` has passed: injects each fault when it is due, logs the alerts, and shows
+/// the live summary (the whole screen on a terminal, a line every 5 s otherwise).
+async fn watch(h: &Harness, schedule: &mut [Scheduled], timeline: &mut Timeline, total: Duration) {
     let tty = std::io::stdout().is_terminal();
-    let started = Instant::now();
-    let mut alert_log: Vec<String> = Vec::new();
     let mut last_line = Instant::now() - Duration::from_secs(10);
-    println!(
-        "tandem demo: simulator {} | metrics http://{}/metrics | status http://{}/status | files {}",
-        h.sim.base_url(),
-        h.pipeline.http_addr(),
-        h.pipeline.http_addr(),
-        opts.run_dir.join("store").display()
-    );
-    while started.elapsed() < d {
+    while timeline.started.elapsed() < total {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let elapsed = started.elapsed();
-        for s in schedule.iter_mut().filter(|s| !s.done && elapsed >= s.at) {
-            for f in &s.faults {
-                let _ = h.sim.fault(f.clone());
-            }
-            s.done = true;
-            alert_log.push(format!(
-                "{:>5.1}s  fault: {}",
-                elapsed.as_secs_f64(),
-                s.what
-            ));
-        }
-        while let Ok(t) = transitions.try_recv() {
-            alert_log.push(describe(&t, started.elapsed()));
-        }
+        let elapsed = timeline.started.elapsed();
+        inject_due(h, schedule, elapsed, &mut timeline.log);
+        timeline.record_alerts();
         let status = h.status();
         if tty {
-            print!("\x1b[2J\x1b[H{}", screen(&status, elapsed, d, &alert_log));
+            print!(
+                "\x1b[2J\x1b[H{}",
+                screen(&status, elapsed, total, &timeline.log)
+            );
         } else if last_line.elapsed() >= Duration::from_secs(5) {
             last_line = Instant::now();
             println!("{}", one_line(&status, elapsed));
         }
     }
-    let final_status = h.status();
-    println!("\nstopping the generator and letting the consumer settle...");
-    let verdict = h.finish(Duration::from_secs(30)).await;
-    while let Ok(t) = transitions.try_recv() {
-        alert_log.push(describe(&t, started.elapsed()));
+}
+
+/// Injects the faults due by `elapsed` that are not injected yet, and logs them.
+fn inject_due(h: &Harness, schedule: &mut [Scheduled], elapsed: Duration, log: &mut Vec<String>) {
+    for s in schedule.iter_mut().filter(|s| !s.done && elapsed >= s.at) {
+        for f in &s.faults {
+            let _ = h.sim.fault(f.clone());
+        }
+        s.done = true;
+        log.push(format!(
+            "{:>5.1}s  fault: {}",
+            elapsed.as_secs_f64(),
+            s.what
+        ));
     }
-    let text = report(&verdict, &final_status, &alert_log, &opts);
-    println!("{text}");
-    Ok(DemoReport { verdict, text })
 }
 
 fn describe(t: &Transition, at: Duration) -> String {
     match t {
         Transition::Fired(v) => format!(
-            "{:>5.1}s  alert firing: {} {}{}{} ({})",
+            "{:>5.1}s  alert firing: {} ({})",
             at.as_secs_f64(),
-            v.key.name.as_str(),
-            v.key.stream,
-            v.key.partition.map(|p| format!("/{p}")).unwrap_or_default(),
-            v.key
-                .path
-                .as_ref()
-                .map(|p| format!("/{p}"))
-                .unwrap_or_default(),
+            alert_subject(&v.key),
             v.message
         ),
         Transition::Resolved(r) => format!(
-            "{:>5.1}s  alert resolved: {} {}{}{} after {:.1} s",
+            "{:>5.1}s  alert resolved: {} after {:.1} s",
             at.as_secs_f64(),
-            r.key.name.as_str(),
-            r.key.stream,
-            r.key.partition.map(|p| format!("/{p}")).unwrap_or_default(),
-            r.key
-                .path
-                .as_ref()
-                .map(|p| format!("/{p}"))
-                .unwrap_or_default(),
+            alert_subject(&r.key),
             r.firing_secs
         ),
     }
+}
+
+/// An alert's name and what it is about: `name stream[/partition][/path]`.
+fn alert_subject(key: &AlertKey) -> String {
+    format!(
+        "{} {}{}{}",
+        key.name.as_str(),
+        key.stream,
+        key.partition.map(|p| format!("/{p}")).unwrap_or_default(),
+        key.path
+            .as_ref()
+            .map(|p| format!("/{p}"))
+            .unwrap_or_default()
+    )
 }
 
 /// The live one-screen summary.

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tandem_config::Loaded;
 use tandem_core::{ActivityId, Partition};
 use tandem_monitor::Status;
 use tandem_pipeline::{Pipeline, ShutdownReport};
@@ -173,42 +174,49 @@ impl HarnessConfig {
     /// URL of each of [`HarnessConfig::stream_names`], in order.
     pub fn consumer_toml(&self, urls: &[String]) -> String {
         assert_eq!(urls.len(), self.stream_names().len(), "one URL per stream");
-        let sink = match &self.nats_url {
-            _ if self.null_sink => "kind = \"null\"".to_owned(),
-            Some(url) => format!(
-                "kind = \"nats\"\nurl = \"{url}\"\nstream = \"TANDEM\"\nduplicate_window_secs = {}\nack_timeout_ms = 2000",
-                self.dedup_window_secs * 2
-            ),
-            None => format!(
-                "kind = \"file\"\ndir = \"{}/store\"\ngzip = {}\nfsync_interval_ms = 200",
-                self.run_dir.display(),
-                self.gzip
-            ),
-        };
+        let mut t = self.paths_toml();
+        for (name, url) in self.stream_names().iter().zip(urls) {
+            t.push_str(&self.stream_toml(name, url));
+        }
+        t.push_str(&self.shared_toml());
+        t
+    }
+
+    /// The name of the `i`th path: `a` to `d`, then `p4`, `p5`, ….
+    fn path_name(i: usize) -> String {
+        ["a", "b", "c", "d"]
+            .get(i)
+            .map_or_else(|| format!("p{i}"), |s| (*s).to_owned())
+    }
+
+    /// One `[[path]]` per path, with its source address and resolved IP where set.
+    fn paths_toml(&self) -> String {
         let mut t = String::new();
-        let mut names = Vec::new();
         for (i, ip) in self.paths.iter().enumerate() {
-            let name = ["a", "b", "c", "d"]
-                .get(i)
-                .map_or_else(|| format!("p{i}"), |s| (*s).to_owned());
-            let _ = writeln!(t, "[[path]]\nname = \"{name}\"");
+            let _ = writeln!(t, "[[path]]\nname = \"{}\"", Self::path_name(i));
             if let Some(ip) = ip {
                 let _ = writeln!(t, "source_address = \"{ip}\"");
             }
             if let Some(Some(ip)) = self.resolve_ips.get(i) {
                 let _ = writeln!(t, "resolve_ip = \"{ip}\"");
             }
-            names.push(format!("\"{name}\""));
         }
+        t
+    }
+
+    /// The `[[stream]]` table of stream `name`, with its auth, retry, liveness, backfill
+    /// and budget.
+    fn stream_toml(&self, name: &str, url: &str) -> String {
+        let paths: Vec<String> = (0..self.paths.len())
+            .map(|i| format!("\"{}\"", Self::path_name(i)))
+            .collect();
         let retry = if self.fast_retry {
             "network_initial_backoff_ms = 100\nnetwork_backoff_step_ms = 100\nnetwork_max_backoff_ms = 1000\nhttp_initial_backoff_ms = 300\nhttp_max_backoff_ms = 2000\nhealthy_after_ms = 2000\n"
         } else {
             ""
         };
-        for (name, url) in self.stream_names().iter().zip(urls) {
-            let _ = write!(
-                t,
-                r#"
+        format!(
+            r#"
 [[stream]]
 name = "{name}"
 api = "gnip"
@@ -239,24 +247,42 @@ minute_ms = {minute}
 requests = {limit}
 window_ms = {window}
 "#,
-                partitions = self.partitions,
-                paths = names.join(", "),
-                hb = self.heartbeat_ms,
-                margin = self.heartbeat_margin_ms,
-                silence = self.data_silence_ms,
-                minute = self.minute_ms,
-                minute_x16 = self.minute_ms * 16,
-                limit = self.connect_limit,
-                window = self.connect_window_ms,
-                likes = self.likes,
-            );
+            partitions = self.partitions,
+            paths = paths.join(", "),
+            hb = self.heartbeat_ms,
+            margin = self.heartbeat_margin_ms,
+            silence = self.data_silence_ms,
+            minute = self.minute_ms,
+            minute_x16 = self.minute_ms * 16,
+            limit = self.connect_limit,
+            window = self.connect_window_ms,
+            likes = self.likes,
+        )
+    }
+
+    /// The sink's settings (`kind` and what it takes): null, NATS or files.
+    fn sink_toml(&self) -> String {
+        match &self.nats_url {
+            _ if self.null_sink => "kind = \"null\"".to_owned(),
+            Some(url) => format!(
+                "kind = \"nats\"\nurl = \"{url}\"\nstream = \"TANDEM\"\nduplicate_window_secs = {}\nack_timeout_ms = 2000",
+                self.dedup_window_secs * 2
+            ),
+            None => format!(
+                "kind = \"file\"\ndir = \"{}/store\"\ngzip = {}\nfsync_interval_ms = 200",
+                self.run_dir.display(),
+                self.gzip
+            ),
         }
+    }
+
+    /// The sections every stream shares: the sink, merge, delivery, monitor and repair.
+    fn shared_toml(&self) -> String {
         let max_ids = self
             .max_ids_per_partition
             .map_or_else(String::new, |n| format!("max_ids_per_partition = {n}\n"));
         let dir = self.run_dir.display();
-        let _ = write!(
-            t,
+        format!(
             r#"
 [sinks.store]
 {sink}
@@ -286,6 +312,7 @@ margin_secs = {repair_margin}
 chunk_secs = {repair_chunk}
 ledger_flush_ms = 200
 "#,
+            sink = self.sink_toml(),
             dedup = self.dedup_window_secs,
             memory = self.max_memory_activities,
             listen = self.monitor_listen,
@@ -293,8 +320,7 @@ ledger_flush_ms = 200
             pending = self.alert_pending_secs,
             repair_margin = self.repair_margin_secs,
             repair_chunk = self.repair_chunk_secs,
-        );
-        t
+        )
     }
 }
 
@@ -369,12 +395,16 @@ impl Verdict {
     }
 }
 
+/// Loads a consumer's configuration text, with the simulator's credentials.
+pub(crate) fn load_consumer(config_text: &str) -> Result<Loaded, tandem_config::Problems> {
+    tandem_config::load(config_text, &|name| {
+        (name == PASSWORD_VAR).then(|| PASSWORD.to_owned())
+    })
+}
+
 /// Starts a consumer from its configuration text, with the simulator's credentials.
 async fn start_consumer(config_text: &str) -> Result<Pipeline, HarnessError> {
-    let loaded = tandem_config::load(config_text, &|name| {
-        (name == PASSWORD_VAR).then(|| PASSWORD.to_owned())
-    })?;
-    Ok(Pipeline::start(loaded).await?)
+    Ok(Pipeline::start(load_consumer(config_text)?).await?)
 }
 
 impl Harness {
@@ -388,14 +418,7 @@ impl Harness {
         })
         .await?;
         let config_text = cfg.consumer_toml(&cfg.stream_urls(&sim)?);
-        let pipeline = start_consumer(&config_text).await?;
-        let h = Harness {
-            sim,
-            pipeline,
-            cfg,
-            config_text,
-            stored_before: HashMap::new(),
-        };
+        let h = Harness::with_consumer(sim, cfg, config_text, HashMap::new()).await?;
         if !h.wait_connected(Duration::from_secs(15)).await {
             tracing::warn!("not every connection came up within 15 s; generating anyway");
         }
@@ -428,15 +451,25 @@ impl Harness {
             *stored_before.entry((stream.to_string(), p)).or_default() +=
                 t.stored + t.store_duplicates;
         }
+        let h = Harness::with_consumer(sim, cfg, config_text, stored_before).await?;
+        Ok((h, report))
+    }
+
+    /// Starts a consumer from `config_text` and holds it beside `sim`.
+    async fn with_consumer(
+        sim: Simulator,
+        cfg: HarnessConfig,
+        config_text: String,
+        stored_before: HashMap<(String, Partition), u64>,
+    ) -> Result<Harness, HarnessError> {
         let pipeline = start_consumer(&config_text).await?;
-        let h = Harness {
+        Ok(Harness {
             sim,
             pipeline,
             cfg,
             config_text,
             stored_before,
-        };
-        Ok((h, report))
+        })
     }
 
     pub fn status(&self) -> Arc<Status> {
