@@ -47,7 +47,7 @@ fn main() {
                 let mut count = 0usize;
                 let start = Instant::now();
                 for chunk in gz.chunks(16 * 1024) {
-                    r.feed(black_box(chunk), &mut out).unwrap();
+                    r.feed_all(black_box(chunk), &mut out).unwrap();
                     count += out.iter().filter(|f| matches!(f, Frame::Line(_))).count();
                     out.clear();
                 }

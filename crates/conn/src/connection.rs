@@ -128,13 +128,33 @@ impl Endpoint {
             return Ok(resp);
         }
         let retry_after = retry_after(resp.headers());
-        let body = tokio::time::timeout(Duration::from_secs(2), resp.text())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+        let body = error_body(resp).await;
         Err(StreamError::from_status(status, &body, retry_after))
     }
+}
+
+/// The most of an error answer's body that is read (it only names the problem).
+pub const MAX_ERROR_BODY: usize = 16 * 1024;
+
+/// The longest wait an upstream's `Retry-After` may ask for; a longer one (or a date far
+/// ahead) is cut to this, so a bad header cannot park a connection for days.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
+
+/// Reads at most [`MAX_ERROR_BODY`] bytes of an error answer, for at most 2 s.
+async fn error_body(mut resp: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    let read = async {
+        while body.len() < MAX_ERROR_BODY {
+            match resp.chunk().await {
+                Ok(Some(c)) => {
+                    body.extend_from_slice(&c[..c.len().min(MAX_ERROR_BODY - body.len())])
+                }
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), read).await;
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// The content time of a batch: the creation time of its latest line that has one.
@@ -169,8 +189,12 @@ pub async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 /// How long the upstream asks us to wait: `Retry-After` (seconds or HTTP date) or
-/// `x-rate-limit-reset` (epoch seconds).
+/// `x-rate-limit-reset` (epoch seconds), at most [`MAX_RETRY_AFTER`].
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    asked_wait(headers).map(|d| d.min(MAX_RETRY_AFTER))
+}
+
+fn asked_wait(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let text = |name: &str| {
         headers
             .get(name)
@@ -333,5 +357,9 @@ mod tests {
             d > Duration::from_secs(85) && d <= Duration::from_secs(90),
             "{d:?}"
         );
+        // A wait of days (a bad header or a hostile peer) is cut to the cap.
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("retry-after", "864000".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));
     }
 }

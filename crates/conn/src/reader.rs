@@ -9,9 +9,18 @@
 //! Rules: an empty line is a heartbeat; a line longer than the maximum is skipped and
 //! counted; the partial line left when a connection ends is discarded and counted, never
 //! delivered.
+//!
+//! Bounded: one call decodes at most [`LineReader::output_budget`] bytes (a gzip bomb
+//! inflates a little at a time, each step handed on before the next); the input it did
+//! not reach waits in the reader (`has_pending`, `resume`). A gzip header may not exceed
+//! [`MAX_GZIP_HEADER`] bytes.
 
 use bytes::Bytes;
 use flate2::{Decompress, FlushDecompress, Status};
+
+/// The longest gzip member header accepted (the optional name and comment fields are
+/// otherwise unbounded).
+pub const MAX_GZIP_HEADER: usize = 64 * 1024;
 
 /// A framed unit of the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +69,8 @@ pub struct LineReader {
     pub oversize: u64,
     /// Bytes produced by the decoder so far.
     pub decoded_bytes: u64,
+    /// Input not decoded yet because a call's output budget was spent.
+    pending: Vec<u8>,
 }
 
 impl LineReader {
@@ -81,12 +92,60 @@ impl LineReader {
             skipping: false,
             oversize: 0,
             decoded_bytes: 0,
+            pending: Vec::new(),
         }
     }
 
-    /// Decodes one network chunk; complete frames are appended to `out`.
-    pub fn feed(&mut self, mut input: &[u8], out: &mut Vec<Frame>) -> Result<(), DecodeError> {
+    /// Decoded bytes one call produces at the most.
+    pub fn output_budget(&self) -> usize {
+        (self.chunk * 4).max(self.max_line + self.chunk)
+    }
+
+    /// Whether input waits for [`LineReader::resume`].
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Decodes one network chunk, up to the output budget; complete frames are appended
+    /// to `out`. Input left over waits: call [`LineReader::resume`] while
+    /// [`LineReader::has_pending`].
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<Frame>) -> Result<(), DecodeError> {
+        if self.has_pending() {
+            self.pending.extend_from_slice(input);
+            return self.resume(out);
+        }
+        let used = self.decode(input, out)?;
+        self.pending.extend_from_slice(&input[used..]);
+        Ok(())
+    }
+
+    /// Decodes all of `input`, however much it inflates to: for callers that hold the
+    /// whole output anyway (tests, benchmarks).
+    pub fn feed_all(&mut self, input: &[u8], out: &mut Vec<Frame>) -> Result<(), DecodeError> {
+        self.feed(input, out)?;
+        while self.has_pending() {
+            self.resume(out)?;
+        }
+        Ok(())
+    }
+
+    /// Decodes the next part of what waits, up to the output budget.
+    pub fn resume(&mut self, out: &mut Vec<Frame>) -> Result<(), DecodeError> {
+        let input = std::mem::take(&mut self.pending);
+        let used = self.decode(&input, out)?;
+        self.pending = input[used..].to_vec();
+        Ok(())
+    }
+
+    /// Decodes from `input` until it is used up or the output budget is spent; returns
+    /// how much of it was used.
+    fn decode(&mut self, whole: &[u8], out: &mut Vec<Frame>) -> Result<usize, DecodeError> {
+        let budget = self.decoded_bytes + self.output_budget() as u64;
+        let mut input = whole;
         loop {
+            if self.decoded_bytes >= budget {
+                break;
+            }
             match &mut self.decoder {
                 Decoder::Identity => {
                     while !input.is_empty() {
@@ -104,14 +163,20 @@ impl LineReader {
                         if input.is_empty() {
                             break;
                         }
+                        let before = seen.len();
                         seen.extend_from_slice(input);
                         match gzip_header_len(seen)? {
-                            None => break,
+                            None if seen.len() > MAX_GZIP_HEADER => {
+                                return Err(DecodeError::Header(format!(
+                                    "header longer than {MAX_GZIP_HEADER} bytes"
+                                )));
+                            }
+                            None => input = &[],
                             Some(len) => {
-                                let rest = seen.split_off(len);
+                                // What followed the header in this input is the body.
+                                input = &input[len - before..];
+                                seen.clear();
                                 *stage = Stage::Body;
-                                // Continue with what followed the header.
-                                return self.feed_owned(rest, out);
                             }
                         }
                     }
@@ -159,11 +224,7 @@ impl LineReader {
             }
         }
         self.emit(out);
-        Ok(())
-    }
-
-    fn feed_owned(&mut self, rest: Vec<u8>, out: &mut Vec<Frame>) -> Result<(), DecodeError> {
-        self.feed(&rest, out)
+        Ok(whole.len() - input.len())
     }
 
     /// Makes space in `buf`: hands complete lines out, and grows the buffer for a line
@@ -329,6 +390,41 @@ mod tests {
             .collect()
     }
 
+    /// A gzip bomb (megabytes of heartbeats from a few kilobytes) inflates a bounded
+    /// amount per call, and every frame still comes out, in order.
+    #[test]
+    fn inflate_is_bounded_per_call() {
+        let n = 4 * 1024 * 1024;
+        let bomb = gzip(&b"\r\n".repeat(n));
+        assert!(bomb.len() < 128 * 1024, "{} bytes compressed", bomb.len());
+        let mut r = LineReader::new(true, 16 * 1024, 1024 * 1024);
+        let budget = r.output_budget();
+        let (mut out, mut total, mut calls) = (Vec::new(), 0usize, 0);
+        r.feed(&bomb, &mut out).unwrap();
+        loop {
+            calls += 1;
+            assert!(out.len() * 2 <= budget + 2, "{} frames in one call", out.len());
+            total += out.len();
+            out.clear();
+            if !r.has_pending() {
+                break;
+            }
+            r.resume(&mut out).unwrap();
+        }
+        assert_eq!(total, n);
+        assert!(calls > 4, "{calls} calls");
+    }
+
+    /// A gzip header whose name field never ends is refused once over the cap.
+    #[test]
+    fn endless_gzip_header_is_refused() {
+        let mut header = vec![0x1f, 0x8b, 8, 0x08, 0, 0, 0, 0, 0, 0xff];
+        header.extend(std::iter::repeat_n(b'a', MAX_GZIP_HEADER + 1));
+        let mut r = LineReader::new(true, 16 * 1024, 1024 * 1024);
+        let err = r.feed_all(&header, &mut Vec::new()).unwrap_err();
+        assert!(matches!(err, DecodeError::Header(_)), "{err}");
+    }
+
     /// Lines split across arbitrary chunk boundaries come out whole, in order, with
     /// heartbeats recognised, for both encodings.
     #[test]
@@ -354,7 +450,7 @@ mod tests {
                 let mut r = LineReader::new(gz, 4096, 1 << 20);
                 let mut out = Vec::new();
                 for c in body.chunks(step) {
-                    r.feed(c, &mut out).unwrap();
+                    r.feed_all(c, &mut out).unwrap();
                 }
                 assert_eq!(lines(&out), expect, "gzip={gz} step={step}");
                 assert_eq!(r.finish(), 0);
@@ -371,7 +467,7 @@ mod tests {
             let mut r = LineReader::new(false, 2048, 10_000);
             let mut out = Vec::new();
             for c in text.as_bytes().chunks(step) {
-                r.feed(c, &mut out).unwrap();
+                r.feed_all(c, &mut out).unwrap();
             }
             assert_eq!(
                 lines(&out),
@@ -387,7 +483,7 @@ mod tests {
     fn partial_line_is_discarded() {
         let mut r = LineReader::new(false, 4096, 1 << 20);
         let mut out = Vec::new();
-        r.feed(b"{\"a\":1}\r\n{\"b\":", &mut out).unwrap();
+        r.feed_all(b"{\"a\":1}\r\n{\"b\":", &mut out).unwrap();
         assert_eq!(lines(&out), ["{\"a\":1}"]);
         assert_eq!(r.finish(), 5);
     }
@@ -403,7 +499,7 @@ mod tests {
         }
         let mut r = LineReader::new(false, 64 * 1024, 1 << 20);
         let mut out = Vec::new();
-        r.feed(&text, &mut out).unwrap();
+        r.feed_all(&text, &mut out).unwrap();
         let ptrs: Vec<usize> = out
             .iter()
             .map(|f| match f {
@@ -423,7 +519,7 @@ mod tests {
         let mut r = LineReader::new(true, 4096, 1 << 20);
         let mut out = Vec::new();
         assert!(matches!(
-            r.feed(b"PK\x03\x04 not gzip", &mut out),
+            r.feed_all(b"PK\x03\x04 not gzip", &mut out),
             Err(DecodeError::Header(_))
         ));
         // After a flush boundary, 0xff starts a block of the reserved type 3.
@@ -432,10 +528,10 @@ mod tests {
         enc.flush().unwrap();
         let body = enc.get_ref().clone();
         let mut r = LineReader::new(true, 4096, 1 << 20);
-        r.feed(&body, &mut out).unwrap();
+        r.feed_all(&body, &mut out).unwrap();
         assert_eq!(lines(&out), ["{\"a\":1}"]);
         assert!(matches!(
-            r.feed(&[0xff; 64], &mut out),
+            r.feed_all(&[0xff; 64], &mut out),
             Err(DecodeError::Inflate(_))
         ));
     }
@@ -453,7 +549,7 @@ mod tests {
         let mut r = LineReader::new(true, 4096, 1 << 20);
         let mut out = Vec::new();
         for c in body.chunks(3) {
-            r.feed(c, &mut out).unwrap();
+            r.feed_all(c, &mut out).unwrap();
         }
         assert_eq!(lines(&out), ["{\"a\":1}"]);
     }

@@ -430,22 +430,38 @@ impl Runner {
         r.last_byte = now;
         r.bytes += chunk.len() as u64;
         self.meters.bytes.increment(chunk.len() as u64);
-        if let Err(e) = r.reader.feed(chunk, &mut r.frames) {
-            let why = format!("undecodable stream: {e}");
-            return Some(Ended::Error(StreamError::new(
-                ErrorKind::StreamInterrupted,
-                why,
-            )));
+        let mut decoded = r.reader.feed(chunk, &mut r.frames);
+        // The reader decodes a bounded amount at a time: each part is handed on (and
+        // waits for the merger) before the next is inflated.
+        loop {
+            if let Err(e) = decoded {
+                let why = format!("undecodable stream: {e}");
+                return Some(Ended::Error(StreamError::new(
+                    ErrorKind::StreamInterrupted,
+                    why,
+                )));
+            }
+            let lines = self.frames_to_lines(r);
+            if !lines.is_empty()
+                && let Some(ended) = self.hand_over(r, lines, now).await
+            {
+                return Some(ended);
+            }
+            if !r.reader.has_pending() {
+                return None;
+            }
+            decoded = r.reader.resume(&mut r.frames);
         }
+    }
+
+    /// The lines among the decoded frames; heartbeats and oversize lines are counted.
+    fn frames_to_lines(&self, r: &mut Reading) -> Vec<Bytes> {
         if r.reader.oversize > r.oversize_seen {
             let n = r.reader.oversize - r.oversize_seen;
             r.oversize_seen = r.reader.oversize;
             self.meters.oversize.increment(n);
-            tracing::warn!(
-                lines = n,
-                max_line_bytes = self.spec.read.max_line_bytes,
-                "oversize line skipped"
-            );
+            let max_line_bytes = self.spec.read.max_line_bytes;
+            tracing::warn!(lines = n, max_line_bytes, "oversize line skipped");
         }
         let mut lines = Vec::with_capacity(r.frames.len());
         for f in r.frames.drain(..) {
@@ -460,10 +476,7 @@ impl Runner {
                 }
             }
         }
-        if lines.is_empty() {
-            return None;
-        }
-        self.hand_over(r, lines, now).await
+        lines
     }
 
     /// Counts lines, hands them to the merger, then notes their coverage.

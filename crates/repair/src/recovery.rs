@@ -250,13 +250,21 @@ impl Chunk<'_> {
                 }
                 Ok(Ok(Some(c))) => c,
             };
-            if let Err(e) = r.reader.feed(&chunk, &mut r.frames) {
-                let why = format!("undecodable stream: {e}");
-                return Err(StreamError::new(ErrorKind::StreamInterrupted, why));
-            }
-            let lines = self.sort_out(r);
-            if !lines.is_empty() && !self.forward(r, lines).await {
-                return Ok(false);
+            let mut decoded = r.reader.feed(&chunk, &mut r.frames);
+            // Decoded a bounded amount at a time, each part handed on before the next.
+            loop {
+                if let Err(e) = decoded {
+                    let why = format!("undecodable stream: {e}");
+                    return Err(StreamError::new(ErrorKind::StreamInterrupted, why));
+                }
+                let lines = self.sort_out(r);
+                if !lines.is_empty() && !self.forward(r, lines).await {
+                    return Ok(false);
+                }
+                if !r.reader.has_pending() {
+                    break;
+                }
+                decoded = r.reader.resume(&mut r.frames);
             }
             if r.completed {
                 // Nothing follows the completion message; do not wait for the close.
