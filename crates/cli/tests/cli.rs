@@ -136,3 +136,33 @@ fn demo_reports_nothing_lost() {
         "the run logs to its directory"
     );
 }
+
+/// A proxy URL with a password in it: `tandem check` shows where the path goes, never
+/// the password.
+#[test]
+fn check_never_prints_credentials_in_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let with_proxy = EXAMPLE.replace(
+        "# proxy = \"http://egress-b.internal:3128\"",
+        "proxy = \"http://egress:hunter2@egress-b.internal:3128\"",
+    );
+    assert!(with_proxy.contains("hunter2"));
+    std::fs::write(&path, with_proxy).unwrap();
+    let out = tandem()
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("GNIP_PASSWORD", "x")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("proxy http://***@egress-b.internal:3128"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+}

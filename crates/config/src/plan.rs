@@ -16,7 +16,8 @@ pub fn plan(loaded: &Loaded) -> String {
             .only_partitions
             .clone()
             .unwrap_or_else(|| (1..=s.partitions).collect());
-        let _ = writeln!(out, "stream {} ({:?}) {}", s.name, s.api, s.url);
+        let url = tandem_core::redact_url(&s.url);
+        let _ = writeln!(out, "stream {} ({:?}) {url}", s.name, s.api);
         let _ = writeln!(
             out,
             "  {} partition(s) x {} path(s) = {} connections; connect budget {} per {} s; backfill {:?} up to {} min",
@@ -40,7 +41,7 @@ pub fn plan(loaded: &Loaded) -> String {
                         via.push(format!("interface {i}"));
                     }
                     if let Some(x) = &path.proxy {
-                        via.push(format!("proxy {x}"));
+                        via.push(format!("proxy {}", tandem_core::redact_url(x)));
                     }
                     if let Some(ip) = path.resolve_ip {
                         via.push(format!("pinned to {ip}"));

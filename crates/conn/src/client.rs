@@ -92,7 +92,12 @@ pub fn build_client(
     }
     match &path.proxy {
         Some(url) => {
-            let proxy = reqwest::Proxy::all(url).map_err(|e| err(format!("proxy {url}: {e}")))?;
+            let proxy = reqwest::Proxy::all(url).map_err(|e| {
+                // The error text may quote the URL too: neither is printed with credentials.
+                let shown = tandem_core::redact_url(url);
+                let e = tandem_core::redact_url(&e.to_string());
+                err(format!("proxy {shown}: {e}"))
+            })?;
             b = b.proxy(proxy);
         }
         None => b = b.no_proxy(),

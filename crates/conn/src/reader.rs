@@ -403,7 +403,11 @@ mod tests {
         r.feed(&bomb, &mut out).unwrap();
         loop {
             calls += 1;
-            assert!(out.len() * 2 <= budget + 2, "{} frames in one call", out.len());
+            assert!(
+                out.len() * 2 <= budget + 2,
+                "{} frames in one call",
+                out.len()
+            );
             total += out.len();
             out.clear();
             if !r.has_pending() {

@@ -40,7 +40,7 @@ pub use identity::{
 };
 pub use ids::{ActivityId, DedupKey};
 pub use retry::{ExponentialBackoff, InvalidBackoff, Retryable};
-pub use secret::Secret;
+pub use secret::{Secret, redact_url};
 pub use tally::{Lanes, Tally, TallySnapshot};
 
 /// A partition number as the upstream numbers them (from 1).

@@ -126,6 +126,7 @@ impl MonitorConfig {
         if let Some(url) = &self.webhook_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
+            let url = tandem_core::redact_url(url);
             out.push(("webhook_url", format!("{url:?} is not an http(s) URL")));
         }
         out

@@ -15,6 +15,8 @@ pub fn spawn(url: String, mut transitions: broadcast::Receiver<Transition>) -> J
         .build()
         .expect("a default client builds");
     let endpoint = format!("{}/api/v2/alerts", url.trim_end_matches('/'));
+    // What the logs name: never the credentials an operator may have put in the URL.
+    let shown = tandem_core::redact_url(&endpoint);
     tokio::spawn(async move {
         loop {
             let t = match transitions.recv().await {
@@ -29,10 +31,10 @@ pub fn spawn(url: String, mut transitions: broadcast::Receiver<Transition>) -> J
             match client.post(&endpoint).json(&body).send().await {
                 Ok(r) if r.status().is_success() => {}
                 Ok(r) => {
-                    tracing::warn!(status = r.status().as_u16(), endpoint = %endpoint, "alert webhook refused")
+                    tracing::warn!(status = r.status().as_u16(), endpoint = %shown, "alert webhook refused")
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, endpoint = %endpoint, "alert webhook unreachable")
+                    tracing::warn!(error = %tandem_core::redact_url(&e.to_string()), endpoint = %shown, "alert webhook unreachable")
                 }
             }
         }

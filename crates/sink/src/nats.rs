@@ -231,11 +231,23 @@ async fn client(cfg: &NatsConfig, token: Option<String>) -> Result<async_nats::C
         .split(',')
         .map(|u| u.trim().parse::<async_nats::ServerAddr>())
         .collect::<Result<_, _>>()
-        .map_err(|e| StoreError::fatal("nats", format!("url {:?}: {e}", cfg.url)))?;
+        .map_err(|e| {
+            let url = tandem_core::redact_url(&cfg.url);
+            StoreError::fatal("nats", format!("url {url:?}: {e}"))
+        })?;
     tokio::time::timeout(Duration::from_secs(10), opts.connect(servers))
         .await
-        .map_err(|_| err(format!("cannot reach {} within 10 s", cfg.url)))?
-        .map_err(|e| err(format!("cannot connect to {}: {e}", cfg.url)))
+        .map_err(|_| {
+            err(format!(
+                "cannot reach {} within 10 s",
+                tandem_core::redact_url(&cfg.url)
+            ))
+        })?
+        .map_err(|e| {
+            let url = tandem_core::redact_url(&cfg.url);
+            let e = tandem_core::redact_url(&e.to_string());
+            err(format!("cannot connect to {url}: {e}"))
+        })
 }
 
 /// Reads back which activities the JetStream stream holds for a stream partition: in a pair of
@@ -361,7 +373,7 @@ impl NatsStore {
         match store.prepare().await {
             Ok(()) => {}
             Err(e) if e.is_retryable() => {
-                tracing::warn!(url = %store.cfg.url, error = %e, "the NATS server is not reachable yet; the sink starts down, spools, and delivers once it is");
+                tracing::warn!(url = %tandem_core::redact_url(&store.cfg.url), error = %e, "the NATS server is not reachable yet; the sink starts down, spools, and delivers once it is");
             }
             Err(e) => return Err(e),
         }
@@ -374,7 +386,8 @@ impl NatsStore {
             return Ok(());
         }
         if !self.connected() {
-            return Err(err(format!("not connected to {}", self.cfg.url)));
+            let url = tandem_core::redact_url(&self.cfg.url);
+            return Err(err(format!("not connected to {url}")));
         }
         let (cfg, js) = (&self.cfg, &self.js);
         let subjects = vec![format!("{}.>", cfg.subject_prefix)];
