@@ -398,12 +398,7 @@ fn validate_stream_name<'a>(
     names: &mut HashSet<&'a str>,
     out: &mut Vec<Problem>,
 ) {
-    if s.name.is_empty()
-        || !s
-            .name
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
-    {
+    if !is_plain_name(&s.name) {
         out.push(problem(
             format!("{at}.name"),
             format!("{:?}: use letters, digits, '-' and '_'", s.name),
@@ -515,8 +510,24 @@ fn validate_stream_settings(s: &StreamConfig, at: &str, out: &mut Vec<Problem>) 
 
 /// The shared sections: sinks, merge (with the dedup window against the streams'
 /// backfill), monitor, delivery and repair.
+/// A name that may become part of a file path, a metric label and a subject: letters,
+/// digits, `-` and `_` only (no `/`, no `..`).
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+}
+
 fn validate_sections(c: &Config, out: &mut Vec<Problem>) {
     for (name, sink) in &c.sinks {
+        // The name becomes the sink's spool directory and a metric label.
+        if !is_plain_name(name) {
+            out.push(problem(
+                format!("sinks.{name}"),
+                format!("{name:?}: a sink name uses letters, digits, '-' and '_'"),
+            ));
+        }
         nest(
             out,
             &format!("sinks.{name}"),

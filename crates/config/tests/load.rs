@@ -135,3 +135,21 @@ fn reference_is_up_to_date() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A sink name that would leave the spool directory (`..`, `/`) is refused by name.
+#[test]
+fn sink_names_cannot_escape_the_spool_directory() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/tandem.toml"
+    ))
+    .unwrap()
+    .replace("[sinks.files]", "[sinks.\"../../etc\"]")
+    .replace("sink = \"files\"", "sink = \"../../etc\"");
+    let err = tandem_config::load(&text, &|_| Some("x".to_owned())).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("sinks.../../etc") && text.contains("a sink name uses letters"),
+        "{text}"
+    );
+}
