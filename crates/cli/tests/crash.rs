@@ -9,6 +9,8 @@ mod support;
 use std::os::unix::process::ExitStatusExt as _;
 use std::time::Duration;
 
+use serde_json::Value;
+
 use support::{Consumer, Run, SIGABRT, Tmpfs};
 
 /// Starts a consumer of a JetStream run, publishes for 3 s, stops the NATS server and
@@ -261,15 +263,206 @@ async fn spool_disk_full_for_real() {
     );
     std::fs::remove_file(&filler).unwrap();
     run.nats().restart().expect("nats-server restarts");
-    run.wait_status(Duration::from_secs(60), "the sink up again", |s| {
-        support::sink_up(s) == Some(true)
-    })
-    .await;
+    // The sink must report up again once it can write; the data's verdict is judged
+    // either way, so that a sink stuck "down" and lost data are told apart.
+    let back = run
+        .try_wait_status(Duration::from_secs(60), |s| {
+            support::sink_up(s) == Some(true) && run.all_live(s)
+        })
+        .await;
+    let mut problems = Vec::new();
+    if let Err(last) = &back {
+        let s = last.as_ref();
+        problems.push(format!(
+            "the sink still reports down 60 s after space was given back and the server restarted \
+             (sinks: {}, not ready because: {}, stored {}, in flight {}, queued {})",
+            s.map_or(Value::Null, |s| s["sinks"].clone()),
+            s.map_or(Value::Null, |s| s["not_ready_because"].clone()),
+            s.map_or(0, |s| support::total(s, "stored")),
+            s.map_or(0, |s| support::total(s, "in_flight")),
+            s.map_or(0, |s| support::total(s, "queued")),
+        ));
+        println!("{name}: PROBLEM: {}", problems[0]);
+        // The sink's changes of state, as it logged them.
+        let log = run.log_text();
+        let states: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("spool") && !l.contains("replaying") || l.contains("store is back")
+            })
+            .collect();
+        println!("--- the sink's state in the log ---\n{}", states.join("\n"));
+    } else {
+        assert_eq!(run.probe("readyz").await, Some(200), "ready again");
+    }
     run.finish(consumer, name).await;
     assert_eq!(
         run.spool_segments(),
         0,
         "the spool was delivered and deleted"
     );
+    assert!(problems.is_empty(), "{name}: {problems:#?}");
     drop(disk);
+}
+
+/// SIGTERM while JetStream is down with a backlog, the process aborting as the sink
+/// starts its shutdown drain (`sink.drain`): nothing of the backlog is lost; the server
+/// back and a normal start deliver everything once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_during_shutdown_drain() {
+    let name = "kill_during_shutdown_drain";
+    let mut run = Run::new(true, |_| {}).await;
+    let first =
+        outage_with_spool(&mut run, Some("sink.drain"), 1_000, Duration::from_secs(6)).await;
+    first.sigterm();
+    expect_abort(&run, first, "sink.drain").await;
+    println!(
+        "{name}: aborted in the drain, {} spool segment(s)",
+        run.spool_segments()
+    );
+    run.nats().restart().expect("nats-server restarts");
+    let second = run.start(None);
+    run.wait_live().await;
+    run.finish(second, name).await;
+    assert_eq!(
+        run.spool_segments(),
+        0,
+        "the spool was delivered and deleted"
+    );
+}
+
+/// A gap beyond backfill (SIGKILL, then ~9 s of publishing with 1 s backfill "minutes"),
+/// a restart that aborts as soon as the first recovery chunk reached the merger
+/// (`repair.chunk_read`), then a normal start: the chunk was not marked done, so it is
+/// recovered again, and every activity is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_right_after_recovery_chunk_reached_the_merger() {
+    let name = "kill_right_after_recovery_chunk_reached_the_merger";
+    let run = Run::new(false, |c| c.minute_ms = 1_000).await;
+    let mut first = run.start(None);
+    run.wait_live().await;
+    run.publish(run.cfg.rate_per_sec);
+    run.wait_status(Duration::from_secs(30), "something stored", |s| {
+        support::total(s, "stored") > 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    first.sigkill();
+    // Down for longer than the backfill window (5 minutes of 1 s) while publishing goes on.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let second = run.start(Some("repair.chunk_read"));
+    expect_abort(&run, second, "repair.chunk_read").await;
+    let third = run.start(None);
+    let s = run
+        .wait_status(Duration::from_secs(60), "the gaps repaired", |s| {
+            let ps = support::partitions(s);
+            ps.len() == 2
+                && ps.iter().all(|p| {
+                    let gaps = p["repair_gaps"].as_array().cloned().unwrap_or_default();
+                    !gaps.is_empty() && gaps.iter().all(|g| g["state"] == "repaired")
+                })
+        })
+        .await;
+    for p in support::partitions(&s) {
+        for g in p["repair_gaps"].as_array().into_iter().flatten() {
+            let secs = (g["end_ms"].as_u64().unwrap_or(0))
+                .saturating_sub(g["start_ms"].as_u64().unwrap_or(0)) as f64
+                / 1000.0;
+            println!(
+                "{name}: partition {} gap {secs:.1} s repaired in {} chunk(s)",
+                p["partition"], g["chunks"]
+            );
+        }
+    }
+    // The aborted start asked for recovery chunks and died before storing them: the next
+    // start asks for (at least one of) the same chunks again.
+    let log = run.log_text();
+    let section = |label: &str| {
+        log.split("===== ")
+            .find(|s| s.starts_with(label))
+            .map(|s| {
+                s.lines()
+                    .filter(|l| l.contains("recovery request"))
+                    .filter_map(|l| {
+                        // The partition is a field of the line or of its span; the chunk's
+                        // start is the message's own `start=`.
+                        let part: String = l
+                            .split("partition=")
+                            .nth(1)?
+                            .chars()
+                            .take_while(char::is_ascii_digit)
+                            .collect();
+                        let msg = l.split("recovery request").nth(1)?;
+                        let start = msg.split("start=").nth(1)?.split([' ', '}']).next()?;
+                        Some(format!("{part}@{start}"))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let (aborted, again) = (section("start #2"), section("start #3"));
+    println!("{name}: chunks asked for by the aborted start {aborted:?}, by the next {again:?}");
+    assert!(!aborted.is_empty(), "the aborted start asked for recovery");
+    assert!(
+        aborted.iter().any(|c| again.contains(c)),
+        "a chunk read but not stored is recovered again"
+    );
+    run.finish(third, name).await;
+}
+
+/// A spool built by an outage and a SIGKILL; the next start (server back) aborts at its
+/// second store write (`sink.put@2`), in the middle of replaying that spool; a normal
+/// start then delivers everything once and leaves no spool segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_during_spool_replay() {
+    let name = "kill_during_spool_replay";
+    let mut run = Run::new(true, |_| {}).await;
+    let mut first = outage_with_spool(&mut run, None, 1_000, Duration::from_secs(6)).await;
+    first.sigkill();
+    let segments = run.spool_segments();
+    run.nats().restart().expect("nats-server restarts");
+    let second = run.start(Some("sink.put@2"));
+    expect_abort(&run, second, "sink.put").await;
+    let left = run.spool_segments();
+    println!("{name}: {segments} spool segment(s) before the replay, {left} after the abort");
+    assert!(
+        left > 0,
+        "the abort came before the spool was delivered and deleted"
+    );
+    let third = run.start(None);
+    run.wait_live().await;
+    run.finish(third, name).await;
+    assert_eq!(
+        run.spool_segments(),
+        0,
+        "the spool was delivered and deleted"
+    );
+}
+
+/// A spool built by an outage and a SIGKILL; the next start aborts right after opening
+/// (and reading) the spool (`sink.spool_opened`); a normal start then delivers everything
+/// once and leaves no spool segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_fails_after_the_spool_was_read() {
+    let name = "start_fails_after_the_spool_was_read";
+    let mut run = Run::new(true, |_| {}).await;
+    let mut first = outage_with_spool(&mut run, None, 1_000, Duration::from_secs(6)).await;
+    first.sigkill();
+    let segments = run.spool_segments();
+    run.nats().restart().expect("nats-server restarts");
+    let second = run.start(Some("sink.spool_opened"));
+    expect_abort(&run, second, "sink.spool_opened").await;
+    assert_eq!(
+        run.spool_segments(),
+        segments,
+        "opening the spool deletes nothing"
+    );
+    let third = run.start(None);
+    run.wait_live().await;
+    run.finish(third, name).await;
+    assert_eq!(
+        run.spool_segments(),
+        0,
+        "the spool was delivered and deleted"
+    );
 }

@@ -806,6 +806,11 @@ impl<S: Store> Driver<S> {
             }
             if !self.overflow.is_empty() && retry_at.is_none_or(|t| Instant::now() >= t) {
                 self.flush_overflow();
+            } else if self.overflow.is_empty() && !self.spool_ok {
+                // Nothing waits for the spool any more (the store took it directly): the
+                // full disk no longer holds anything back.
+                tracing::info!("nothing waits for the spool any more");
+                self.set_up(None, Some(true));
             }
             let ready = self.fatal.is_none()
                 && self.pending()

@@ -35,6 +35,39 @@ fn http() -> reqwest::Client {
         .unwrap()
 }
 
+/// A link to the `tandem` binary that cargo built for these tests (with the crash
+/// points), in `dir`: the target directory's `tandem` is replaced whenever anyone builds
+/// the workspace (a plain `cargo build` without the crash points, too), and a scenario
+/// must run one binary from its first start to its last. Waits (up to 120 s) while the
+/// target directory holds a build without crash points, e.g. one another build is about
+/// to replace.
+async fn pinned_binary(dir: &Path) -> PathBuf {
+    let target = Path::new(env!("CARGO_BIN_EXE_tandem"));
+    let link = dir.join("tandem");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let _ = std::fs::remove_file(&link);
+        if std::fs::hard_link(target, &link).is_err() {
+            std::fs::copy(target, &link).expect("a copy of the tandem binary");
+        }
+        let has_points = Command::new("grep")
+            .args(["-q", "-a", "-F", "TANDEM_CRASH_AT"])
+            .arg(&link)
+            .status()
+            .is_ok_and(|s| s.success());
+        if has_points {
+            return link;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} has no crash points (TANDEM_CRASH_AT): another build replaced the test build; \
+             run the tests again",
+            target.display()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
 /// Everything one scenario needs, under one temporary directory.
 pub(crate) struct Run {
     pub(crate) cfg: HarnessConfig,
@@ -42,6 +75,8 @@ pub(crate) struct Run {
     pub(crate) nats: Option<NatsServer>,
     pub(crate) config: PathBuf,
     pub(crate) log: PathBuf,
+    /// This run's own link to the `tandem` test binary.
+    pub(crate) binary: PathBuf,
     pub(crate) started: Instant,
     starts: std::cell::Cell<u32>,
     client: reqwest::Client,
@@ -178,12 +213,14 @@ impl Run {
         let config = dir.path().join("tandem.toml");
         std::fs::write(&config, cfg.consumer_toml(&cfg.stream_urls(&sim).unwrap())).unwrap();
         let log = dir.path().join("tandem.log");
+        let binary = pinned_binary(dir.path()).await;
         Run {
             cfg,
             sim,
             nats,
             config,
             log,
+            binary,
             started,
             starts: std::cell::Cell::new(0),
             client: http(),
@@ -228,7 +265,7 @@ impl Run {
             self.started.elapsed().as_secs_f64()
         )
         .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
+        let mut cmd = Command::new(&self.binary);
         cmd.args(["run", "--config"])
             .arg(&self.config)
             .env(PASSWORD_VAR, PASSWORD)
@@ -305,21 +342,34 @@ impl Run {
         what: &str,
         done: impl Fn(&Value) -> bool,
     ) -> Value {
+        match self.try_wait_status(within, done).await {
+            Ok(s) => s,
+            Err(last) => panic!(
+                "waited {within:?} for: {what}; last status: {last:#?}\n--- log tail ---\n{}",
+                self.log_tail(80)
+            ),
+        }
+    }
+
+    /// Waits until `/status` satisfies `done`; the last status seen if it does not within
+    /// `within`.
+    pub(crate) async fn try_wait_status(
+        &self,
+        within: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Result<Value, Option<Value>> {
         let deadline = Instant::now() + within;
         let mut last = None;
         while Instant::now() < deadline {
             if let Some(s) = self.status().await {
                 if done(&s) {
-                    return s;
+                    return Ok(s);
                 }
                 last = Some(s);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!(
-            "waited {within:?} for: {what}; last status: {last:#?}\n--- log tail ---\n{}",
-            self.log_tail(80)
-        );
+        Err(last)
     }
 
     /// Waits for a condition that is not in `/status` (a file, the log).
@@ -358,11 +408,11 @@ impl Run {
         .await
     }
 
-    /// Nothing waits anywhere: every connection live, nothing queued or in flight, no
-    /// gap under recovery, the sink up.
+    /// Nothing waits anywhere: every connection live, nothing queued or in flight (held
+    /// in memory, spooled or awaiting the store's acknowledgement), no gap under recovery.
+    /// (Whether the sink *reports* up is for the scenarios to check.)
     pub(crate) fn caught_up(&self, s: &Value) -> bool {
         self.all_live(s)
-            && sink_up(s) == Some(true)
             && partitions(s).iter().all(|p| {
                 p["counts"]["in_flight"] == 0
                     && p["counts"]["queued"] == 0
