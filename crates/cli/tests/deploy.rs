@@ -10,7 +10,6 @@
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -49,14 +48,6 @@ fn succeed(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("an ephemeral port")
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn yaml_docs(path: &Path) -> Vec<Value> {
@@ -723,7 +714,7 @@ fn contract_problems(
 #[test]
 fn dashboard_queries_return_data_from_prometheus_scraping_a_running_demo() {
     let dir = tempfile::tempdir().unwrap();
-    let metrics_port = free_port();
+    let metrics_port = tandem_scenario::free_port().expect("an ephemeral port");
     let demo_secs = 60;
     let demo_log = std::fs::File::create(dir.path().join("demo.out")).unwrap();
     let _demo = Running(
@@ -741,7 +732,7 @@ fn dashboard_queries_return_data_from_prometheus_scraping_a_running_demo() {
     );
     let started = Instant::now();
 
-    let prom_port = free_port();
+    let prom_port = tandem_scenario::free_port().expect("an ephemeral port");
     let config = dir.path().join("prometheus.yml");
     std::fs::write(
         &config,

@@ -2,7 +2,7 @@
 //! again past the backfill window: the coverage ledger turns the downtime into a gap,
 //! recovery brings it back, and the store holds every published activity exactly once.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -12,9 +12,9 @@ use tandem_scenario::harness::{PASSWORD, PASSWORD_VAR, compare};
 use tandem_sim::{RateProfile, SimConfig, Simulator};
 use tokio::time::Instant;
 
-fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
-    l.local_addr().unwrap()
+fn loopback_addr() -> SocketAddr {
+    let port = tandem_scenario::free_port().expect("a free port");
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 fn start(config: &Path, log: &Path) -> Child {
@@ -79,7 +79,7 @@ async fn sigkill_and_restart_after_a_gap() {
     tandem_conn::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = HarnessConfig::fast(dir.path().to_path_buf());
-    cfg.monitor_listen = free_port();
+    cfg.monitor_listen = loopback_addr();
     let sim = Simulator::start(SimConfig {
         streams: cfg.sim_streams(),
         ..SimConfig::default()

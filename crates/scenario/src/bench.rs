@@ -9,7 +9,7 @@
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -50,10 +50,6 @@ pub struct RunResult {
     pub bytes_per_id: f64,
     /// CPU the simulator process used meanwhile (taken from the same cores).
     pub sim_cpu_secs: f64,
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// CPU seconds (user + system) of this process.
@@ -108,7 +104,7 @@ impl Drop for SimProcess {
 }
 
 fn start_sim(exe: &Path, dir: &Path, stream_toml: &str) -> std::io::Result<SimProcess> {
-    let port = free_port()?;
+    let port = crate::free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let config = dir.join(format!("sim-{port}.toml"));
     std::fs::write(&config, format!("listen = \"{addr}\"\n{stream_toml}"))?;

@@ -11,6 +11,7 @@
 //! - [`store`]: reading back what the file sink stored.
 //! - [`nats`]: a real `nats-server -js` for tests, and reading back a JetStream stream.
 //! - [`demo`]: the embedded demo with its fault schedule and live summary.
+//! - [`free_port`]: an ephemeral loopback port, for every test peer.
 //! - [`mod@bench`]: `tandem bench`, the full pipeline at full speed and the X SDK baseline.
 
 pub mod bench;
@@ -20,3 +21,11 @@ pub mod nats;
 pub mod store;
 
 pub use harness::{Harness, HarnessConfig, Verdict};
+
+/// A loopback port free right now, for a peer a test or benchmark starts (the simulator,
+/// NATS, Prometheus, a consumer's monitor endpoint).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

@@ -2,7 +2,6 @@
 //! temporary store, and reading back what a JetStream stream holds.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -39,10 +38,7 @@ impl NatsServer {
     /// Starts a server storing under `store` (a directory that outlives restarts).
     pub fn start(store: &Path) -> Result<NatsServer, NatsServerError> {
         let binary = find_binary().ok_or(NatsServerError::Missing)?;
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| NatsServerError::Start(e.to_string()))?
-            .port();
+        let port = crate::free_port().map_err(|e| NatsServerError::Start(e.to_string()))?;
         let mut server = NatsServer {
             binary,
             port,

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -22,9 +22,9 @@ use tokio::time::Instant;
 /// SIGABRT: how a process that reached its crash point ends.
 pub(crate) const SIGABRT: i32 = 6;
 
-pub(crate) fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
-    l.local_addr().unwrap()
+pub(crate) fn loopback_addr() -> SocketAddr {
+    let port = tandem_scenario::free_port().expect("a free port");
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 fn http() -> reqwest::Client {
@@ -200,7 +200,7 @@ impl Run {
                 .expect("nats-server (scripts/setup-test-deps installs it)")
         });
         let mut cfg = HarnessConfig::fast(dir.path().to_path_buf());
-        cfg.monitor_listen = free_port();
+        cfg.monitor_listen = loopback_addr();
         cfg.max_memory_activities = 300;
         cfg.nats_url = nats.as_ref().map(NatsServer::url);
         tweak(&mut cfg);
