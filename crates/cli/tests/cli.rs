@@ -166,3 +166,56 @@ fn check_never_prints_credentials_in_urls() {
     );
     assert!(!text.contains("hunter2"), "{text}");
 }
+
+/// A sink directory that is a regular file is a configuration problem `tandem check`
+/// names by field, not a start-up failure.
+#[test]
+fn check_names_a_sink_directory_that_is_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let path = dir.path().join("file-as-dir.toml");
+    let text = EXAMPLE.replace(
+        "dir = \"/var/lib/tandem/data\"",
+        &format!("dir = \"{}\"", file.display()),
+    );
+    std::fs::write(&path, text).unwrap();
+    let out = tandem()
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("GNIP_PASSWORD", "x")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("sinks.files.dir") && text.contains("is not a directory"),
+        "{text}"
+    );
+}
+
+/// A monitor port already taken stops `tandem run` with one message that names the
+/// field and says the OS error once.
+#[test]
+fn run_names_a_taken_monitor_port() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = EXAMPLE
+        .replace("listen = \"0.0.0.0:9464\"", &format!("listen = \"{addr}\""))
+        .replace("/var/lib/tandem", &dir.path().display().to_string())
+        .replace("source_address = \"10.0.1.10\"", "")
+        .replace("source_address = \"10.0.2.10\"", "");
+    let path = dir.path().join("taken.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = tandem()
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("GNIP_PASSWORD", "x")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&format!("monitor.listen {addr}")), "{err}");
+    assert_eq!(err.matches("in use").count(), 1, "the OS error once: {err}");
+}

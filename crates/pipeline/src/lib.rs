@@ -49,12 +49,14 @@ pub enum StartError {
     Sink { sink: String, message: String },
     #[error("coverage ledger {file}: {message}")]
     Ledger { file: String, message: String },
-    #[error("dead-letter directory {dir}: {source}")]
-    DeadLetters { dir: String, source: std::io::Error },
-    #[error("monitor endpoint {addr}: {source}")]
+    // The I/O error is part of the message, not a `source`: a caller printing the chain
+    // would say it twice.
+    #[error("merge.dead_letter_dir {dir}: {error}")]
+    DeadLetters { dir: String, error: std::io::Error },
+    #[error("monitor.listen {addr}: {error}")]
     Listen {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -273,9 +275,9 @@ fn dead_letters(config: &tandem_config::Config) -> Result<Arc<DeadLetters>, Star
     let dir = &config.merge.dead_letter_dir;
     DeadLetters::open(dir)
         .map(Arc::new)
-        .map_err(|source| StartError::DeadLetters {
+        .map_err(|error| StartError::DeadLetters {
             dir: dir.display().to_string(),
-            source,
+            error,
         })
 }
 
@@ -285,7 +287,7 @@ async fn serve(
     monitor: &MonitorHandle,
 ) -> Result<(JoinHandle<()>, SocketAddr), StartError> {
     let addr = config.monitor.listen;
-    let listen_err = |source| StartError::Listen { addr, source };
+    let listen_err = |error| StartError::Listen { addr, error };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(listen_err)?;

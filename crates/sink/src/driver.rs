@@ -372,6 +372,10 @@ impl DriverConfig {
         if self.max_memory_activities == 0 {
             out.push(("max_memory_activities", "must be positive".to_owned()));
         }
+        if self.spool_dir.exists() && !self.spool_dir.is_dir() {
+            let dir = self.spool_dir.display();
+            out.push(("spool_dir", format!("{dir} exists and is not a directory")));
+        }
         out
     }
 }

@@ -83,6 +83,9 @@ impl FileConfig {
         }
         if self.dir.as_os_str().is_empty() {
             out.push(("dir", "must not be empty".to_owned()));
+        } else if self.dir.exists() && !self.dir.is_dir() {
+            let dir = self.dir.display();
+            out.push(("dir", format!("{dir} exists and is not a directory")));
         }
         out
     }
