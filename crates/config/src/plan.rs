@@ -36,6 +36,11 @@ pub fn plan(loaded: &Loaded) -> String {
                 if let Some(path) = c.paths.iter().find(|x| &x.name == name) {
                     if let Some(a) = path.source_address {
                         via.push(format!("source {a}"));
+                        // Checked here, on the host that will run it: a bind that fails
+                        // would make every connection over the path fail locally.
+                        if std::net::TcpListener::bind((a, 0)).is_err() {
+                            via.push(format!("WARNING: {a} is not an address of this host"));
+                        }
                     }
                     if let Some(i) = &path.interface {
                         via.push(format!("interface {i}"));

@@ -72,6 +72,15 @@ impl ConnectBudget {
         }
     }
 
+    /// A request granted by [`ConnectBudget::acquire`] never reached the upstream (it
+    /// failed on this host): its grant is given back.
+    pub fn refund(&self) {
+        let mut st = self.state.lock().expect("budget lock");
+        st.grants.pop_back();
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
     /// Waits until a connection request may be sent. `urgent`: the caller's partition has
     /// no live connection, so it goes before callers whose partition still has one.
     pub async fn acquire(&self, urgent: bool) {

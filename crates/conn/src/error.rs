@@ -8,6 +8,9 @@ use std::time::Duration;
 pub enum ErrorKind {
     /// TCP or TLS failure, reset, refused.
     Connection,
+    /// The request never left this host: the path's source address or interface is not
+    /// available here. It does not count against the upstream's connect budget.
+    Local,
     /// No byte or no activity for too long (heartbeat gap, data silence, read timeout).
     Timeout,
     /// 5xx from the upstream.
@@ -26,8 +29,9 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for metric series created at zero.
-    pub const ALL: [ErrorKind; 8] = [
+    pub const ALL: [ErrorKind; 9] = [
         ErrorKind::Connection,
+        ErrorKind::Local,
         ErrorKind::Timeout,
         ErrorKind::ServerError,
         ErrorKind::RateLimited,
@@ -42,6 +46,7 @@ impl ErrorKind {
         matches!(
             self,
             ErrorKind::Connection
+                | ErrorKind::Local
                 | ErrorKind::Timeout
                 | ErrorKind::ServerError
                 | ErrorKind::RateLimited
@@ -53,6 +58,7 @@ impl ErrorKind {
     pub fn label(self) -> &'static str {
         match self {
             ErrorKind::Connection => "connection",
+            ErrorKind::Local => "local",
             ErrorKind::Timeout => "timeout",
             ErrorKind::ServerError => "server_error",
             ErrorKind::RateLimited => "rate_limited",
@@ -118,6 +124,8 @@ impl StreamError {
             ErrorKind::Fatal
         } else if e.is_body() || e.is_decode() {
             ErrorKind::StreamInterrupted
+        } else if local_failure(e) {
+            ErrorKind::Local
         } else {
             ErrorKind::Connection
         };
@@ -131,6 +139,22 @@ impl StreamError {
         }
         StreamError::new(kind, message)
     }
+}
+
+/// Whether a request failed before leaving the host: binding the source address or the
+/// interface was refused.
+fn local_failure(e: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            // EADDRNOTAVAIL: the address is not on the host; ENODEV: no such interface.
+            if io.kind() == std::io::ErrorKind::AddrNotAvailable || io.raw_os_error() == Some(19) {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
 }
 
 impl fmt::Display for StreamError {

@@ -233,7 +233,13 @@ impl Runner {
             .open(&self.spec.client, self.spec.origin.partition, query)
             .await;
         match opened {
-            Err(e) => Ended::Error((e, None)),
+            Err(e) => {
+                if e.kind == ErrorKind::Local {
+                    // It never reached the upstream: the stream's budget is not spent.
+                    self.spec.budget.refund();
+                }
+                Ended::Error((e, None))
+            }
             Ok(resp) => {
                 let started = Instant::now();
                 match self.stream(resp, backfill).await {

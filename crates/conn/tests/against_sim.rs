@@ -736,3 +736,44 @@ async fn tls_path_with_pinned_ip() {
     shutdown.send_replace(true);
     conn.join().await;
 }
+
+/// A path whose source address is not on this host fails locally, again and again,
+/// without spending the stream's connect budget: the healthy path still connects at
+/// once although the budget allows only two requests a minute.
+#[tokio::test]
+async fn a_local_bind_failure_does_not_spend_the_connect_budget() {
+    let sim = start(sim_stream(50.0)).await;
+    let mut h = spawn(
+        &sim,
+        Setup {
+            // 192.0.2.1 (TEST-NET-1) is on no host: the bind fails before any packet.
+            paths: vec!["192.0.2.1", "127.0.0.2"],
+            budget: BudgetConfig {
+                requests: 2,
+                window_ms: 60_000,
+            },
+            ..Setup::default()
+        },
+    );
+    let mut local = 0;
+    let mut connected = false;
+    while local < 5 || !connected {
+        match h.wait_event(Duration::from_secs(10), |_| true).await {
+            ConnEvent::Disconnected { key, error, .. } if &*key.path == "p0" => {
+                assert_eq!(error.kind, ErrorKind::Local, "{error}");
+                local += 1;
+            }
+            ConnEvent::Connected { key, .. } => {
+                assert_eq!(&*key.path, "p1");
+                connected = true;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        sim.stats("d").unwrap().requests,
+        1,
+        "only the healthy path's request reached the upstream"
+    );
+    h.stop().await;
+}
