@@ -23,6 +23,11 @@ pub struct MergeConfig {
     /// Directory of the dead-letter file (`dead-letters.ndjson`).
     #[serde(default = "default_dead_letter_dir")]
     pub dead_letter_dir: PathBuf,
+    /// The dead letters kept on disk at the most, in bytes: past half of it the file is
+    /// renamed to `dead-letters.1.ndjson` (replacing the one before), so two files hold
+    /// the most recent ones. Every dead letter is counted whether or not it is kept.
+    #[serde(default = "default_max_dead_letter_bytes")]
+    pub max_dead_letter_bytes: u64,
     /// One id in this many is followed to measure the lead/lag between paths.
     #[serde(default = "default_lag_sample_every")]
     pub lag_sample_every: u64,
@@ -43,6 +48,9 @@ fn default_generations() -> usize {
 fn default_dead_letter_dir() -> PathBuf {
     PathBuf::from("./tandem-data/dead-letters")
 }
+fn default_max_dead_letter_bytes() -> u64 {
+    256 * 1024 * 1024
+}
 fn default_lag_sample_every() -> u64 {
     64
 }
@@ -57,6 +65,7 @@ impl Default for MergeConfig {
             max_ids_per_partition: default_max_ids(),
             generations: default_generations(),
             dead_letter_dir: default_dead_letter_dir(),
+            max_dead_letter_bytes: default_max_dead_letter_bytes(),
             lag_sample_every: default_lag_sample_every(),
             max_batch: default_batch(),
         }
@@ -72,6 +81,9 @@ impl MergeConfig {
         }
         if self.generations < 2 {
             out.push(("generations", "must be at least 2".to_owned()));
+        }
+        if self.max_dead_letter_bytes < 64 * 1024 {
+            out.push(("max_dead_letter_bytes", "must be at least 65536".to_owned()));
         }
         if self.max_ids_per_partition < 1_000 {
             out.push(("max_ids_per_partition", "must be at least 1000".to_owned()));

@@ -9,11 +9,20 @@ use std::sync::Mutex;
 use tandem_core::Partition;
 use tandem_core::time::unix_ms_now;
 
-/// Appends dead letters to `<dir>/dead-letters.ndjson`, one JSON object per line.
+/// Appends dead letters to `<dir>/dead-letters.ndjson`, one JSON object per line; past
+/// half the byte limit the file becomes `dead-letters.1.ndjson` (replacing the older one)
+/// and a new one starts, so the disk holds at most about the limit.
 #[derive(Debug)]
 pub struct DeadLetters {
     path: PathBuf,
-    file: Mutex<BufWriter<File>>,
+    max_bytes: u64,
+    file: Mutex<Current>,
+}
+
+#[derive(Debug)]
+struct Current {
+    file: BufWriter<File>,
+    len: u64,
 }
 
 /// Where a dead letter came from.
@@ -26,14 +35,30 @@ pub struct Source<'a> {
 }
 
 impl DeadLetters {
+    /// Opens the dead-letter file with the default limit (256 MiB).
     pub fn open(dir: &Path) -> std::io::Result<DeadLetters> {
+        DeadLetters::with_limit(dir, 256 * 1024 * 1024)
+    }
+
+    /// Opens the dead-letter file, keeping about `max_bytes` on disk.
+    pub fn with_limit(dir: &Path, max_bytes: u64) -> std::io::Result<DeadLetters> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("dead-letters.ndjson");
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let len = file.metadata()?.len();
         Ok(DeadLetters {
             path,
-            file: Mutex::new(BufWriter::new(file)),
+            max_bytes,
+            file: Mutex::new(Current {
+                file: BufWriter::new(file),
+                len,
+            }),
         })
+    }
+
+    /// The older file: `dead-letters.1.ndjson`.
+    pub fn older_path(&self) -> PathBuf {
+        self.path.with_file_name("dead-letters.1.ndjson")
     }
 
     pub fn path(&self) -> &Path {
@@ -61,10 +86,35 @@ impl DeadLetters {
             Ok(text) => record["line"] = serde_json::Value::from(text),
             Err(_) => record["line_base64"] = serde_json::Value::from(base64(line)),
         }
-        let mut file = self.file.lock().expect("dead-letter lock");
-        serde_json::to_writer(&mut *file, &record)?;
-        file.write_all(b"\n")?;
-        file.flush()
+        let mut text = serde_json::to_vec(&record)?;
+        text.push(b'\n');
+        let mut current = self
+            .file
+            .lock()
+            .map_err(|_| std::io::Error::other("dead-letter lock poisoned"))?;
+        if current.len + text.len() as u64 > self.max_bytes / 2 && current.len > 0 {
+            self.rotate(&mut current)?;
+        }
+        current.file.write_all(&text)?;
+        current.file.flush()?;
+        current.len += text.len() as u64;
+        Ok(())
+    }
+
+    /// The current file becomes the older one (replacing it); a new one starts.
+    fn rotate(&self, current: &mut Current) -> std::io::Result<()> {
+        current.file.flush()?;
+        std::fs::rename(&self.path, self.older_path())?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
+        *current = Current {
+            file: BufWriter::new(file),
+            len: 0,
+        };
+        tracing::warn!(file = %self.path.display(), max_bytes = self.max_bytes, "dead-letter file rotated; the oldest dead letters were dropped from disk (all are counted)");
+        Ok(())
     }
 }
 
@@ -100,5 +150,29 @@ mod tests {
         assert_eq!(base64(b"a"), "YQ==");
         assert_eq!(base64(b"ab"), "YWI=");
         assert_eq!(base64(b"\xff\xfe"), "//4=");
+    }
+
+    /// However many lines are dead-lettered, the two files stay within the limit and
+    /// hold the newest ones.
+    #[test]
+    fn disk_use_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = 64 * 1024;
+        let d = DeadLetters::with_limit(dir.path(), limit).unwrap();
+        let source = Source {
+            stream: "s",
+            partition: 1,
+            path: "a",
+            connection: 1,
+        };
+        for i in 0..2_000 {
+            d.record(source, "invalid_json", "x", format!("{{bad {i}").as_bytes())
+                .unwrap();
+        }
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let total = size(d.path()) + size(&d.older_path());
+        assert!(total <= limit, "{total} bytes on disk");
+        let newest = std::fs::read_to_string(d.path()).unwrap();
+        assert!(newest.contains("{bad 1999"), "the newest is kept");
     }
 }

@@ -273,7 +273,7 @@ fn tallies(config: &tandem_config::Config) -> HashMap<(StreamId, Partition), Arc
 
 fn dead_letters(config: &tandem_config::Config) -> Result<Arc<DeadLetters>, StartError> {
     let dir = &config.merge.dead_letter_dir;
-    DeadLetters::open(dir)
+    DeadLetters::with_limit(dir, config.merge.max_dead_letter_bytes)
         .map(Arc::new)
         .map_err(|error| StartError::DeadLetters {
             dir: dir.display().to_string(),
