@@ -133,41 +133,9 @@ pub fn spawn(
     events: mpsc::UnboundedReceiver<ConnEvent>,
     shutdown: watch::Receiver<bool>,
 ) -> RepairHandle {
-    let (views, gaps) = watch::channel(Vec::new());
-    let labels = vec![
-        (m::STREAM, repair.stream.to_string()),
-        (m::PARTITION, repair.partition.to_string()),
-    ];
-    let with_kind = |kind: &str| {
-        let mut l = labels.clone();
-        l.push((m::KIND, kind.to_owned()));
-        metrics::counter!(m::GAPS_REPAIRED, &l)
-    };
-    let meters = Meters {
-        open: metrics::gauge!(m::GAPS_OPEN, &labels),
-        by_backfill: with_kind("backfill"),
-        by_recovery: with_kind("recovery"),
-        unrecoverable: metrics::counter!(m::GAPS_UNRECOVERABLE, &labels),
-        duration: metrics::histogram!(m::GAP_REPAIR_DURATION, &labels),
-    };
-    meters.by_backfill.increment(0);
-    meters.by_recovery.increment(0);
-    meters.unrecoverable.increment(0);
-    let (drained, drained_rx) = oneshot::channel();
     let span = tracing::info_span!("repair", stream = %repair.stream, partition = repair.partition);
-    let r = Repairer {
-        r: repair,
-        shutdown: shutdown.clone(),
-        running: HashSet::new(),
-        tasks: HashMap::new(),
-        jobs: JoinSet::new(),
-        edges: HashMap::new(),
-        gate: CoverageGate::default(),
-        settling: Vec::new(),
-        dirty: false,
-        views,
-        meters,
-    };
+    let (r, gaps) = Repairer::new(repair, shutdown.clone());
+    let (drained, drained_rx) = oneshot::channel();
     RepairHandle {
         gaps,
         drained,
@@ -182,6 +150,32 @@ struct Meters {
     by_recovery: Counter,
     unrecoverable: Counter,
     duration: Histogram,
+}
+
+impl Meters {
+    /// The repair metrics of a partition; the counters are exported from the start.
+    fn new(stream: &str, partition: Partition) -> Meters {
+        let labels = vec![
+            (m::STREAM, stream.to_owned()),
+            (m::PARTITION, partition.to_string()),
+        ];
+        let with_kind = |kind: &str| {
+            let mut l = labels.clone();
+            l.push((m::KIND, kind.to_owned()));
+            metrics::counter!(m::GAPS_REPAIRED, &l)
+        };
+        let meters = Meters {
+            open: metrics::gauge!(m::GAPS_OPEN, &labels),
+            by_backfill: with_kind("backfill"),
+            by_recovery: with_kind("recovery"),
+            unrecoverable: metrics::counter!(m::GAPS_UNRECOVERABLE, &labels),
+            duration: metrics::histogram!(m::GAP_REPAIR_DURATION, &labels),
+        };
+        meters.by_backfill.increment(0);
+        meters.by_recovery.increment(0);
+        meters.unrecoverable.increment(0);
+        meters
+    }
 }
 
 /// A chunk by its gap's start and its own start.
@@ -205,6 +199,29 @@ struct Repairer {
 }
 
 impl Repairer {
+    /// The repair of a partition, not yet running, and the watch of its gaps.
+    fn new(
+        r: PartitionRepair,
+        shutdown: watch::Receiver<bool>,
+    ) -> (Repairer, watch::Receiver<Vec<GapView>>) {
+        let (views, gaps) = watch::channel(Vec::new());
+        let meters = Meters::new(&r.stream, r.partition);
+        let repairer = Repairer {
+            r,
+            shutdown,
+            running: HashSet::new(),
+            tasks: HashMap::new(),
+            jobs: JoinSet::new(),
+            edges: HashMap::new(),
+            gate: CoverageGate::default(),
+            settling: Vec::new(),
+            dirty: false,
+            views,
+            meters,
+        };
+        (repairer, gaps)
+    }
+
     async fn run(
         mut self,
         mut events: mpsc::UnboundedReceiver<ConnEvent>,
@@ -310,11 +327,17 @@ impl Repairer {
         g.end_ms = end_ms;
         g.end_edge_saved = false;
         let mut rest = ledger::chunks(from, to, chunk_ms);
-        // A last chunk not started yet grows instead, while it stays within a chunk.
+        // A last chunk not started yet grows instead, while it stays within a chunk. One
+        // received and waiting for the store is started: growing it would mark the new
+        // part done without requesting it.
         if let Some(last) = g.chunks.last_mut()
             && !last.done
             && last.failed.is_none()
             && !self.running.contains(&(gap_start, last.start_ms))
+            && !self
+                .settling
+                .iter()
+                .any(|(k, _)| *k == (gap_start, last.start_ms))
             && to - last.start_ms <= chunk_ms
         {
             last.end_ms = to;
@@ -404,8 +427,12 @@ impl Repairer {
         }
     }
 
-    /// Starts chunks of open gaps, oldest first, up to the job limit.
+    /// Starts chunks of open gaps, oldest first, up to the job limit. Nothing starts once
+    /// stopping: a chunk ended by the shutdown resumes at the next start.
     fn schedule(&mut self) {
+        if *self.shutdown.borrow() {
+            return;
+        }
         let limit = self.r.config.max_jobs_per_account;
         let mut wanted = Vec::new();
         for g in self.r.ledger.open_gaps() {
@@ -658,3 +685,6 @@ impl Repairer {
         self.views.send_replace(views);
     }
 }
+
+#[cfg(test)]
+mod tests;
