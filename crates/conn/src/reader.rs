@@ -142,89 +142,69 @@ impl LineReader {
     fn decode(&mut self, whole: &[u8], out: &mut Vec<Frame>) -> Result<usize, DecodeError> {
         let budget = self.decoded_bytes + self.output_budget() as u64;
         let mut input = whole;
-        loop {
-            if self.decoded_bytes >= budget {
-                break;
-            }
-            match &mut self.decoder {
-                Decoder::Identity => {
-                    while !input.is_empty() {
-                        self.make_room(out);
-                        let room = self.buf.capacity() - self.buf.len();
-                        let n = room.min(input.len());
-                        self.buf.extend_from_slice(&input[..n]);
-                        self.decoded_bytes += n as u64;
-                        input = &input[n..];
-                    }
-                    break;
-                }
+        while self.decoded_bytes < budget && !input.is_empty() {
+            let step = match &mut self.decoder {
+                Decoder::Identity => self.copy(input, out),
                 Decoder::Gzip { stage, inflate } => match stage {
-                    Stage::Header(seen) => {
-                        if input.is_empty() {
-                            break;
-                        }
-                        let before = seen.len();
-                        seen.extend_from_slice(input);
-                        match gzip_header_len(seen)? {
-                            None if seen.len() > MAX_GZIP_HEADER => {
-                                return Err(DecodeError::Header(format!(
-                                    "header longer than {MAX_GZIP_HEADER} bytes"
-                                )));
-                            }
-                            None => input = &[],
-                            Some(len) => {
-                                // What followed the header in this input is the body.
-                                input = &input[len - before..];
-                                seen.clear();
-                                *stage = Stage::Body;
-                            }
-                        }
-                    }
+                    Stage::Header(_) => header(stage, input)?,
                     Stage::Trailer(left) => {
                         let n = (*left).min(input.len());
                         *left -= n;
-                        input = &input[n..];
                         if *left == 0 {
                             // Another gzip member may follow.
                             *stage = Stage::Header(Vec::new());
                             **inflate = Decompress::new(false);
                         }
-                        if input.is_empty() {
-                            break;
-                        }
+                        Step::Used(n)
                     }
-                    Stage::Body => {
-                        if input.is_empty() {
-                            break;
-                        }
-                        if self.buf.len() == self.buf.capacity() {
-                            self.make_room(out);
-                        }
-                        let Decoder::Gzip { stage, inflate } = &mut self.decoder else {
-                            unreachable!("decoder kind never changes")
-                        };
-                        let before_in = inflate.total_in();
-                        let before_out = self.buf.len();
-                        let status = inflate
-                            .decompress_vec(input, &mut self.buf, FlushDecompress::None)
-                            .map_err(|e| DecodeError::Inflate(e.to_string()))?;
-                        let used = (inflate.total_in() - before_in) as usize;
-                        let produced = self.buf.len() - before_out;
-                        self.decoded_bytes += produced as u64;
-                        input = &input[used..];
-                        if status == Status::StreamEnd {
-                            *stage = Stage::Trailer(8);
-                        } else if used == 0 && produced == 0 && self.buf.len() < self.buf.capacity()
-                        {
-                            // The inflater needs more input than this chunk holds.
-                            break;
-                        }
-                    }
+                    Stage::Body => self.inflate(input, out)?,
                 },
+            };
+            match step {
+                Step::Used(n) => input = &input[n..],
+                // The inflater needs more input than this holds.
+                Step::NeedsMore(n) => {
+                    input = &input[n..];
+                    break;
+                }
             }
         }
         self.emit(out);
         Ok(whole.len() - input.len())
+    }
+
+    /// Plain bodies: the input as it is.
+    fn copy(&mut self, input: &[u8], out: &mut Vec<Frame>) -> Step {
+        self.make_room(out);
+        let room = self.buf.capacity() - self.buf.len();
+        let n = room.min(input.len());
+        self.buf.extend_from_slice(&input[..n]);
+        self.decoded_bytes += n as u64;
+        Step::Used(n)
+    }
+
+    /// Inflates what fits in the buffer.
+    fn inflate(&mut self, input: &[u8], out: &mut Vec<Frame>) -> Result<Step, DecodeError> {
+        if self.buf.len() == self.buf.capacity() {
+            self.make_room(out);
+        }
+        let Decoder::Gzip { stage, inflate } = &mut self.decoder else {
+            return Ok(Step::NeedsMore(0));
+        };
+        let before_in = inflate.total_in();
+        let before_out = self.buf.len();
+        let status = inflate
+            .decompress_vec(input, &mut self.buf, FlushDecompress::None)
+            .map_err(|e| DecodeError::Inflate(e.to_string()))?;
+        let used = (inflate.total_in() - before_in) as usize;
+        let produced = self.buf.len() - before_out;
+        self.decoded_bytes += produced as u64;
+        if status == Status::StreamEnd {
+            *stage = Stage::Trailer(8);
+        } else if used == 0 && produced == 0 && self.buf.len() < self.buf.capacity() {
+            return Ok(Step::NeedsMore(0));
+        }
+        Ok(Step::Used(used))
     }
 
     /// Makes space in `buf`: hands complete lines out, and grows the buffer for a line
@@ -327,6 +307,35 @@ fn split_lines(
         start = nl + 1;
     }
     oversize
+}
+
+/// What one decoding step did with the input.
+enum Step {
+    Used(usize),
+    /// Used this much, and cannot go on without more input.
+    NeedsMore(usize),
+}
+
+/// Collects a gzip member header across inputs, capped at [`MAX_GZIP_HEADER`]; once it is
+/// whole, the body follows.
+fn header(stage: &mut Stage, input: &[u8]) -> Result<Step, DecodeError> {
+    let Stage::Header(seen) = stage else {
+        return Ok(Step::Used(0));
+    };
+    let before = seen.len();
+    seen.extend_from_slice(input);
+    let too_long = seen.len() > MAX_GZIP_HEADER;
+    match gzip_header_len(seen)? {
+        None if too_long => Err(DecodeError::Header(format!(
+            "header longer than {MAX_GZIP_HEADER} bytes"
+        ))),
+        None => Ok(Step::Used(input.len())),
+        Some(len) => {
+            *stage = Stage::Body;
+            // What followed the header in this input is the body.
+            Ok(Step::Used(len - before))
+        }
+    }
 }
 
 /// The length of a complete gzip member header at the start of `data`, or `None` if more
