@@ -176,6 +176,38 @@ impl Meters {
         meters.unrecoverable.increment(0);
         meters
     }
+
+    /// Counts and logs what became of a gap, in one place.
+    fn emit(&self, event: GapEvent<'_>) {
+        match event {
+            GapEvent::Backfilled => self.by_backfill.increment(1),
+            GapEvent::Recovered { gap, repair_secs } => {
+                self.by_recovery.increment(1);
+                self.duration.record(repair_secs);
+                tracing::info!(
+                    start = %rfc3339_ms(gap.start_ms), end = %rfc3339_ms(gap.end_ms),
+                    repair_secs, "coverage gap repaired"
+                );
+            }
+            GapEvent::Unrecoverable { gap } => {
+                self.unrecoverable.increment(1);
+                tracing::error!(
+                    start = %rfc3339_ms(gap.start_ms), end = %rfc3339_ms(gap.end_ms),
+                    reason = gap.reason.as_deref().unwrap_or(""), "coverage gap cannot be repaired"
+                );
+            }
+        }
+    }
+}
+
+/// What became of a coverage gap.
+enum GapEvent<'a> {
+    /// A reconnect replayed it (backfill).
+    Backfilled,
+    /// Recovery brought it back and the store holds it.
+    Recovered { gap: &'a Gap, repair_secs: f64 },
+    /// It cannot be repaired (likes, past retention, refused).
+    Unrecoverable { gap: &'a Gap },
 }
 
 /// A chunk by its gap's start and its own start.
@@ -244,7 +276,7 @@ impl Repairer {
                         self.gap_found(start_ms, end_ms).await;
                     }
                     ConnEvent::Connected { backfill_minutes, .. } if backfill_minutes > 0 => {
-                        self.meters.by_backfill.increment(1);
+                        self.meters.emit(GapEvent::Backfilled);
                     }
                     _ => {}
                 },
@@ -400,11 +432,7 @@ impl Repairer {
     }
 
     fn unrecoverable(&self, gap: &Gap) {
-        self.meters.unrecoverable.increment(1);
-        tracing::error!(
-                        start = %rfc3339_ms(gap.start_ms), end = %rfc3339_ms(gap.end_ms),
-            reason = gap.reason.as_deref().unwrap_or(""), "coverage gap cannot be repaired"
-        );
+        self.meters.emit(GapEvent::Unrecoverable { gap });
     }
 
     /// Post ids the merger remembers created at or after `since_ms`.
@@ -564,14 +592,11 @@ impl Repairer {
             let now = unix_ms_now();
             g.state = GapState::Repaired;
             g.repaired_ms = Some(now);
-            self.meters.by_recovery.increment(1);
-            self.meters
-                .duration
-                .record(now.saturating_sub(g.found_ms) as f64 / 1000.0);
-            tracing::info!(
-                                start = %rfc3339_ms(g.start_ms), end = %rfc3339_ms(g.end_ms),
-                repair_secs = now.saturating_sub(g.found_ms) as f64 / 1000.0, "coverage gap repaired"
-            );
+            let repair_secs = now.saturating_sub(g.found_ms) as f64 / 1000.0;
+            self.meters.emit(GapEvent::Recovered {
+                gap: g,
+                repair_secs,
+            });
         } else if ended {
             g.state = GapState::Unrecoverable;
             g.reason = g.chunks.iter().find_map(|c| c.failed.clone());
