@@ -126,8 +126,7 @@ mod tests {
     use std::io::Read;
     use tandem_core::{ActivityId, LineKind, identify, validate};
 
-    /// The chunks inflate, as one gzip stream, to exactly the plain lines, each with its
-    /// fresh id.
+    /// The chunks inflate, as one gzip stream, to exactly the plain lines, each with a fresh id.
     #[test]
     fn chunks_inflate_to_the_plain_lines() {
         for content in [Content::Posts, Content::V2Posts] {

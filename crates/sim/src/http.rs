@@ -1,5 +1,5 @@
-//! The HTTP side: the listener (plain or TLS), the stream endpoints with the upstream's
-//! status codes, and the admin API.
+//! The HTTP side: the listener (plain or TLS), the stream endpoints (admission in
+//! `admission`, then a writer task per response) and the admin API.
 
 use std::collections::HashMap;
 use std::io;
@@ -20,14 +20,15 @@ use axum::routing::{get, post};
 use axum::serve::{IncomingStream, Listener};
 use bytes::Bytes;
 use serde::Deserialize;
-use tandem_core::time::{parse_rfc3339, unix_ms_now};
+use tandem_core::time::unix_ms_now;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use crate::config::{Api, RateProfile};
+use crate::admission::{Admission, admit};
+use crate::config::RateProfile;
 use crate::encode::Encoder;
 use crate::fault::{Control, Fault};
 use crate::state::{ConnEntry, ConnectionKind, Shared, StreamState};
@@ -191,7 +192,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
         .with_state(shared)
 }
 
-fn json_error(status: StatusCode, message: &str) -> Response {
+/// An error response with the upstream's JSON body: `{"error":{"message":…}}`.
+pub(crate) fn json_error(status: StatusCode, message: &str) -> Response {
     let body = serde_json::json!({ "error": { "message": message } }).to_string();
     let mut resp = (status, body).into_response();
     resp.headers_mut().insert(
@@ -199,121 +201,6 @@ fn json_error(status: StatusCode, message: &str) -> Response {
         HeaderValue::from_static("application/json; charset=utf-8"),
     );
     resp
-}
-
-/// The query parameters of a stream request, in either API's spelling.
-#[derive(Debug, Default)]
-struct StreamQuery {
-    partition: Option<String>,
-    backfill: Option<String>,
-    start: Option<String>,
-    end: Option<String>,
-}
-
-impl StreamQuery {
-    fn parse(uri: &Uri, v2: bool) -> StreamQuery {
-        let mut q = StreamQuery::default();
-        for pair in uri
-            .query()
-            .unwrap_or_default()
-            .split('&')
-            .filter(|p| !p.is_empty())
-        {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_decode(v);
-            match (k, v2) {
-                ("partition", _) => q.partition = Some(v),
-                ("backfillMinutes", false) | ("backfill_minutes", true) => q.backfill = Some(v),
-                ("startTime", false) | ("start_time", true) => q.start = Some(v),
-                ("endTime", false) | ("end_time", true) => q.end = Some(v),
-                _ => {}
-            }
-        }
-        q
-    }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                    }
-                    None => {
-                        out.push(b'%');
-                        i += 1;
-                    }
-                }
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn authorized(api: &Api, headers: &HeaderMap) -> bool {
-    let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    match api {
-        Api::Gnip {
-            username, password, ..
-        } => value
-            .strip_prefix("Basic ")
-            .and_then(|b64| decode_base64(b64.trim()))
-            .is_some_and(|decoded| decoded == format!("{username}:{password}").as_bytes()),
-        Api::V2 { bearer_token, .. } => value
-            .strip_prefix("Bearer ")
-            .is_some_and(|t| t.trim() == bearer_token),
-    }
-}
-
-fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes().filter(|&c| c != b'=') {
-        let v = ALPHABET.iter().position(|&a| a == c)? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
-}
-
-fn accepts_gzip(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|enc| {
-            let mut parts = enc.split(';');
-            let name = parts.next().unwrap_or_default().trim();
-            let zero_q = parts.any(|p| p.trim().replace(' ', "") == "q=0");
-            (name.eq_ignore_ascii_case("gzip") || name == "*") && !zero_q
-        })
 }
 
 async fn stream_request(
@@ -342,6 +229,7 @@ async fn stream_request(
     resp
 }
 
+/// Admits a stream request, then opens the live or the recovery stream it asked for.
 fn serve_stream(
     shared: &Arc<Shared>,
     stream: &Arc<StreamState>,
@@ -349,203 +237,98 @@ fn serve_stream(
     uri: &Uri,
     headers: &HeaderMap,
 ) -> Response {
-    let v2 = matches!(stream.cfg.api, Api::V2 { .. });
-    let cfg = &stream.cfg;
-    let q = StreamQuery::parse(uri, v2);
     let now = unix_ms_now();
-    let recovery = q.start.is_some() || q.end.is_some();
-    let partition_hint = q.partition.as_deref().and_then(|p| p.parse().ok());
-
-    if !recovery {
-        let before = stream.record_request(now);
-        if let Some(status) = stream.forced_status(partition_hint, now) {
-            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            return json_error(code, &format!("simulated {status}"));
-        }
-        if before >= cfg.connect_limit {
-            let mut resp = json_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                &format!(
-                    "This stream has exceeded its connection request limit of {} per {} s",
-                    cfg.connect_limit,
-                    cfg.connect_window_ms / 1000
-                ),
-            );
-            if v2 {
-                let reset_secs = stream.window_reset_ms().div_ceil(1000);
-                let h = resp.headers_mut();
-                h.insert(
-                    "x-rate-limit-limit",
-                    HeaderValue::from(cfg.connect_limit as u64),
-                );
-                h.insert("x-rate-limit-remaining", HeaderValue::from(0u64));
-                h.insert("x-rate-limit-reset", HeaderValue::from(reset_secs));
-            }
-            return resp;
-        }
-    } else if let Some(status) = stream.forced_status(partition_hint, now) {
-        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return json_error(code, &format!("simulated {status}"));
-    }
-
-    if !authorized(&cfg.api, headers) {
-        return json_error(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized: the credentials were not accepted",
-        );
-    }
-    let gzip = accepts_gzip(headers);
-    if !gzip && !v2 {
-        return json_error(
-            StatusCode::NOT_ACCEPTABLE,
-            "This connection requires compression. Send the header 'Accept-Encoding: gzip' and decompress the stream as it is read.",
-        );
-    }
-
-    let partitioned = match &cfg.api {
-        Api::Gnip { .. } => true,
-        Api::V2 { partitioned, .. } => *partitioned,
+    let admission = match admit(shared, stream, uri, headers, now) {
+        Ok(admission) => admission,
+        Err(refusal) => return refusal.into_response(),
     };
-    let partition = if partitioned {
-        match q.partition.as_deref().map(str::parse::<u32>) {
-            Some(Ok(p)) if (1..=cfg.partitions).contains(&p) => p,
-            Some(_) => {
-                return json_error(
-                    StatusCode::BAD_REQUEST,
-                    &format!("partition must be a number from 1 to {}", cfg.partitions),
-                );
-            }
-            None => {
-                return json_error(
-                    StatusCode::BAD_REQUEST,
-                    "the partition parameter is required",
-                );
-            }
-        }
-    } else {
-        1
-    };
-
-    let max_backfill = cfg.max_backfill_minutes;
-    let backfill_minutes = match q.backfill.as_deref().map(str::parse::<u64>) {
-        None => 0,
-        Some(Ok(m)) if (1..=max_backfill).contains(&m) || (v2 && m == 0) => m,
-        Some(_) => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                &format!("backfill minutes must be an integer from 1 to {max_backfill}"),
-            );
-        }
-    };
-
-    let range = if recovery {
-        let (Some(start), Some(end)) = (q.start.as_deref(), q.end.as_deref()) else {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "recovery needs both a start time and an end time",
-            );
-        };
-        let (Some(start_ms), Some(end_ms)) = (parse_rfc3339(start), parse_rfc3339(end)) else {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "start and end times must be RFC 3339 UTC, e.g. 2023-07-05T17:09:12.070Z",
-            );
-        };
-        if start_ms >= end_ms {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "the start time must be before the end time",
-            );
-        }
-        if start_ms < now.saturating_sub(cfg.retention_ms) {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "the start time is outside the recovery retention window",
-            );
-        }
-        if backfill_minutes > 0 {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "backfill and recovery cannot be combined",
-            );
-        }
-        if cfg.content == crate::config::Content::Likes {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "recovery is not available for likes streams",
-            );
-        }
-        Some((start_ms, end_ms))
-    } else {
-        None
-    };
-
-    if range.is_some() {
-        let mut jobs = shared.recovery_jobs.lock().expect("jobs lock");
-        let running = jobs.entry(cfg.account()).or_default();
-        if *running >= cfg.max_recovery_jobs {
-            return json_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                &format!(
-                    "at most {} recovery jobs may run at once",
-                    cfg.max_recovery_jobs
-                ),
-            );
-        }
-        *running += 1;
-        stream.stats.lock().expect("stats lock").recovery_jobs += 1;
-    }
-
-    let entry = Arc::new(ConnEntry {
-        id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
-        partition,
-        client,
-        kind: if range.is_some() {
-            ConnectionKind::Recovery
-        } else {
-            ConnectionKind::Live
-        },
-        opened_ms: now,
-        control: Control::default(),
-        bytes_sent: AtomicU64::new(0),
-        activities_sent: AtomicU64::new(0),
-    });
-    tracing::info!(stream = %cfg.name, partition, %client, connection = entry.id, backfill_minutes, recovery = range.is_some(), "simulator connection opened");
+    let entry = open_connection(shared, stream, client, &admission, now);
     let (tx, rx) = mpsc::channel(4);
-    let encoder = if gzip {
+    let encoder = if admission.gzip {
         Encoder::gzip()
     } else {
         Encoder::Identity
     };
     let writer = Writer::new(shared.clone(), stream.clone(), entry.clone(), tx, encoder);
-    match range {
-        Some((start_ms, end_ms)) => {
-            if let Some(p) = stream.partition(partition) {
-                p.conns.lock().expect("conns lock").push(entry);
-            }
-            tokio::spawn(writer.run_recovery(start_ms, end_ms));
+    match admission.range {
+        Some((start_ms, end_ms)) => open_recovery(stream, entry, writer, start_ms, end_ms),
+        None => open_live(stream, entry, writer, admission.backfill_minutes, now),
+    }
+    streaming_response(rx, admission.gzip)
+}
+
+/// The record of an admitted connection, as the admin API lists it.
+fn open_connection(
+    shared: &Shared,
+    stream: &StreamState,
+    client: SocketAddr,
+    admission: &Admission,
+    now_ms: u64,
+) -> Arc<ConnEntry> {
+    let entry = Arc::new(ConnEntry {
+        id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
+        partition: admission.partition,
+        client,
+        kind: if admission.range.is_some() {
+            ConnectionKind::Recovery
+        } else {
+            ConnectionKind::Live
+        },
+        opened_ms: now_ms,
+        control: Control::default(),
+        bytes_sent: AtomicU64::new(0),
+        activities_sent: AtomicU64::new(0),
+    });
+    tracing::info!(stream = %stream.cfg.name, partition = entry.partition, %client, connection = entry.id, backfill_minutes = admission.backfill_minutes, recovery = admission.range.is_some(), "simulator connection opened");
+    entry
+}
+
+/// A live stream (or the corpus): its cursor is fixed at admission (the log head, or
+/// `backfill_minutes` back), then the connection joins its partition, where the oldest
+/// live connection over the per-partition limit is evicted.
+fn open_live(
+    stream: &StreamState,
+    entry: Arc<ConnEntry>,
+    writer: Writer,
+    backfill_minutes: u64,
+    now_ms: u64,
+) {
+    let cursor = stream.partition(entry.partition).map_or(0, |p| {
+        if backfill_minutes > 0 {
+            p.log
+                .cursor_at(now_ms.saturating_sub(backfill_minutes * stream.cfg.minute_ms))
+        } else {
+            p.log.head()
+        }
+    });
+    stream.admit(entry);
+    match &stream.corpus {
+        Some(corpus) => {
+            tokio::spawn(writer.run_corpus(corpus.clone()));
         }
         None => {
-            let cursor = stream.partition(partition).map_or(0, |p| {
-                if backfill_minutes > 0 {
-                    p.log
-                        .cursor_at(now.saturating_sub(backfill_minutes * cfg.minute_ms))
-                } else {
-                    p.log.head()
-                }
-            });
-            stream.admit(entry);
-            match &stream.corpus {
-                Some(corpus) => {
-                    tokio::spawn(writer.run_corpus(corpus.clone()));
-                }
-                _ => {
-                    tokio::spawn(writer.run_live(cursor));
-                }
-            }
+            tokio::spawn(writer.run_live(cursor));
         }
     }
+}
 
+/// A recovery stream: listed with the partition's connections (faults reach it), never
+/// counted against the live connection limit.
+fn open_recovery(
+    stream: &StreamState,
+    entry: Arc<ConnEntry>,
+    writer: Writer,
+    start_ms: u64,
+    end_ms: u64,
+) {
+    if let Some(p) = stream.partition(entry.partition) {
+        p.conns.lock().expect("conns lock").push(entry);
+    }
+    tokio::spawn(writer.run_recovery(start_ms, end_ms));
+}
+
+/// The 200 response whose body the writer task feeds.
+fn streaming_response(rx: mpsc::Receiver<Result<Bytes, io::Error>>, gzip: bool) -> Response {
     let mut resp = Response::new(Body::new(ChannelBody(rx)));
     let h = resp.headers_mut();
     h.insert(
@@ -659,47 +442,5 @@ async fn admin_rate(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
             Json(serde_json::json!({ "ok": true })).into_response()
         }
         Err(e) => json_error(StatusCode::NOT_FOUND, &e.to_string()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Basic credentials decode as RFC 4648 base64.
-    #[test]
-    fn base64_decodes() {
-        assert_eq!(decode_base64("dXNlcjpwYXNz").unwrap(), b"user:pass");
-        assert_eq!(decode_base64("YQ==").unwrap(), b"a");
-        assert!(decode_base64("!!").is_none());
-    }
-
-    /// gzip is accepted unless refused with q=0.
-    #[test]
-    fn accept_encoding() {
-        let mut h = HeaderMap::new();
-        assert!(!accepts_gzip(&h));
-        h.insert(
-            header::ACCEPT_ENCODING,
-            HeaderValue::from_static("deflate, gzip;q=0.5"),
-        );
-        assert!(accepts_gzip(&h));
-        h.insert(
-            header::ACCEPT_ENCODING,
-            HeaderValue::from_static("gzip;q=0"),
-        );
-        assert!(!accepts_gzip(&h));
-    }
-
-    /// Query values are percent-decoded (times carry `:`).
-    #[test]
-    fn query_decoding() {
-        let uri: Uri = "/x?partition=2&startTime=2023-07-05T17%3A09%3A12.070Z&backfillMinutes=3"
-            .parse()
-            .unwrap();
-        let q = StreamQuery::parse(&uri, false);
-        assert_eq!(q.partition.as_deref(), Some("2"));
-        assert_eq!(q.start.as_deref(), Some("2023-07-05T17:09:12.070Z"));
-        assert_eq!(q.backfill.as_deref(), Some("3"));
     }
 }

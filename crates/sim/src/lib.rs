@@ -15,9 +15,12 @@
 //! - [`fault`]: the faults ([`Fault`]) and per-connection controls.
 //! - `state`: streams, connections, connect-rate accounting, recovery jobs.
 //! - `writer`: the task behind each streaming response.
-//! - `http`: listener (plain or TLS), stream endpoints, status codes, admin API.
+//! - `admission`: the checks before a stream is served (credentials, gzip, parameters,
+//!   connect-rate limit, recovery jobs, injected rejections) and their status codes.
+//! - `http`: listener (plain or TLS), stream endpoints, admin API.
 //! - `tls`: a generated CA and server certificate.
 
+mod admission;
 pub mod config;
 mod corpus;
 mod encode;
@@ -89,21 +92,7 @@ pub struct SimHandle {
 impl Simulator {
     /// Starts the server and the generators. Must be called inside a tokio runtime.
     pub async fn start(config: SimConfig) -> Result<Simulator, SimError> {
-        let mut names = std::collections::HashSet::new();
-        for s in &config.streams {
-            if !names.insert(s.name.clone()) {
-                return Err(SimError::Config(format!(
-                    "stream name {:?} is used twice",
-                    s.name
-                )));
-            }
-            if s.partitions == 0 {
-                return Err(SimError::Config(format!(
-                    "stream {:?} needs at least one partition",
-                    s.name
-                )));
-            }
-        }
+        check_streams(&config.streams)?;
         // Built before the port opens (a pre-encoded corpus can take seconds), so that an
         // open port means ready.
         let streams = config.streams.clone();
@@ -269,6 +258,26 @@ impl SimHandle {
         let s = self.shared.stream(stream)?;
         Ok(s.corpus_base + k * u64::from(s.cfg.partitions) + u64::from(partition - 1))
     }
+}
+
+/// Refuses streams that cannot be served: a name used twice, a stream without partitions.
+fn check_streams(streams: &[StreamConfig]) -> Result<(), SimError> {
+    let mut names = std::collections::HashSet::new();
+    for s in streams {
+        if !names.insert(s.name.clone()) {
+            return Err(SimError::Config(format!(
+                "stream name {:?} is used twice",
+                s.name
+            )));
+        }
+        if s.partitions == 0 {
+            return Err(SimError::Config(format!(
+                "stream {:?} needs at least one partition",
+                s.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Generates a stream's activities at its rate profile, forever.

@@ -431,3 +431,89 @@ impl Writer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+    use crate::config::StreamConfig;
+    use crate::fault::{Control, Fault, Target};
+
+    type BodyRx = mpsc::Receiver<Result<Bytes, io::Error>>;
+
+    /// A writer for a live connection on partition 1 of a fresh stream, and its body.
+    fn live_writer(heartbeat_ms: u64) -> (Arc<StreamState>, Arc<ConnEntry>, Writer, BodyRx) {
+        let mut cfg = StreamConfig::decahose("d", "acme", "user", "password");
+        cfg.heartbeat_interval_ms = Some(heartbeat_ms);
+        let shared = Arc::new(Shared::new(vec![cfg]));
+        let stream = shared.streams[0].clone();
+        let entry = Arc::new(ConnEntry {
+            id: 1,
+            partition: 1,
+            client: SocketAddr::from(([127, 0, 0, 1], 9)),
+            kind: ConnectionKind::Live,
+            opened_ms: unix_ms_now(),
+            control: Control::default(),
+            bytes_sent: AtomicU64::new(0),
+            activities_sent: AtomicU64::new(0),
+        });
+        let (tx, rx) = mpsc::channel(4);
+        let writer = Writer::new(shared, stream.clone(), entry.clone(), tx, Encoder::Identity);
+        (stream, entry, writer, rx)
+    }
+
+    /// Idle heartbeats come one interval after the last write, so an activity postpones them.
+    #[tokio::test(start_paused = true)]
+    async fn heartbeats_follow_the_interval_from_the_last_write() {
+        let start = Instant::now();
+        let (stream, _entry, writer, mut rx) = live_writer(200);
+        tokio::spawn(writer.run_live(stream.partitions[0].log.head()));
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let chunk = rx.recv().await.unwrap().unwrap();
+            got.push((start.elapsed().as_millis(), chunk));
+        }
+        sleep_until(start + Duration::from_millis(450)).await;
+        let line = Bytes::from_static(b"{\"id_str\":\"7\",\"text\":\"t\"}");
+        stream.publish(1, vec![line], unix_ms_now());
+        for _ in 0..2 {
+            let chunk = rx.recv().await.unwrap().unwrap();
+            got.push((start.elapsed().as_millis(), chunk));
+        }
+        let heartbeat = Bytes::from_static(b"\r\n");
+        let activity = Bytes::from_static(b"{\"id_str\":\"7\",\"text\":\"t\"}\r\n");
+        assert_eq!(
+            got,
+            vec![
+                (200, heartbeat.clone()),
+                (400, heartbeat.clone()),
+                (450, activity),
+                (650, heartbeat),
+            ]
+        );
+    }
+
+    /// A throttled connection waits each write's size divided by the rate before making it.
+    #[tokio::test(start_paused = true)]
+    async fn throttle_spaces_writes_by_their_size() {
+        let (stream, entry, writer, mut rx) = live_writer(60_000);
+        entry.control.apply(&Fault::Throttle {
+            target: Target::default(),
+            bytes_per_sec: 1_000,
+        });
+        let start = Instant::now();
+        tokio::spawn(writer.run_live(stream.partitions[0].log.head()));
+        let mut got = Vec::new();
+        // Lines of 498 and 998 bytes, 500 and 1 000 with their `\r\n`.
+        for len in [498, 998] {
+            let line = format!("{{\"id_str\":\"7\",\"text\":\"{}\"}}", "x".repeat(len - 24));
+            stream.publish(1, vec![Bytes::from(line)], unix_ms_now());
+            let chunk = rx.recv().await.unwrap().unwrap();
+            got.push((start.elapsed().as_millis(), chunk.len()));
+        }
+        assert_eq!(got, vec![(500, 500), (1_500, 1_000)]);
+        assert_eq!(entry.bytes_sent.load(Ordering::Relaxed), 1_500);
+    }
+}

@@ -190,23 +190,6 @@ impl Stream {
         }
         out
     }
-
-    /// Everything that arrives during `span` (lines only), e.g. to drain what was in flight.
-    pub async fn drain(&mut self, span: Duration) -> Vec<Vec<u8>> {
-        let end = tokio::time::Instant::now() + span;
-        let mut out = Vec::new();
-        loop {
-            let left = end.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                return out;
-            }
-            match self.next(left).await {
-                Event::Line(l) => out.push(l),
-                Event::Heartbeat => {}
-                _ => return out,
-            }
-        }
-    }
 }
 
 pub fn id_of(line: &[u8]) -> tandem_core::ActivityId {
