@@ -106,10 +106,13 @@ impl Pipeline {
         let ledgers = ledgers::load(&config)?;
         let tallies = tallies(&config);
         // Ids stored within the dedup window, and since the edge of the last coverage the
-        // ledgers know (what a replay after a restart repeats), are remembered again.
-        let since = unix_ms_now()
+        // ledgers know (what a replay after a restart repeats), are remembered again; never
+        // from before the upstream's recovery retention, which no replay reaches.
+        let now = unix_ms_now();
+        let retention = now.saturating_sub(config.repair.retention_secs * 1000);
+        let since = now
             .saturating_sub(window.as_millis() as u64)
-            .min(ledgers.oldest_edge_ms);
+            .min(ledgers.oldest_edge_ms.max(retention));
         let mut sinks = sinks::start(&config, &names, &tallies, &sink_tokens, since).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (conn_events_tx, conn_events_rx) = mpsc::unbounded_channel::<ConnEvent>();
