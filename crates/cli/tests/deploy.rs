@@ -140,6 +140,7 @@ fn nats_configuration_is_valid_and_the_stream_outlasts_the_dedup_window() {
         Command::new(tool("nats-server"))
             .env("SERVER_NAME", "nats-0")
             .env("ZONE", "a")
+            .env("NATS_TOKEN", "from-the-secret")
             .arg("-t")
             .arg("-c")
             .arg(deploy("nats/nats-server.conf")),
@@ -377,7 +378,8 @@ fn zone_configurations_pass_tandem_check() {
                 .arg("check")
                 .arg("--config")
                 .arg(&path)
-                .env("GNIP_PASSWORD", "from-the-secret"),
+                .env("GNIP_PASSWORD", "from-the-secret")
+                .env("NATS_TOKEN", "from-the-secret"),
         );
         println!("{}", String::from_utf8_lossy(&out.stdout));
         let stream = &cfg["stream"][0];
@@ -862,4 +864,52 @@ fn the_contract_check_catches_a_missing_metric_and_a_missing_label() {
         metric_names("tandem:partition_live_connections:sum > tandem_live_connections"),
         BTreeSet::from(["tandem_live_connections".to_owned()])
     );
+}
+
+/// The NetworkPolicy selects every consumer pod, admits scrapes on the port the containers
+/// serve metrics on, and lets the consumers reach NATS and the upstream (HTTPS) and DNS.
+#[test]
+fn network_policy_covers_the_consumers_and_their_peers() {
+    let all = manifests();
+    let policy = named(&all, "NetworkPolicy", "tandem").expect("a NetworkPolicy named tandem");
+    let what = "k8s/networkpolicy.yaml";
+    let selector = at(policy, "spec/podSelector/matchLabels", what);
+    let deployments = of_kind(&all, "Deployment");
+    assert!(!deployments.is_empty());
+    for d in deployments {
+        let pod_labels = at(d, "spec/template/metadata/labels", what);
+        assert!(
+            labels_match(selector, pod_labels),
+            "{what}: selects every consumer pod"
+        );
+        let ports = at(d, "spec/template/spec/containers", what)[0]["ports"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let metrics = ports
+            .iter()
+            .find(|p| p["name"] == "metrics")
+            .and_then(|p| p["containerPort"].as_u64())
+            .expect("a metrics port");
+        let ingress = at(policy, "spec/ingress", what).as_array().unwrap();
+        assert!(
+            ingress.iter().any(|r| r["ports"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["port"].as_u64() == Some(metrics)))),
+            "{what}: scrapes reach port {metrics}"
+        );
+    }
+    let egress_ports: Vec<u64> = at(policy, "spec/egress", what)
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["ports"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p["port"].as_u64())
+        .collect();
+    for port in [53, 4222, 443] {
+        assert!(
+            egress_ports.contains(&port),
+            "{what}: egress to port {port}"
+        );
+    }
 }
