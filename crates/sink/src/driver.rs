@@ -549,8 +549,10 @@ impl<S: Store> Driver<S> {
             return Some(spooled.batch);
         }
         let Some(next) = self.replay_seq.get_mut(&key) else {
-            self.keep_orphan(&spooled);
-            self.spool.renumbered(segment, key, 0);
+            if !self.keep_orphan(&spooled) {
+                // Not kept aside: the segment must stay until it can be.
+                self.spool.renumbered(segment, key, u64::MAX);
+            }
             return None;
         };
         let first = *next;
@@ -577,27 +579,31 @@ impl<S: Store> Driver<S> {
     }
 
     /// Spooled activities of a stream no longer configured: kept in a spool of their own.
-    fn keep_orphan(&mut self, spooled: &SpooledBatch) {
+    /// Whether they are now durably in that spool.
+    fn keep_orphan(&mut self, spooled: &SpooledBatch) -> bool {
         if self.orphans.is_none() {
             match Spool::open(&self.cfg.spool_dir.join("orphaned")) {
                 Ok((s, _)) => self.orphans = Some(s),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot open the spool for streams no longer configured");
-                    return;
+                    return false;
                 }
             }
         }
-        if let Some(o) = self.orphans.as_mut() {
-            match o
-                .push(&spooled.stream, &spooled.batch)
-                .and_then(|()| o.sync())
-            {
-                Ok(()) => {
-                    tracing::error!(stream = %spooled.stream, activities = spooled.batch.items.len(), dir = %self.cfg.spool_dir.join("orphaned").display(), "spooled activities of a stream no longer configured are kept aside")
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot keep spooled activities of a stream no longer configured")
-                }
+        let Some(o) = self.orphans.as_mut() else {
+            return false;
+        };
+        match o
+            .push(&spooled.stream, &spooled.batch)
+            .and_then(|()| o.sync())
+        {
+            Ok(()) => {
+                tracing::error!(stream = %spooled.stream, partition = spooled.batch.partition, activities = spooled.batch.items.len(), dir = %self.cfg.spool_dir.join("orphaned").display(), "spooled activities of a stream or partition no longer configured are kept aside");
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot keep spooled activities of a stream no longer configured");
+                false
             }
         }
     }

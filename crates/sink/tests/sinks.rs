@@ -579,3 +579,54 @@ async fn fatal_store_error_stops_retrying_and_keeps_everything() {
     );
     assert_eq!((report.stored_total, report.left_in_spool), (0, 50));
 }
+
+/// Spooled activities of a stream no longer configured are moved to a spool of their own
+/// (`orphaned/`), so the main spool can be emptied, and nothing of them is lost.
+#[tokio::test]
+async fn spool_of_a_removed_stream_is_kept_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool_dir = dir.path().join("spool");
+    let cfg = DriverConfig {
+        spool_dir: spool_dir.clone(),
+        drain_deadline_ms: 100,
+        ack_interval_ms: 10,
+        ..DriverConfig::default()
+    };
+    let silent = Scripted {
+        held: Vec::new(),
+        written: Arc::default(),
+        lose_first: 0,
+        silent: true,
+    };
+    let (tx, handle) = spawn(
+        "test",
+        silent,
+        cfg.clone(),
+        names(),
+        HashMap::new(),
+        |_, _| false,
+        4,
+    )
+    .unwrap();
+    tx.send(batch(1, 0..20)).await.unwrap();
+    drop(tx);
+    assert_eq!(handle.finish().await.left_in_spool, 20);
+
+    let renamed: StreamNames = Arc::new(vec!["another".into()]);
+    let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let good = Scripted {
+        held: Vec::new(),
+        written: written.clone(),
+        lose_first: 0,
+        silent: false,
+    };
+    let (tx, handle) = spawn("test", good, cfg, renamed, HashMap::new(), |_, _| false, 4).unwrap();
+    drop(tx);
+    let report = handle.finish().await;
+    assert_eq!(
+        report.stored_total, 0,
+        "not stored under another stream's name"
+    );
+    assert_eq!(spool_files(&spool_dir), 0, "the main spool is emptied");
+    assert_eq!(spool_files(&spool_dir.join("orphaned")), 1, "kept aside");
+}
