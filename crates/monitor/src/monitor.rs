@@ -40,12 +40,21 @@ pub struct MonitorHandle {
     pub status: watch::Receiver<Arc<Status>>,
     /// Every alert transition, for whoever listens (demo, tests, webhook).
     pub transitions: broadcast::Sender<Transition>,
+    finish: tokio::sync::oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
 
 impl MonitorHandle {
+    /// Stops the monitor at once.
     pub fn stop(&self) {
         self.task.abort();
+    }
+
+    /// Stops the monitor after one last evaluation, so `/status` and the counts show
+    /// the state everything ended in.
+    pub async fn finish(self) {
+        let _ = self.finish.send(());
+        let _ = self.task.await;
     }
 }
 
@@ -74,10 +83,12 @@ pub fn spawn(cfg: MonitorConfig, inputs: MonitorInputs) -> MonitorHandle {
         },
         status,
     };
+    let (finish, finished) = tokio::sync::oneshot::channel();
     MonitorHandle {
         status: status_rx,
         transitions,
-        task: tokio::spawn(monitor.run(conn_events, merge_events)),
+        finish,
+        task: tokio::spawn(monitor.run(conn_events, merge_events, finished)),
     }
 }
 
@@ -142,6 +153,7 @@ impl Monitor {
         mut self,
         mut conn_events: mpsc::UnboundedReceiver<ConnEvent>,
         mut merge_events: mpsc::UnboundedReceiver<MergeEvent>,
+        mut finished: tokio::sync::oneshot::Receiver<()>,
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.tick_ms.max(10)));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -149,6 +161,8 @@ impl Monitor {
         // must neither block the loop nor starve the ticks (all connection tasks end when
         // the credentials are refused, and that is exactly when the alerts matter).
         let (mut conns_open, mut merges_open) = (true, true);
+        // A handle dropped without `finish` leaves the monitor running.
+        let mut finish_open = true;
         loop {
             tokio::select! {
                 ev = conn_events.recv(), if conns_open => match ev {
@@ -160,6 +174,13 @@ impl Monitor {
                     None => merges_open = false,
                 },
                 _ = tick.tick() => self.evaluate(Instant::now()),
+                asked = &mut finished, if finish_open => match asked {
+                    Ok(()) => {
+                        self.evaluate(Instant::now());
+                        return;
+                    }
+                    Err(_) => finish_open = false,
+                },
             }
         }
     }

@@ -214,8 +214,7 @@ impl Pipeline {
             r.finish().await;
         }
         // One last evaluation so /status and the counts reflect the drained state.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        self.monitor.stop();
+        self.monitor.finish().await;
         self.http.abort();
         report.elapsed = started.elapsed();
         report
