@@ -1,6 +1,7 @@
 //! One supervised connection: a (stream, partition, path) kept connected for the life of
-//! the process. The loop is mechanism only: whether and when to retry is the
-//! [`ReconnectPolicy`]'s call, when a request may be sent is the [`ConnectBudget`]'s.
+//! the process. The loop (`runner`) is mechanism only: whether and when to retry is the
+//! [`ReconnectPolicy`](crate::policy::ReconnectPolicy)'s call, when a request may be sent
+//! is the [`ConnectBudget`]'s.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -25,7 +25,6 @@ use tandem_core::{
     ActivityId, ExponentialBackoff, Partition, StreamId, Tally, Unique, UniqueBatch,
 };
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tracing::Instrument;
 
@@ -118,14 +117,14 @@ pub struct SinkHandle {
     /// merger remembers them, so that the replay a restart asks upstream for does not
     /// store them a second time.
     pub waiting: HashMap<(String, Partition), Vec<ActivityId>>,
-    task: JoinHandle<DrainReport>,
+    done: tokio::sync::oneshot::Receiver<DrainReport>,
 }
 
 impl SinkHandle {
     /// Waits for the sink to finish: it does once every sender of its input is dropped
     /// and it has drained (or the deadline passed).
     pub async fn finish(self) -> DrainReport {
-        self.task.await.unwrap_or_default()
+        self.done.await.unwrap_or_default()
     }
 }
 
@@ -313,19 +312,35 @@ pub fn spawn<S: Store>(
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let alive = Arc::new(AtomicBool::new(true));
     let guard = AliveGuard(alive.clone());
+    let (report, done) = tokio::sync::oneshot::channel();
+    let (up, handoff) = (driver.up.clone(), driver.handoff.clone());
+    let span = tracing::info_span!("sink", sink = name);
+    // A thread and a runtime of its own: the spool's and the store's file I/O can block
+    // (a hung or full disk) without taking a worker from the connections' runtime; the
+    // mergers then wait on the sink's channel, asynchronously.
+    std::thread::Builder::new()
+        .name(format!("sink-{name}"))
+        .spawn(move || {
+            let _guard = guard;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let drained = match runtime {
+                Ok(rt) => rt.block_on(driver.run(rx).instrument(span)),
+                Err(e) => {
+                    tracing::error!(error = %e, "the sink's runtime could not start");
+                    DrainReport::default()
+                }
+            };
+            let _ = report.send(drained);
+        })?;
     let handle = SinkHandle {
-        name: driver.name.clone(),
-        up: driver.up.clone(),
+        name: name.into(),
+        up,
         alive,
-        handoff: driver.handoff.clone(),
+        handoff,
         waiting: found.waiting,
-        task: tokio::spawn(
-            async move {
-                let _guard = guard;
-                driver.run(rx).await
-            }
-            .instrument(tracing::info_span!("sink", sink = name)),
-        ),
+        done,
     };
     Ok((tx, handle))
 }
