@@ -43,5 +43,15 @@ pub use retry::{ExponentialBackoff, InvalidBackoff, Retryable};
 pub use secret::{Secret, redact_url};
 pub use tally::{Lanes, Tally, TallySnapshot};
 
+/// Runs blocking file I/O from async code: on a multi-threaded runtime the worker hands
+/// its other tasks to the rest first (`block_in_place`), so a slow or hung disk stalls
+/// only the caller; elsewhere (single-threaded tests) it simply runs.
+pub fn blocking_io<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// A partition number as the upstream numbers them (from 1).
 pub type Partition = u32;

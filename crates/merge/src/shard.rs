@@ -330,7 +330,8 @@ impl Shard {
             path,
             connection,
         };
-        if let Err(e) = self.spec.dead_letters.record(source, reason, detail, line) {
+        let letters = &self.spec.dead_letters;
+        if let Err(e) = tandem_core::blocking_io(|| letters.record(source, reason, detail, line)) {
             tracing::error!(error = %e, file = %self.spec.dead_letters.path().display(), "cannot write the dead-letter file");
         }
     }

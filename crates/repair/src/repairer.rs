@@ -695,7 +695,8 @@ impl Repairer {
     }
 
     fn save(&mut self) {
-        match self.r.ledger.save(&self.r.ledger_path) {
+        let (ledger, path) = (&self.r.ledger, &self.r.ledger_path);
+        match tandem_core::blocking_io(|| ledger.save(path)) {
             Ok(()) => self.dirty = false,
             Err(e) => {
                 tracing::error!(file = %self.r.ledger_path.display(), error = %e, "cannot write the coverage ledger")
