@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use support::{Consumer, Run, SIGABRT, Tmpfs};
+use support::{Consumer, FreezableDisk, Run, SIGABRT, Tmpfs};
 
 /// Starts a consumer of a JetStream run, publishes for 3 s, stops the NATS server and
 /// keeps publishing until the sink has spooled (segments on disk), holds `backlog`
@@ -465,4 +465,64 @@ async fn start_fails_after_the_spool_was_read() {
         0,
         "the spool was delivered and deleted"
     );
+}
+
+/// The file store and the spool on disks that hang (real ext4 file systems frozen with
+/// `fsfreeze`: every write blocks in the kernel): the process stays alive and healthy and
+/// its monitor keeps evaluating (the sink blocks on its own thread, not on the
+/// connections' runtime), and once the disks answer again every activity is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_store_on_a_hung_disk() {
+    let name = "file_store_on_a_hung_disk";
+    let run = Run::new(false, |c| {
+        c.rate_per_sec = 300.0;
+        c.gzip = false;
+    })
+    .await;
+    let disk = FreezableDisk::mount(&run.path().join("store"), 64);
+    let spool_disk = FreezableDisk::mount(&run.path().join("spool"), 64);
+    let mut consumer = run.start(None);
+    run.wait_live().await;
+    run.publish(run.cfg.rate_per_sec);
+    run.wait_status(Duration::from_secs(60), "something stored", |s| {
+        support::total(s, "stored") > 0
+    })
+    .await;
+    disk.freeze();
+    spool_disk.freeze();
+    let frozen_at = run.status().await.expect("status");
+    let stored_before = support::total(&frozen_at, "stored");
+    let at_before = frozen_at["at_ms"].as_u64().unwrap_or(0);
+    // While the disk hangs: the monitor keeps evaluating (a fresh `/status`), `/healthz`
+    // answers, nothing more is acknowledged, and the process is alive.
+    let s = run
+        .wait_status(
+            Duration::from_secs(60),
+            "the monitor still evaluating",
+            |s| s["at_ms"].as_u64().unwrap_or(0) > at_before + 3_000,
+        )
+        .await;
+    assert_eq!(
+        run.probe("healthz").await,
+        Some(200),
+        "healthy while the disk hangs"
+    );
+    assert!(
+        consumer.alive(),
+        "alive while the disk hangs\n{}",
+        run.log_tail(40)
+    );
+    let stored_frozen = support::total(&s, "stored");
+    println!(
+        "{name}: stored {stored_before} when the disk froze, {stored_frozen} three seconds later, {} published",
+        run.published()
+    );
+    assert!(
+        stored_frozen <= stored_before + 2_000,
+        "little is acknowledged by a disk that does not answer"
+    );
+    disk.thaw();
+    spool_disk.thaw();
+    run.finish(consumer, name).await;
+    drop((disk, spool_disk));
 }

@@ -585,3 +585,73 @@ impl Drop for Tmpfs {
         }
     }
 }
+
+/// A real ext4 file system in a loop-mounted image file, which can be frozen
+/// (`fsfreeze`): every write to it then hangs in the kernel until it is thawed, like a
+/// disk that stops answering. Thawed and unmounted when dropped (also when the test
+/// fails), so nothing stays hung.
+pub(crate) struct FreezableDisk {
+    pub(crate) path: PathBuf,
+    image: PathBuf,
+}
+
+impl FreezableDisk {
+    /// Makes a `mb` MiB ext4 image next to `path` and mounts it on `path`. Needs root.
+    pub(crate) fn mount(path: &Path, mb: u64) -> FreezableDisk {
+        std::fs::create_dir_all(path).unwrap();
+        let image = path.with_extension("img");
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(mb << 20).unwrap();
+        drop(f);
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().expect("the command runs");
+            assert!(
+                out.status.success(),
+                "{cmd:?} (the test needs root, e2fsprogs and util-linux): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        run(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(path));
+        FreezableDisk {
+            path: path.to_path_buf(),
+            image,
+        }
+    }
+
+    /// From now on every write to the file system hangs.
+    pub(crate) fn freeze(&self) {
+        let ok = Command::new("fsfreeze")
+            .arg("-f")
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "fsfreeze -f {}", self.path.display());
+    }
+
+    /// Writes go through again (the hung ones complete).
+    pub(crate) fn thaw(&self) {
+        let _ = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.path)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for FreezableDisk {
+    fn drop(&mut self) {
+        self.thaw();
+        let ok = Command::new("umount")
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
