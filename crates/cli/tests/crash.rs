@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use support::{Consumer, FreezableDisk, Run, SIGABRT, Tmpfs};
+use support::{Consumer, FreezableDisk, MemoryLimit, Run, SIGABRT, Tmpfs};
 
 /// Starts a consumer of a JetStream run, publishes for 3 s, stops the NATS server and
 /// keeps publishing until the sink has spooled (segments on disk), holds `backlog`
@@ -525,4 +525,58 @@ async fn file_store_on_a_hung_disk() {
     spool_disk.thaw();
     run.finish(consumer, name).await;
     drop((disk, spool_disk));
+}
+
+/// Under a cgroup memory limit (128 MiB), a JetStream outage that brings more activity data
+/// than the limit could hold keeps the consumer inside it: memory holds what the sink
+/// allows and the rest goes to the spool, the process is never killed, and after the
+/// outage every activity is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outage_under_a_memory_limit() {
+    let name = "outage_under_a_memory_limit";
+    let limit: u64 = 128 << 20;
+    let mut run = Run::new(true, |c| c.rate_per_sec = 8_000.0).await;
+    let mut consumer = run.start(None);
+    let cgroup = MemoryLimit::apply(consumer.pid(), limit);
+    run.wait_live().await;
+    run.publish(run.cfg.rate_per_sec);
+    run.nats().stop();
+    // More activity data than the limit while the store is away.
+    let spool = run.spool_dir();
+    run.wait_for(
+        Duration::from_secs(120),
+        "more spooled than the limit",
+        || spool_bytes(&spool) > limit,
+    )
+    .await;
+    assert!(
+        consumer.alive(),
+        "alive under the limit\n{}",
+        run.log_tail(40)
+    );
+    run.nats().restart().expect("nats-server back");
+    let v = run.finish(consumer, name).await;
+    println!(
+        "{name}: peak {} MiB of {} MiB, {} allocation failures, {} published",
+        cgroup.max_usage() >> 20,
+        limit >> 20,
+        cgroup.failures(),
+        v.published
+    );
+    // The page cache of the spool's writes counts against the limit too: reaching it
+    // makes the kernel reclaim (counted as failures), never kill, while the process's own
+    // memory stays bounded.
+    assert!(cgroup.max_usage() <= limit);
+}
+
+/// Bytes in a spool's segment files.
+fn spool_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }

@@ -655,3 +655,49 @@ impl Drop for FreezableDisk {
         let _ = std::fs::remove_file(&self.image);
     }
 }
+
+/// A cgroup (v1) memory limit for one process, removed when dropped.
+pub(crate) struct MemoryLimit {
+    dir: PathBuf,
+}
+
+impl MemoryLimit {
+    /// Puts `pid` under a limit of `bytes` (no swap). Needs root and the cgroup v1 memory
+    /// controller (`/sys/fs/cgroup/memory`).
+    pub(crate) fn apply(pid: u32, bytes: u64) -> MemoryLimit {
+        let dir = PathBuf::from(format!("/sys/fs/cgroup/memory/tandem-test-{pid}"));
+        std::fs::create_dir_all(&dir).expect("a cgroup (the test needs root and cgroup v1 memory)");
+        std::fs::write(dir.join("memory.limit_in_bytes"), bytes.to_string()).unwrap();
+        let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), bytes.to_string());
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        MemoryLimit { dir }
+    }
+
+    /// The most the cgroup ever used, in bytes.
+    pub(crate) fn max_usage(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("memory.max_usage_in_bytes"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// How often the limit stopped an allocation (the kernel then reclaims or kills).
+    pub(crate) fn failures(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("memory.failcnt"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for MemoryLimit {
+    fn drop(&mut self) {
+        // Whatever is left moves back to the root group; then the group can go.
+        if let Ok(procs) = std::fs::read_to_string(self.dir.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = std::fs::write("/sys/fs/cgroup/memory/cgroup.procs", pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
