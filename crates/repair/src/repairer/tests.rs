@@ -1,3 +1,4 @@
+// Compiled only for tests: `#[cfg(test)] mod tests;` in repairer.rs.
 //! The repairer's decisions, judged by order and outcome, never by wall-clock time.
 //!
 //! Most tests build a [`Repairer`] without its loop and drive it by hand the way `run`
