@@ -576,13 +576,18 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.path)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        }
+        unmount(&self.path);
+    }
+}
+
+/// Unmounts `path`; lazily if it is busy.
+fn unmount(path: &Path) {
+    let ok = Command::new("umount")
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let _ = Command::new("umount").arg("-l").arg(path).status();
     }
 }
 
@@ -645,13 +650,7 @@ impl FreezableDisk {
 impl Drop for FreezableDisk {
     fn drop(&mut self) {
         self.thaw();
-        let ok = Command::new("umount")
-            .arg(&self.path)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        }
+        unmount(&self.path);
         let _ = std::fs::remove_file(&self.image);
     }
 }
