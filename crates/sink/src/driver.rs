@@ -521,7 +521,9 @@ impl<S: Store> Driver<S> {
             self.held((b.stream, b.partition), |h| h.memory -= n);
             return Some(b);
         }
-        if !self.spool.is_empty() {
+        // A replayed batch may come to nothing (all stored already, or kept aside): the
+        // next record follows at once, not after a retry delay.
+        while !self.spool.is_empty() {
             let names = self.names.clone();
             let index = move |s: &str| {
                 names
@@ -532,9 +534,11 @@ impl<S: Store> Driver<S> {
             match self.spool.pop(index) {
                 Ok(Some(popped)) => {
                     self.meters.spooled.set(self.spool.len() as f64);
-                    return self.replayed(popped);
+                    if let Some(batch) = self.replayed(popped) {
+                        return Some(batch);
+                    }
                 }
-                Ok(None) => {}
+                Ok(None) => break,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the spool");
                     self.error("transient");

@@ -630,3 +630,65 @@ async fn spool_of_a_removed_stream_is_kept_aside() {
     assert_eq!(spool_files(&spool_dir), 0, "the main spool is emptied");
     assert_eq!(spool_files(&spool_dir.join("orphaned")), 1, "kept aside");
 }
+
+/// A spool whose first batches the store already holds (a crash between the store's
+/// acknowledgement and the segment's deletion) replays the rest straight away: skipped
+/// batches cost no retry delay, so the drain finishes well within its deadline.
+#[tokio::test]
+async fn stored_spool_batches_are_skipped_without_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = DriverConfig {
+        spool_dir: dir.path().join("spool"),
+        drain_deadline_ms: 1_500,
+        retry_initial_ms: 200,
+        retry_max_ms: 10_000,
+        ack_interval_ms: 10,
+        ..DriverConfig::default()
+    };
+    let silent = Scripted {
+        held: Vec::new(),
+        written: Arc::default(),
+        lose_first: 0,
+        silent: true,
+    };
+    let (tx, handle) = spawn(
+        "test",
+        silent,
+        cfg.clone(),
+        names(),
+        HashMap::new(),
+        |_, _| false,
+        64,
+    )
+    .unwrap();
+    for i in 0..20u64 {
+        tx.send(batch(1, i * 10..i * 10 + 10)).await.unwrap();
+    }
+    drop(tx);
+    assert_eq!(handle.finish().await.left_in_spool, 200);
+    let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let good = Scripted {
+        held: Vec::new(),
+        written: written.clone(),
+        lose_first: 0,
+        silent: false,
+    };
+    // Everything but the last batch is in the store already.
+    let (tx, handle) = spawn(
+        "test",
+        good,
+        cfg,
+        names(),
+        HashMap::new(),
+        |_, u| !matches!(u.id, ActivityId::Post(n) if n >= 190),
+        4,
+    )
+    .unwrap();
+    drop(tx);
+    let report = handle.finish().await;
+    assert_eq!((report.stored_total, report.left_in_spool), (10, 0));
+    assert_eq!(
+        *written.lock().unwrap(),
+        (190..200).map(ActivityId::Post).collect::<Vec<_>>()
+    );
+}
