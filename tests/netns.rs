@@ -146,6 +146,8 @@ async fn one_path_silently_stalled_by_link_down() {
     let mut cfg = HarnessConfig::fast(dir.path().to_path_buf());
     cfg.sim_listen = SocketAddr::from(([0, 0, 0, 0], port));
     cfg.url_host = Some("upstream.test".to_owned());
+    // Off loopback: HTTPS (the consumer refuses plain HTTP to anything but loopback).
+    cfg.tls = true;
     // Path a: loopback. Path b: out through the veth link to the relay in the namespace.
     cfg.paths = vec![
         Some(IpAddr::from([127, 0, 0, 2])),

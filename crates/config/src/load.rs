@@ -331,6 +331,7 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         let at = format!("stream[{i}]");
         validate_stream_name(s, &at, &mut names, &mut out);
         validate_stream_url(s, &at, &mut out);
+        validate_plain_http(c, s, &at, &mut out);
         validate_partitions(s, &at, &mut out);
         validate_stream_paths(s, &at, &path_names, &mut out);
         if !c.sinks.contains_key(&s.sink) {
@@ -425,6 +426,48 @@ fn validate_stream_url(s: &StreamConfig, at: &str, out: &mut Vec<Problem>) {
             format!("{at}.url"),
             format!("{:?} is not an http(s) URL", s.url),
         )),
+    }
+}
+
+/// Plain HTTP carries the credentials in clear: only to a peer on this host (a test
+/// peer), so the URL's host and every path's pinned address must be loopback.
+fn validate_plain_http(c: &Config, s: &StreamConfig, at: &str, out: &mut Vec<Problem>) {
+    let Some(rest) = s.url.strip_prefix("http://") else {
+        return;
+    };
+    if !s.allow_plain_http {
+        return;
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    let loopback = |h: &str| {
+        h.eq_ignore_ascii_case("localhost")
+            || h.parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    };
+    if !loopback(host) {
+        out.push(problem(
+            format!("{at}.allow_plain_http"),
+            format!("plain http only reaches a test peer on this host (loopback), not {host:?}: use https"),
+        ));
+    }
+    for name in &s.paths {
+        if let Some(ip) = c
+            .paths
+            .iter()
+            .find(|p| &p.name == name)
+            .and_then(|p| p.resolve_ip)
+            && !ip.is_loopback()
+        {
+            out.push(problem(
+                format!("{at}.allow_plain_http"),
+                format!("plain http only reaches a test peer on this host, but path {name} pins {ip}: use https"),
+            ));
+        }
     }
 }
 

@@ -153,3 +153,30 @@ fn sink_names_cannot_escape_the_spool_directory() {
         "{text}"
     );
 }
+
+/// Plain HTTP is a test peer's transport: refused, by field, for a host that is not
+/// loopback, even with `allow_plain_http`; accepted for 127.0.0.1.
+#[test]
+fn plain_http_only_to_loopback() {
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/tandem.toml"
+    ))
+    .unwrap();
+    let https =
+        "https://gnip-stream.x.com/stream/sample10/accounts/ACME/publishers/twitter/prod.json";
+    assert!(example.contains(https));
+    let remote = example
+        .replace(https, "http://gnip-stream.x.com/stream/prod.json")
+        .replace("[stream.auth]", "allow_plain_http = true\n\n[stream.auth]");
+    let err = tandem_config::load(&remote, &|_| Some("x".to_owned())).unwrap_err();
+    assert!(
+        err.to_string().contains("stream[0].allow_plain_http")
+            && err.to_string().contains("gnip-stream.x.com"),
+        "{err}"
+    );
+    let local = remote.replace("http://gnip-stream.x.com/", "http://127.0.0.1:8080/");
+    if let Err(e) = tandem_config::load(&local, &|_| Some("x".to_owned())) {
+        assert!(!e.to_string().contains("allow_plain_http"), "{e}");
+    }
+}

@@ -74,6 +74,9 @@ pub struct HarnessConfig {
     /// Per path, the address the upstream host resolves to on that path (`resolve_ip`);
     /// empty or `None`: ordinary resolution.
     pub resolve_ips: Vec<Option<IpAddr>>,
+    /// The simulator serves HTTPS (a generated CA the consumer trusts) instead of plain
+    /// HTTP, which the consumer only allows to loopback.
+    pub tls: bool,
 }
 
 impl HarnessConfig {
@@ -110,6 +113,7 @@ impl HarnessConfig {
             sim_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             url_host: None,
             resolve_ips: Vec::new(),
+            tls: false,
         }
     }
 
@@ -137,7 +141,12 @@ impl HarnessConfig {
                 let url = sim.stream_url(name)?;
                 Ok(match &self.url_host {
                     Some(host) => {
-                        format!("http://{host}:{}{}", sim.addr().port(), &url[base.len()..])
+                        let scheme = base.split("://").next().unwrap_or("http");
+                        format!(
+                            "{scheme}://{host}:{}{}",
+                            sim.addr().port(),
+                            &url[base.len()..]
+                        )
                     }
                     None => url,
                 })
@@ -224,7 +233,7 @@ url = "{url}"
 partitions = {partitions}
 paths = [{paths}]
 sink = "store"
-allow_plain_http = true
+{transport}
 likes = {likes}
 
 [stream.auth]
@@ -257,7 +266,40 @@ window_ms = {window}
             limit = self.connect_limit,
             window = self.connect_window_ms,
             likes = self.likes,
+            transport = self.transport_toml(),
         )
+    }
+
+    /// How the consumer reaches the simulator: trusting its generated CA over HTTPS, or
+    /// plain HTTP (loopback only).
+    fn transport_toml(&self) -> String {
+        if self.tls {
+            format!("ca_file = \"{}\"", self.ca_file().display())
+        } else {
+            "allow_plain_http = true".to_owned()
+        }
+    }
+
+    /// Where the simulator writes its CA certificate when it serves HTTPS.
+    pub fn ca_file(&self) -> PathBuf {
+        self.run_dir.join("simulator-ca.pem")
+    }
+
+    /// The simulator's HTTPS settings, when it serves HTTPS: its certificate names the
+    /// URLs' host.
+    pub fn sim_tls(&self) -> Option<tandem_sim::TlsConfig> {
+        self.tls.then(|| tandem_sim::TlsConfig {
+            names: [
+                self.url_host.as_deref(),
+                Some("localhost"),
+                Some("127.0.0.1"),
+            ]
+            .into_iter()
+            .flatten()
+            .map(str::to_owned)
+            .collect(),
+            ca_file: self.ca_file(),
+        })
     }
 
     /// The sink's settings (`kind` and what it takes): null, NATS or files.
@@ -411,9 +453,11 @@ impl Harness {
     /// Starts the simulator (on an ephemeral loopback port) and a consumer of it.
     pub async fn start(cfg: HarnessConfig) -> Result<Harness, HarnessError> {
         tandem_conn::install_crypto_provider();
+        std::fs::create_dir_all(&cfg.run_dir).ok();
         let sim = Simulator::start(SimConfig {
             listen: cfg.sim_listen,
             streams: cfg.sim_streams(),
+            tls: cfg.sim_tls(),
             ..SimConfig::default()
         })
         .await?;
