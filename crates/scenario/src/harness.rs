@@ -458,7 +458,6 @@ impl Harness {
             listen: cfg.sim_listen,
             streams: cfg.sim_streams(),
             tls: cfg.sim_tls(),
-            ..SimConfig::default()
         })
         .await?;
         let config_text = cfg.consumer_toml(&cfg.stream_urls(&sim)?);
