@@ -382,6 +382,28 @@ struct Scripted {
     silent: bool,
 }
 
+impl Scripted {
+    /// A store that takes writes and never acknowledges them.
+    fn silent() -> Scripted {
+        Scripted {
+            held: Vec::new(),
+            written: Arc::default(),
+            lose_first: 0,
+            silent: true,
+        }
+    }
+
+    /// A store that acknowledges everything, recording what it wrote in `written`.
+    fn good(written: &Arc<std::sync::Mutex<Vec<ActivityId>>>) -> Scripted {
+        Scripted {
+            held: Vec::new(),
+            written: written.clone(),
+            lose_first: 0,
+            silent: false,
+        }
+    }
+}
+
 impl Store for Scripted {
     fn kind(&self) -> &'static str {
         "scripted"
@@ -462,12 +484,7 @@ async fn unacknowledged_at_exit_are_spooled_not_dropped() {
         ack_interval_ms: 10,
         ..DriverConfig::default()
     };
-    let silent = Scripted {
-        held: Vec::new(),
-        written: Arc::default(),
-        lose_first: 0,
-        silent: true,
-    };
+    let silent = Scripted::silent();
     let tally = Arc::new(Tally::default());
     let tallies = HashMap::from([((StreamId(0), 1), tally.clone())]);
     let (tx, handle) = spawn(
@@ -490,12 +507,7 @@ async fn unacknowledged_at_exit_are_spooled_not_dropped() {
     );
 
     let written = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let good = Scripted {
-        held: Vec::new(),
-        written: written.clone(),
-        lose_first: 0,
-        silent: false,
-    };
+    let good = Scripted::good(&written);
     let tally = Arc::new(Tally::default());
     let tallies = HashMap::from([((StreamId(0), 1), tally.clone())]);
     let (tx, handle) = spawn("test", good, cfg, names(), tallies, |_, _| false, 4).unwrap();
@@ -592,12 +604,7 @@ async fn spool_of_a_removed_stream_is_kept_aside() {
         ack_interval_ms: 10,
         ..DriverConfig::default()
     };
-    let silent = Scripted {
-        held: Vec::new(),
-        written: Arc::default(),
-        lose_first: 0,
-        silent: true,
-    };
+    let silent = Scripted::silent();
     let (tx, handle) = spawn(
         "test",
         silent,
@@ -614,12 +621,7 @@ async fn spool_of_a_removed_stream_is_kept_aside() {
 
     let renamed: StreamNames = Arc::new(vec!["another".into()]);
     let written = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let good = Scripted {
-        held: Vec::new(),
-        written: written.clone(),
-        lose_first: 0,
-        silent: false,
-    };
+    let good = Scripted::good(&written);
     let (tx, handle) = spawn("test", good, cfg, renamed, HashMap::new(), |_, _| false, 4).unwrap();
     drop(tx);
     let report = handle.finish().await;
@@ -645,12 +647,7 @@ async fn stored_spool_batches_are_skipped_without_delay() {
         ack_interval_ms: 10,
         ..DriverConfig::default()
     };
-    let silent = Scripted {
-        held: Vec::new(),
-        written: Arc::default(),
-        lose_first: 0,
-        silent: true,
-    };
+    let silent = Scripted::silent();
     let (tx, handle) = spawn(
         "test",
         silent,
@@ -667,12 +664,7 @@ async fn stored_spool_batches_are_skipped_without_delay() {
     drop(tx);
     assert_eq!(handle.finish().await.left_in_spool, 200);
     let written = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let good = Scripted {
-        held: Vec::new(),
-        written: written.clone(),
-        lose_first: 0,
-        silent: false,
-    };
+    let good = Scripted::good(&written);
     // Everything but the last batch is in the store already.
     let (tx, handle) = spawn(
         "test",
