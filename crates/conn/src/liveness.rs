@@ -127,15 +127,6 @@ impl PartitionLiveness {
         self.state.lock().expect("liveness lock").settle()
     }
 
-    /// `[complete_until, until_ms)` is handed to gap repair (recovery): the partition
-    /// counts as complete up to `until_ms`, so that the connection about to backfill the
-    /// rest joins the prefix again.
-    pub fn hand_over(&self, until_ms: u64) {
-        let mut st = self.state.lock().expect("liveness lock");
-        st.complete_until_ms = st.complete_until_ms.max(until_ms);
-        st.settle();
-    }
-
     /// A connection became live, delivering from `from_ms` (content time: the connect time,
     /// or where its backfill starts).
     pub fn set_live(&self, path: usize, from_ms: u64) {
@@ -153,6 +144,32 @@ impl PartitionLiveness {
             last_activity: None,
         };
         st.settle();
+    }
+
+    /// A connection became live delivering from `from_ms` after it asked to replay from
+    /// the complete prefix: the part of `[complete, from_ms)` that its replay does not
+    /// reach and that no live sibling joined to the prefix will deliver is uncovered. It
+    /// is handed over (the prefix moves to `from_ms`) and returned, for gap repair.
+    ///
+    /// Judged here, when the upstream has answered and the replay's start is known, rather
+    /// than when the request was made: a request that fails leaves nothing to hand over,
+    /// and two paths replaying after the same outage report one gap between them, not a
+    /// second one as long as the milliseconds between their answers.
+    pub fn set_live_replaying(&self, path: usize, from_ms: u64) -> Option<(u64, u64)> {
+        let mut st = self.state.lock().expect("liveness lock");
+        let complete = st.settle();
+        let joined_sibling = st
+            .paths
+            .iter()
+            .enumerate()
+            .any(|(i, p)| i != path && p.live && p.covered_from_ms <= complete);
+        let hole = (complete > 0 && from_ms > complete && !joined_sibling).then(|| {
+            st.complete_until_ms = from_ms;
+            (complete, from_ms)
+        });
+        drop(st);
+        self.set_live(path, from_ms);
+        hole
     }
 
     /// A connection ended.
@@ -276,6 +293,34 @@ mod tests {
         p.note_activity(0, Instant::now(), Some(2_000)); // replayed up to 2 000, then died
         p.set_down(0);
         assert_eq!(p.backfill_from(0, 6_000, 500), Some(2_000));
+    }
+
+    /// A replay that starts after the complete prefix leaves a hole, reported once even
+    /// when both paths replay after the same outage.
+    #[test]
+    fn replay_short_of_the_prefix_leaves_one_hole() {
+        let p = PartitionLiveness::new(2).with_complete_until(Some(1_000));
+        assert_eq!(p.set_live_replaying(0, 5_000), Some((1_000, 5_000)));
+        assert_eq!(p.complete_until(), 5_000);
+        // Path 1 answers 7 ms later: its replay starts 7 ms later, but path 0 joined the
+        // prefix and delivers from there.
+        assert_eq!(p.set_live_replaying(1, 5_007), None);
+        p.note_activity(0, Instant::now(), Some(9_000));
+        assert_eq!(p.complete_until(), 9_000);
+    }
+
+    /// A replay that reaches the prefix leaves nothing to repair.
+    #[test]
+    fn replay_reaching_the_prefix_leaves_no_hole() {
+        let p = PartitionLiveness::new(1).with_complete_until(Some(1_000));
+        assert_eq!(p.set_live_replaying(0, 1_000), None);
+        assert_eq!(p.set_live_replaying(0, 900), None);
+        let fresh = PartitionLiveness::new(1);
+        assert_eq!(
+            fresh.set_live_replaying(0, 900),
+            None,
+            "no history, no hole"
+        );
     }
 
     /// A silent path is judged against a live sibling that kept delivering.

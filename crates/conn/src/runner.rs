@@ -134,6 +134,15 @@ pub(crate) struct Runner {
     connections: u64,
 }
 
+/// What a connect asks the upstream to replay.
+#[derive(Debug, Clone, Copy)]
+struct Backfill {
+    minutes: u64,
+    /// Asked to replay from the partition's complete prefix (no live sibling covered it):
+    /// a replay that starts after it leaves a hole for gap repair.
+    from_prefix: bool,
+}
+
 /// The state of one established stream while it is read.
 struct Reading {
     connection: u64,
@@ -218,14 +227,14 @@ impl Runner {
 
     /// One connection request and, if it is answered, the stream until it ends.
     async fn attempt(&mut self) -> Ended<(StreamError, Option<Duration>)> {
-        let backfill = self.backfill_minutes();
+        let backfill = self.backfill();
         self.emit(ConnEvent::Connecting {
             key: self.key(),
             attempt: self.policy.failures() + 1,
-            backfill_minutes: backfill,
+            backfill_minutes: backfill.minutes,
         });
         let query = Query::Live {
-            backfill_minutes: backfill,
+            backfill_minutes: backfill.minutes,
         };
         let opened = self
             .spec
@@ -298,44 +307,37 @@ impl Runner {
     }
 
     /// How many minutes to replay on this connect (see [`BackfillPolicy`]).
-    fn backfill_minutes(&self) -> u64 {
+    fn backfill(&self) -> Backfill {
         let cfg: &BackfillConfig = &self.spec.backfill;
+        let minutes = |minutes| Backfill {
+            minutes,
+            from_prefix: false,
+        };
         match cfg.policy {
-            BackfillPolicy::Never => 0,
-            BackfillPolicy::Always => cfg.window_minutes,
+            BackfillPolicy::Never => minutes(0),
+            BackfillPolicy::Always => minutes(cfg.window_minutes),
             BackfillPolicy::Auto => {
                 let now = self.spec.partition.upstream_now_ms();
                 // A sibling that delivered within this window covers the partition.
                 let fresh_ms = (self.spec.liveness.data_silence_ms / 2).clamp(100, 1_000);
                 let path = usize::from(self.spec.origin.path.0);
                 let Some(since) = self.spec.partition.backfill_from(path, now, fresh_ms) else {
-                    return 0;
+                    return minutes(0);
                 };
-                // Two seconds of slack for the time the request itself takes.
+                // Two seconds of slack for the time the request itself takes. Beyond the
+                // window, the replay falls short of `since`: what it leaves uncovered is
+                // known when the upstream answers (see `go_live`).
                 let gap_ms = now.saturating_sub(since) + 2_000;
-                let minutes = (gap_ms.div_ceil(cfg.minute_ms)).max(1);
-                if minutes <= cfg.window_minutes {
-                    return minutes;
+                Backfill {
+                    minutes: gap_ms.div_ceil(cfg.minute_ms).clamp(1, cfg.window_minutes),
+                    from_prefix: true,
                 }
-                // The backfill reaches back to `now - reach`; the two seconds of slack let
-                // its start (taken when the answer comes) join the interval handed to
-                // recovery, which also adds a margin on each side.
-                let reach = cfg.window_minutes * cfg.minute_ms;
-                let end_ms = (now + 2_000).saturating_sub(reach);
-                self.spec.partition.hand_over(end_ms);
-                self.emit(ConnEvent::UncoveredBeyondBackfill {
-                    stream: self.spec.key.stream.clone(),
-                    partition: self.spec.key.partition,
-                    start_ms: since,
-                    end_ms,
-                });
-                cfg.window_minutes
             }
         }
     }
 
     /// Reads an established stream until it ends.
-    async fn stream(&mut self, mut resp: reqwest::Response, backfill: u64) -> Ended {
+    async fn stream(&mut self, mut resp: reqwest::Response, backfill: Backfill) -> Ended {
         let mut r = self.go_live(&resp, backfill);
         let mut shutdown = self.shutdown.clone();
         let ended = loop {
@@ -367,7 +369,7 @@ impl Runner {
     }
 
     /// The upstream answered 200: the partition's coverage and the snapshot say so.
-    fn go_live(&mut self, resp: &reqwest::Response, backfill: u64) -> Reading {
+    fn go_live(&mut self, resp: &reqwest::Response, backfill: Backfill) -> Reading {
         self.connections += 1;
         let spec = &self.spec;
         let path = usize::from(spec.origin.path.0);
@@ -388,8 +390,20 @@ impl Runner {
         }
         let now_wall = spec.partition.upstream_now_ms();
         // Content time from which this connection delivers continuously.
-        let covered_from = now_wall.saturating_sub(backfill * spec.backfill.minute_ms);
-        spec.partition.set_live(path, covered_from);
+        let covered_from = now_wall.saturating_sub(backfill.minutes * spec.backfill.minute_ms);
+        if backfill.from_prefix {
+            if let Some((start_ms, end_ms)) = spec.partition.set_live_replaying(path, covered_from)
+            {
+                self.emit(ConnEvent::UncoveredBeyondBackfill {
+                    stream: spec.key.stream.clone(),
+                    partition: spec.key.partition,
+                    start_ms,
+                    end_ms,
+                });
+            }
+        } else {
+            spec.partition.set_live(path, covered_from);
+        }
         self.state.send_modify(|s| {
             s.phase = ConnPhase::Live;
             s.connected_since_ms = Some(now_wall);
@@ -399,7 +413,7 @@ impl Runner {
         self.emit(ConnEvent::Connected {
             key: self.key(),
             connection: self.connections,
-            backfill_minutes: backfill,
+            backfill_minutes: backfill.minutes,
         });
         let liveness = &self.spec.liveness;
         let quiet_limit =

@@ -638,6 +638,82 @@ async fn both_paths_down_reconnect_with_backfill() {
     h.stop().await;
 }
 
+/// Both paths of a partition down for longer than backfill reaches: the part the replays
+/// cannot reach goes to gap repair once, as one interval, whatever the number of failed
+/// attempts during the outage and however far apart the two paths' answers are. An
+/// outage the window reaches hands nothing over.
+#[tokio::test]
+async fn an_outage_beyond_backfill_is_one_gap() {
+    let sim = start(sim_stream(200.0)).await;
+    let mut h = spawn(
+        &sim,
+        Setup {
+            // One "minute" = 2 s, one of them at most: the window reaches 2 s.
+            backfill: BackfillConfig {
+                minute_ms: 2_000,
+                window_minutes: 1,
+                ..BackfillConfig::default()
+            },
+            ..Setup::default()
+        },
+    );
+    let outage = |status_for_ms: u64| {
+        sim.fault(Fault::Reject {
+            stream: "d".into(),
+            partition: None,
+            status: 503,
+            count: None,
+            for_ms: Some(status_for_ms),
+        })
+        .unwrap();
+        sim.fault(Fault::Drop {
+            target: Target::default(),
+        })
+        .unwrap();
+    };
+    // Collects events until both paths are live again.
+    async fn gaps_until_both_connected(h: &mut Harness) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        let mut connected = 0;
+        while connected < 2 {
+            let ev = h
+                .wait_event(Duration::from_secs(20), |e| {
+                    matches!(
+                        e,
+                        ConnEvent::Connected { .. } | ConnEvent::UncoveredBeyondBackfill { .. }
+                    )
+                })
+                .await;
+            match ev {
+                ConnEvent::UncoveredBeyondBackfill {
+                    start_ms, end_ms, ..
+                } => gaps.push((start_ms, end_ms)),
+                _ => connected += 1,
+            }
+        }
+        gaps
+    }
+    assert!(gaps_until_both_connected(&mut h).await.is_empty());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Well past the window: refused for 4 s, many failed attempts.
+    outage(4_000);
+    let gaps = gaps_until_both_connected(&mut h).await;
+    assert_eq!(gaps.len(), 1, "one gap for one outage: {gaps:?}");
+    let (start_ms, end_ms) = gaps[0];
+    assert!(
+        end_ms - start_ms >= 1_000,
+        "the gap is the outage less the window: {gaps:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A drop the window reaches (refused for 50 ms, reconnected at once) hands nothing over.
+    outage(50);
+    let gaps = gaps_until_both_connected(&mut h).await;
+    assert!(gaps.is_empty(), "nothing beyond backfill: {gaps:?}");
+    h.stop().await;
+}
+
 /// HTTPS with an extra CA, and a path that pins the IP while keeping the host name.
 #[tokio::test]
 async fn tls_path_with_pinned_ip() {
