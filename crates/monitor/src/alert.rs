@@ -46,6 +46,9 @@ pub enum AlertName {
     ConnectionFatal,
     /// 503 answers persisted past the escalation threshold.
     UpstreamUnavailable,
+    /// A connection was refused with 429 several times in a row (`rate_limited_after`):
+    /// the account's connect rate or connection limit is exhausted.
+    UpstreamRateLimited,
     /// Unique activities neither stored nor in flight, past the grace period.
     ReconciliationMismatch,
     /// The stored rate dropped well below its recent baseline.
@@ -67,6 +70,7 @@ impl AlertName {
             AlertName::ConnectionStale => "connection_stale",
             AlertName::ConnectionFatal => "connection_fatal",
             AlertName::UpstreamUnavailable => "upstream_unavailable",
+            AlertName::UpstreamRateLimited => "upstream_rate_limited",
             AlertName::ReconciliationMismatch => "reconciliation_mismatch",
             AlertName::StoredRateDrop => "stored_rate_drop",
             AlertName::DedupHorizonWeakened => "dedup_horizon_weakened",
@@ -85,6 +89,7 @@ impl AlertName {
             | AlertName::UpstreamUnavailable => Severity::Critical,
             AlertName::PartitionImbalance
             | AlertName::ConnectionStale
+            | AlertName::UpstreamRateLimited
             | AlertName::StoredRateDrop
             | AlertName::DedupHorizonWeakened => Severity::Warning,
         }
@@ -93,12 +98,13 @@ impl AlertName {
 
 impl AlertName {
     /// Every alert, for registering their series at zero.
-    pub const ALL: [AlertName; 10] = [
+    pub const ALL: [AlertName; 11] = [
         AlertName::PartitionDown,
         AlertName::PartitionImbalance,
         AlertName::ConnectionStale,
         AlertName::ConnectionFatal,
         AlertName::UpstreamUnavailable,
+        AlertName::UpstreamRateLimited,
         AlertName::ReconciliationMismatch,
         AlertName::StoredRateDrop,
         AlertName::DedupHorizonWeakened,

@@ -41,6 +41,10 @@ pub struct MonitorConfig {
     /// replay (the data of that interval is lost; the alert is a notice, not a state).
     #[serde(default = "default_unrecoverable_secs")]
     pub unrecoverable_gap_alert_secs: u64,
+    /// `upstream_rate_limited` fires when a connection is refused with 429 this many times
+    /// in a row; its next successful connect resolves it.
+    #[serde(default = "default_rate_limited_after")]
+    pub rate_limited_after: u32,
     /// Alertmanager-compatible endpoint (`http://alertmanager:9093`) that receives every
     /// firing and resolved alert (`POST /api/v2/alerts`).
     #[serde(default)]
@@ -74,6 +78,9 @@ fn default_drop_pending_secs() -> f64 {
 fn default_min_rate() -> f64 {
     1.0
 }
+fn default_rate_limited_after() -> u32 {
+    2
+}
 fn default_unrecoverable_secs() -> u64 {
     3_600
 }
@@ -91,6 +98,7 @@ impl Default for MonitorConfig {
             stored_rate_pending_secs: default_drop_pending_secs(),
             stored_rate_min_per_sec: default_min_rate(),
             unrecoverable_gap_alert_secs: default_unrecoverable_secs(),
+            rate_limited_after: default_rate_limited_after(),
             webhook_url: None,
         }
     }

@@ -1,6 +1,7 @@
 //! Conditions that lifecycle events report rather than state shows: a connection closed as
 //! stale (`connection_stale`), stopped for good (`connection_fatal`) or refused with 503
-//! past the escalation threshold (`upstream_unavailable`), and ids evicted from the dedup
+//! past the escalation threshold (`upstream_unavailable`) or with 429 several times in a row
+//! (`upstream_rate_limited`), and ids evicted from the dedup
 //! cache before their window ended (`dedup_horizon_weakened`). Each event is judged when it
 //! arrives — a connection can go stale and be live again between two ticks, and that must
 //! still fire and resolve its alert — and what it left behind is judged again every tick.
@@ -9,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_conn::{ConnEvent, ConnKey, StaleReason};
+use tandem_conn::{ConnEvent, ConnKey, ErrorKind, StaleReason};
 use tandem_core::Partition;
 use tandem_merge::MergeEvent;
 use tokio::time::Instant;
@@ -28,17 +29,22 @@ pub(crate) struct Events {
     fatal: HashMap<ConnKey, String>,
     /// For how many seconds 503 answers had persisted.
     escalated: HashMap<ConnKey, f64>,
+    /// 429 answers in a row since the connection was last live, and how many fire.
+    rate_limited: HashMap<ConnKey, u32>,
+    rate_limited_after: u32,
     /// Until when, and why, a partition's dedup horizon counts as weakened.
     horizon_weak_until: HashMap<(Arc<str>, Partition), (Instant, String)>,
 }
 
 impl Events {
-    pub(crate) fn new(dedup_window: Duration) -> Events {
+    pub(crate) fn new(dedup_window: Duration, rate_limited_after: u32) -> Events {
         Events {
             dedup_window,
             stale: HashMap::new(),
             fatal: HashMap::new(),
             escalated: HashMap::new(),
+            rate_limited: HashMap::new(),
+            rate_limited_after: rate_limited_after.max(1),
             horizon_weak_until: HashMap::new(),
         }
     }
@@ -62,6 +68,17 @@ impl Events {
                 if self.escalated.remove(&c).is_some() {
                     judge(alerts, AlertName::UpstreamUnavailable, &c, None, now);
                 }
+                if self.rate_limited.remove(&c).is_some() {
+                    judge(alerts, AlertName::UpstreamRateLimited, &c, None, now);
+                }
+            }
+            ConnEvent::Disconnected { key: c, error, .. }
+                if error.kind == ErrorKind::RateLimited =>
+            {
+                let n = self.rate_limited.entry(c.clone()).or_default();
+                *n += 1;
+                let message = self.rate_limited_message(&c);
+                judge(alerts, AlertName::UpstreamRateLimited, &c, message, now);
             }
             ConnEvent::Fatal { key: c, error } => {
                 let text = error.to_string();
@@ -126,6 +143,14 @@ impl Events {
         judge(alerts, AlertName::ConnectionFatal, c, fatal, now);
         let escalated = self.escalated.get(c).map(|&secs| escalated_message(secs));
         judge(alerts, AlertName::UpstreamUnavailable, c, escalated, now);
+        let rate_limited = self.rate_limited_message(c);
+        judge(alerts, AlertName::UpstreamRateLimited, c, rate_limited, now);
+    }
+
+    /// The alert's message once a connection's 429s in a row reach the threshold.
+    fn rate_limited_message(&self, c: &ConnKey) -> Option<String> {
+        let n = *self.rate_limited.get(c)?;
+        (n >= self.rate_limited_after).then(|| format!("429 answers in a row: {n}"))
     }
 }
 

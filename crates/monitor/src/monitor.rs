@@ -70,6 +70,7 @@ pub fn spawn(cfg: MonitorConfig, inputs: MonitorInputs) -> MonitorHandle {
         merge_events,
         dedup_window,
     } = inputs;
+    let rate_limited_after = cfg.rate_limited_after;
     let monitor = Monitor {
         cfg,
         streams,
@@ -78,7 +79,7 @@ pub fn spawn(cfg: MonitorConfig, inputs: MonitorInputs) -> MonitorHandle {
             alerts: AlertBus::new(transitions.clone()),
             coverage: Coverage::default(),
             reconciliation: Reconciliation::default(),
-            events: Events::new(dedup_window),
+            events: Events::new(dedup_window, rate_limited_after),
             stored_rate: StoredRate::default(),
         },
         status,

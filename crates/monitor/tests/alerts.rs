@@ -257,6 +257,37 @@ async fn upstream_unavailable() {
         .await;
 }
 
+/// 429 answers in a row fire from the second on (a single one is the upstream's normal
+/// pacing); the next successful connection resolves it.
+#[tokio::test(start_paused = true)]
+async fn upstream_rate_limited() {
+    let mut f = fixture();
+    let refused = || ConnEvent::Disconnected {
+        key: key(1, "b"),
+        error: StreamError::from_status(429, "Too Many Requests", None),
+        live_for: None,
+    };
+    f.conn_events.send(refused()).unwrap();
+    f.quiet(AlertName::UpstreamRateLimited, Duration::from_secs(5))
+        .await;
+    f.conn_events.send(refused()).unwrap();
+    let v = f
+        .fires(AlertName::UpstreamRateLimited, Duration::from_secs(1))
+        .await;
+    assert_eq!(v.severity, Severity::Warning);
+    assert_eq!(v.key.path.as_deref(), Some("b"));
+    assert!(v.message.contains("429"), "{}", v.message);
+    f.conn_events
+        .send(ConnEvent::Connected {
+            key: key(1, "b"),
+            connection: 2,
+            backfill_minutes: 1,
+        })
+        .unwrap();
+    f.resolves(AlertName::UpstreamRateLimited, Duration::from_secs(1))
+        .await;
+}
+
 /// Unique activities that are neither queued, in flight nor stored a grace period (30 s)
 /// later fire; storing them resolves it.
 #[tokio::test(start_paused = true)]
