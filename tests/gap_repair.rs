@@ -5,35 +5,13 @@
 use std::time::Duration;
 
 use tandem_core::GapState;
-use tandem_e2e::{harness, judge};
+use tandem_e2e::{harness, judge, outage};
 use tandem_monitor::{AlertName, PartitionStatus, Status, Transition};
 use tandem_scenario::Harness;
 use tandem_sim::{ConnectionKind, Fault, Target};
 use tokio::time::Instant;
 
 const SETTLE: Duration = Duration::from_secs(30);
-
-/// Takes both connections of `partition` down for `outage`: every reconnect is refused
-/// with 503 until it is over.
-fn outage(h: &Harness, partition: u32, outage: Duration) {
-    h.sim
-        .fault(Fault::Reject {
-            stream: h.cfg.stream.clone(),
-            partition: Some(partition),
-            status: 503,
-            count: None,
-            for_ms: Some(outage.as_millis() as u64),
-        })
-        .unwrap();
-    h.sim
-        .fault(Fault::Drop {
-            target: Target {
-                partition: Some(partition),
-                ..Target::default()
-            },
-        })
-        .unwrap();
-}
 
 fn partition(s: &Status, p: u32) -> Option<&PartitionStatus> {
     s.streams

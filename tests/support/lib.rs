@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use tandem_scenario::{Harness, HarnessConfig, Verdict};
+use tandem_sim::{Fault, Target};
 
 /// A fast harness (seconds instead of minutes) writing under a fresh temporary directory.
 pub async fn harness(tweak: impl FnOnce(&mut HarnessConfig)) -> (Harness, tempfile::TempDir) {
@@ -66,4 +67,26 @@ pub fn metric_sum(name: &str, labels: &[(&str, &str)]) -> f64 {
             wanted.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
+}
+
+/// Takes both connections of `partition` down for `outage`: every reconnect is refused
+/// with 503 until it is over.
+pub fn outage(h: &Harness, partition: u32, outage: Duration) {
+    h.sim
+        .fault(Fault::Reject {
+            stream: h.cfg.stream.clone(),
+            partition: Some(partition),
+            status: 503,
+            count: None,
+            for_ms: Some(outage.as_millis() as u64),
+        })
+        .unwrap();
+    h.sim
+        .fault(Fault::Drop {
+            target: Target {
+                partition: Some(partition),
+                ..Target::default()
+            },
+        })
+        .unwrap();
 }

@@ -35,6 +35,13 @@ struct Cli {
     command: Command,
 }
 
+/// `tandem demo --api`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DemoApiArg {
+    Gnip,
+    V2,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
@@ -68,6 +75,10 @@ enum Command {
         /// Activities per second generated over both partitions.
         #[arg(long, default_value_t = 300.0)]
         rate: f64,
+        /// The upstream API the simulator speaks: `gnip` (a Decahose) or `v2` (the X API
+        /// v2 partitioned sample stream).
+        #[arg(long, value_enum, default_value_t = DemoApiArg::Gnip)]
+        api: DemoApiArg,
     },
     /// Measure the full pipeline at full speed against the simulator (null, file and
     /// JetStream sinks) and the official X Python SDK as a baseline.
@@ -178,16 +189,18 @@ fn main() -> ExitCode {
                 data_dir,
                 metrics_listen,
                 rate,
+                api,
             } => {
-                demo(
+                let opts = DemoArgs {
                     duration,
-                    &data_dir,
                     metrics_listen,
                     rate,
-                    cli.log_format,
-                    &cli.log,
-                )
-                .await
+                    api: match api {
+                        DemoApiArg::Gnip => tandem_scenario::demo::DemoApi::Gnip,
+                        DemoApiArg::V2 => tandem_scenario::demo::DemoApi::V2,
+                    },
+                };
+                demo(opts, &data_dir, cli.log_format, &cli.log).await
             }
             Command::Sim { config, listen } => {
                 sim(config.as_deref(), listen, cli.log_format, &cli.log).await
@@ -266,14 +279,26 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-async fn demo(
+/// What `tandem demo` was asked for.
+struct DemoArgs {
     duration: Duration,
-    data_dir: &Path,
     metrics_listen: SocketAddr,
     rate: f64,
+    api: tandem_scenario::demo::DemoApi,
+}
+
+async fn demo(
+    args: DemoArgs,
+    data_dir: &Path,
     format: LogFormat,
     log: &str,
 ) -> anyhow::Result<ExitCode> {
+    let DemoArgs {
+        duration,
+        metrics_listen,
+        rate,
+        api,
+    } = args;
     let stamp = tandem_core_stamp();
     let run_dir = data_dir.join(format!("demo-{stamp}"));
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
@@ -283,6 +308,7 @@ async fn demo(
         run_dir,
         metrics_listen,
         rate_per_sec: rate,
+        api,
     };
     let report = tandem_scenario::demo::run(opts).await?;
     Ok(if report.verdict.clean() && report.verdict.settled {
@@ -358,9 +384,17 @@ async fn sim(
     }
     let streams: Vec<String> = cfg.streams.iter().map(|s| s.name.clone()).collect();
     let sim = tandem_sim::Simulator::start(cfg).await?;
-    println!("simulator listening on {}", sim.base_url());
+    println!(
+        "simulator listening on {} (recovery host {})",
+        sim.base_url(),
+        sim.recovery_base_url()
+    );
     for s in &streams {
-        println!("  stream {s}: {}", sim.stream_url(s)?);
+        println!(
+            "  stream {s}: {} (recovery {})",
+            sim.stream_url(s)?,
+            sim.recovery_url(s)?
+        );
     }
     println!(
         "  admin: {0}/admin/connections {0}/admin/stats {0}/admin/truth?stream=NAME  (POST {0}/admin/faults, /admin/publish, /admin/rate)",

@@ -88,11 +88,9 @@ fn run_refuses_a_broken_configuration() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("stream[0].partitions"));
 }
 
-/// A short demo runs end to end and reports, from the simulator's ground truth, that
-/// nothing was lost or duplicated.
-#[test]
-fn demo_reports_nothing_lost() {
-    let dir = tempfile::tempdir().unwrap();
+/// Runs a 10 s `tandem demo` with `extra` arguments under `dir`; its report, once it
+/// exited successfully with nothing lost or duplicated.
+fn short_demo(dir: &std::path::Path, extra: &[&str]) -> String {
     let out = tandem()
         .args([
             "demo",
@@ -100,12 +98,13 @@ fn demo_reports_nothing_lost() {
             "10s",
             "--metrics-listen",
             "127.0.0.1:0",
-            "--data-dir",
         ])
-        .arg(dir.path())
+        .args(extra)
+        .arg("--data-dir")
+        .arg(dir)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{text}{}",
@@ -115,6 +114,15 @@ fn demo_reports_nothing_lost() {
         text.contains("verdict: nothing lost, nothing duplicated"),
         "{text}"
     );
+    text
+}
+
+/// A short demo runs end to end and reports, from the simulator's ground truth, that
+/// nothing was lost or duplicated.
+#[test]
+fn demo_reports_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = short_demo(dir.path(), &[]);
     assert!(text.contains("fault: drop path a of partition 1"), "{text}");
     assert!(
         text.contains("alert firing: partition_down decahose/1"),
@@ -134,6 +142,18 @@ fn demo_reports_nothing_lost() {
     assert!(
         std::fs::metadata(log).unwrap().len() > 0,
         "the run logs to its directory"
+    );
+}
+
+/// `tandem demo --api v2` runs the same faults against the simulator's X API v2
+/// partitioned sample stream (bearer token, 20 s heartbeats), nothing lost.
+#[test]
+fn demo_against_x_api_v2() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = short_demo(dir.path(), &["--api", "v2"]);
+    assert!(
+        text.contains("alert resolved: partition_down sample10/1"),
+        "{text}"
     );
 }
 

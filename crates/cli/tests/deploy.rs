@@ -5,7 +5,9 @@
 //! rules and dashboards use is exported by the binary with the labels they use.
 //!
 //! `promtool`, `prometheus`, `nats-server` and `systemd-analyze` come from
-//! `scripts/setup-test-deps`; a test that cannot find one fails and says so.
+//! `scripts/setup-test-deps`; `openssl` (which generates throwaway TLS files for the NATS
+//! and sink configurations) from the base system. A test that cannot find one fails and
+//! says so.
 // Waits for external processes (socat, Prometheus) on the real clock, by design.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
@@ -134,8 +136,60 @@ fn rule_exprs() -> Vec<(String, String)> {
 
 // ---------------------------------------------------------------------------- NATS
 
+/// Throwaway TLS files in `dir`, named as the Secret nats-tls names them: a self-signed
+/// certificate for the NATS servers' names (`tls.crt`, its key `tls.key`), which is also
+/// its own CA (`ca.crt`).
+fn tls_files(dir: &Path) {
+    succeed(
+        Command::new(tool("openssl"))
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+            .args(["-subj", "/CN=nats.tandem.svc"])
+            .args(["-addext", "subjectAltName=DNS:*.nats.tandem.svc"])
+            .arg("-keyout")
+            .arg(dir.join("tls.key"))
+            .arg("-out")
+            .arg(dir.join("tls.crt")),
+    );
+    std::fs::copy(dir.join("tls.crt"), dir.join("ca.crt")).unwrap();
+}
+
+/// Every `cert_file`, `key_file` and `ca_file` of a NATS configuration, and how many `tls`
+/// blocks hold them.
+fn nats_tls_paths(conf: &str) -> (usize, Vec<(String, String)>) {
+    let blocks = conf
+        .lines()
+        .filter(|l| l.trim_start().starts_with("tls {"))
+        .count();
+    let paths = conf
+        .lines()
+        .filter_map(|l| {
+            let (key, value) = l.trim().split_once(':')?;
+            ["cert_file", "key_file", "ca_file"]
+                .contains(&key)
+                .then(|| (key.to_owned(), value.trim().trim_matches('"').to_owned()))
+        })
+        .collect();
+    (blocks, paths)
+}
+
+/// The NATS configuration is valid for `nats-server -t` with its TLS files where the
+/// StatefulSet mounts the Secret nats-tls (the mount's path is replaced by a directory of
+/// generated files, since `-t` opens them), and the stream outlasts the dedup window.
 #[test]
 fn nats_configuration_is_valid_and_the_stream_outlasts_the_dedup_window() {
+    let conf = std::fs::read_to_string(deploy("nats/nats-server.conf")).unwrap();
+    let all = manifests();
+    let (mount, _) = nats_tls_mount(&all);
+    let dir = tempfile::tempdir().unwrap();
+    tls_files(dir.path());
+    let local = dir.path().join("nats-server.conf");
+    let with_files = conf.replace(&format!("{mount}/"), &format!("{}/", dir.path().display()));
+    assert_ne!(
+        with_files, conf,
+        "the configuration names files under {mount}"
+    );
+    std::fs::write(&local, with_files).unwrap();
     succeed(
         Command::new(tool("nats-server"))
             .env("SERVER_NAME", "nats-0")
@@ -143,7 +197,7 @@ fn nats_configuration_is_valid_and_the_stream_outlasts_the_dedup_window() {
             .env("NATS_TOKEN", "from-the-secret")
             .arg("-t")
             .arg("-c")
-            .arg(deploy("nats/nats-server.conf")),
+            .arg(&local),
     );
     let stream: Value =
         serde_json::from_slice(&std::fs::read(deploy("nats/stream.json")).unwrap()).unwrap();
@@ -180,6 +234,302 @@ fn nats_configuration_is_valid_and_the_stream_outlasts_the_dedup_window() {
 }
 
 // ---------------------------------------------------------------------------- Kubernetes
+
+/// The StatefulSet of the NATS servers: its pod spec and its container.
+fn nats_servers(all: &[(String, Value)]) -> (&Value, &Value) {
+    let sts = named(all, "StatefulSet", "nats").expect("a StatefulSet named nats");
+    let pod = at(sts, "spec/template/spec", "StatefulSet nats");
+    (pod, at(pod, "containers/0", "StatefulSet nats"))
+}
+
+/// Where the NATS servers mount the Secret of their TLS files: (mount path, Secret name).
+fn nats_tls_mount(all: &[(String, Value)]) -> (String, String) {
+    let (pod, c) = nats_servers(all);
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    let found: Vec<(String, String)> = mounts
+        .iter()
+        .filter_map(|m| {
+            let volume = pod["volumes"]
+                .as_array()?
+                .iter()
+                .find(|v| v["name"] == m["name"])?;
+            let secret = volume["secret"]["secretName"].as_str()?;
+            Some((m["mountPath"].as_str()?.to_owned(), secret.to_owned()))
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one Secret volume, the TLS files: {found:?}"
+    );
+    found.into_iter().next().unwrap()
+}
+
+/// The keys a Secret defines (`stringData` or `data`).
+fn secret_keys(all: &[(String, Value)], name: &str) -> BTreeSet<String> {
+    let secret = named(all, "Secret", name).unwrap_or_else(|| panic!("no Secret {name}"));
+    ["stringData", "data"]
+        .iter()
+        .filter_map(|field| secret[*field].as_object())
+        .flat_map(|m| m.keys().cloned())
+        .collect()
+}
+
+/// The Secret and key behind the file `path` in `container` of `pod`, through a `secret`
+/// or `projected` volume mounted above it.
+fn secret_file(pod: &Value, container: &Value, path: &str) -> Option<(String, String)> {
+    let path = Path::new(path);
+    for m in container["volumeMounts"].as_array()? {
+        let Ok(rel) = path.strip_prefix(m["mountPath"].as_str()?) else {
+            continue;
+        };
+        let rel = rel.to_str()?;
+        let volume = pod["volumes"]
+            .as_array()?
+            .iter()
+            .find(|v| v["name"] == m["name"])?;
+        let sources: Vec<&Value> = match (volume.get("secret"), volume.get("projected")) {
+            (Some(secret), _) => vec![secret],
+            (_, Some(projected)) => projected["sources"]
+                .as_array()?
+                .iter()
+                .filter_map(|s| s.get("secret"))
+                .collect(),
+            _ => continue,
+        };
+        for source in sources {
+            let name = source
+                .get("secretName")
+                .or_else(|| source.get("name"))?
+                .as_str()?
+                .to_owned();
+            match source["items"].as_array() {
+                Some(items) => {
+                    if let Some(item) = items.iter().find(|i| i["path"] == rel) {
+                        return Some((name, item["key"].as_str()?.to_owned()));
+                    }
+                }
+                None => return Some((name, rel.to_owned())),
+            }
+        }
+    }
+    None
+}
+
+/// Host names of a comma-separated list of URLs, each with its scheme.
+fn url_hosts(urls: &str) -> Vec<(String, String)> {
+    urls.split(',')
+        .map(|u| {
+            let (scheme, rest) = u.trim().split_once("://").unwrap();
+            let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h);
+            (scheme.to_owned(), host.to_owned())
+        })
+        .collect()
+}
+
+/// TLS and the token hang together across the NATS configuration, the Secrets, the NATS
+/// StatefulSet and the consumers: the servers read every TLS file (for clients and for
+/// routes) from the Secret they mount, and the token from a Secret; each zone's sink
+/// requires TLS with the StatefulSet's servers (the names the routes use), trusts the CA
+/// of that same Secret and presents the token of that same Secret, both mounted where its
+/// configuration reads them, without the servers' private key; only the consumers reach
+/// the client port.
+#[test]
+fn nats_tls_and_token_hang_together() {
+    let all = manifests();
+    let what = "nats";
+    let conf = std::fs::read_to_string(deploy("nats/nats-server.conf")).unwrap();
+    let (mount, tls_secret) = nats_tls_mount(&all);
+    let tls_keys = secret_keys(&all, &tls_secret);
+    let (blocks, paths) = nats_tls_paths(&conf);
+    assert_eq!(blocks, 2, "TLS for clients and for routes");
+    assert_eq!(paths.len(), 6, "{paths:?}");
+    let mut ca_key = None;
+    for (field, path) in &paths {
+        let key = path
+            .strip_prefix(&format!("{mount}/"))
+            .unwrap_or_else(|| panic!("{field} {path} is not in the Secret mounted at {mount}"));
+        assert!(
+            tls_keys.contains(key),
+            "{field}: Secret {tls_secret} has no {key} ({tls_keys:?})"
+        );
+        if field == "ca_file" {
+            ca_key = Some(key.to_owned());
+        }
+    }
+    let ca_key = ca_key.unwrap();
+
+    let (nats_pod, nats) = nats_servers(&all);
+    assert!(
+        conf.contains("token: $NATS_TOKEN"),
+        "the servers require a token"
+    );
+    let token_env = nats["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "NATS_TOKEN")
+        .expect("NATS_TOKEN in the servers' environment");
+    let token_secret = (
+        text(token_env, "valueFrom/secretKeyRef/name", what).to_owned(),
+        text(token_env, "valueFrom/secretKeyRef/key", what).to_owned(),
+    );
+    assert!(secret_keys(&all, &token_secret.0).contains(&token_secret.1));
+
+    // The configuration is the ConfigMap made from nats-server.conf, where --config reads it.
+    let args: Vec<&str> = nats["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let config_path = Path::new(args[args.iter().position(|a| *a == "--config").unwrap() + 1]);
+    assert_eq!(config_path.file_name().unwrap(), "nats-server.conf");
+    let config_mount = nats["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| Path::new(m["mountPath"].as_str().unwrap()) == config_path.parent().unwrap())
+        .expect("the configuration's directory is mounted");
+    assert!(
+        nats_pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == config_mount["name"] && v["configMap"]["name"].is_string()),
+        "from a ConfigMap"
+    );
+
+    // The servers: the StatefulSet's pods under its headless Service, as the routes name them.
+    let sts = named(&all, "StatefulSet", "nats").unwrap();
+    let service = text(sts, "spec/serviceName", what);
+    let svc = named(&all, "Service", service).expect("the StatefulSet's Service");
+    assert_eq!(text(svc, "spec/clusterIP", what), "None", "headless");
+    let replicas = at(sts, "spec/replicas", what).as_u64().unwrap();
+    let servers: BTreeSet<String> = (0..replicas)
+        .map(|i| format!("nats-{i}.{service}.tandem.svc"))
+        .collect();
+    let routes: BTreeSet<String> = conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nats-route://"))
+        .map(|r| r.rsplit_once(':').unwrap().0.to_owned())
+        .collect();
+    assert_eq!(routes, servers, "the routes name the StatefulSet's servers");
+
+    let deployments = of_kind(&all, "Deployment");
+    assert_eq!(deployments.len(), 2);
+    for d in &deployments {
+        let what = format!("Deployment {}", d["metadata"]["name"]);
+        let what = what.as_str();
+        let pod = at(d, "spec/template/spec", what);
+        let c = at(pod, "containers/0", what);
+        let cm_name = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|v| v["configMap"]["name"].as_str())
+            .unwrap();
+        let cfg: toml::Table = text(
+            named(&all, "ConfigMap", cm_name).unwrap(),
+            "data/tandem.toml",
+            what,
+        )
+        .parse()
+        .unwrap();
+        let sink_name = cfg["stream"][0]["sink"].as_str().unwrap();
+        let sink = &cfg["sinks"][sink_name];
+        assert_eq!(sink["kind"].as_str(), Some("nats"), "{what}");
+        let hosts = url_hosts(sink["url"].as_str().unwrap());
+        assert!(
+            hosts.iter().all(|(scheme, _)| scheme == "tls"),
+            "{what}: every server over TLS: {hosts:?}"
+        );
+        let named_servers: BTreeSet<String> = hosts.into_iter().map(|(_, h)| h).collect();
+        assert_eq!(
+            named_servers, servers,
+            "{what}: the sink names every server"
+        );
+        let ca = sink["tls_ca_file"].as_str().expect("tls_ca_file");
+        assert_eq!(
+            secret_file(pod, c, ca),
+            Some((tls_secret.clone(), ca_key.clone())),
+            "{what}: tls_ca_file {ca} is the servers' CA from Secret {tls_secret}"
+        );
+        assert!(
+            sink.get("token_env").is_none(),
+            "{what}: the token comes from its file"
+        );
+        let token = sink["token_file"].as_str().expect("token_file");
+        assert_eq!(
+            secret_file(pod, c, token),
+            Some(token_secret.clone()),
+            "{what}: token_file {token} is the servers' token"
+        );
+        // The consumers get the CA of the TLS Secret, never the servers' key.
+        for v in pod["volumes"].as_array().unwrap() {
+            let sources: Vec<&Value> = match (v.get("secret"), v.get("projected")) {
+                (Some(s), _) => vec![s],
+                (_, Some(p)) => p["sources"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|s| s.get("secret"))
+                    .collect(),
+                _ => vec![],
+            };
+            for s in sources {
+                let name = s.get("secretName").or_else(|| s.get("name")).unwrap();
+                if name == tls_secret.as_str() {
+                    let items = s["items"]
+                        .as_array()
+                        .expect("only some keys of the TLS Secret");
+                    assert!(
+                        items.iter().all(|i| i["key"] == ca_key.as_str()),
+                        "{what}: mounts more than the CA of {tls_secret}: {items:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    // Only the consumers reach the client port.
+    let policy = named(&all, "NetworkPolicy", "nats").expect("a NetworkPolicy named nats");
+    let what = "NetworkPolicy nats";
+    assert!(labels_match(
+        at(policy, "spec/podSelector/matchLabels", what),
+        at(sts, "spec/template/metadata/labels", what)
+    ));
+    let client_rules: Vec<&Value> = at(policy, "spec/ingress", what)
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["ports"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|p| p["port"] == 4222))
+        })
+        .collect();
+    assert!(!client_rules.is_empty(), "{what}: a rule for port 4222");
+    for rule in client_rules {
+        for from in rule["from"]
+            .as_array()
+            .expect("a rule that names its peers")
+        {
+            let selector = &from["podSelector"]["matchLabels"];
+            assert!(from.get("namespaceSelector").is_none() && from.get("ipBlock").is_none());
+            for d in &deployments {
+                assert!(labels_match(
+                    selector,
+                    &d["spec"]["template"]["metadata"]["labels"]
+                ));
+            }
+            assert!(!labels_match(
+                selector,
+                at(sts, "spec/template/metadata/labels", what)
+            ));
+        }
+    }
+}
 
 /// Every document under deploy/k8s, with the file it came from.
 fn manifests() -> Vec<(String, Value)> {
@@ -365,12 +715,26 @@ fn kubernetes_manifests_parse_and_hang_together() {
 
 /// Each zone's configuration passes `tandem check`, and the pair splits the upstream's
 /// limits: two connections per partition in all, half the connect budget each.
+///
+/// The NATS token and CA are files of the mounted Secrets: here a planted token and a
+/// generated CA at the same file names, which `check` reads and never prints.
 #[test]
 fn zone_configurations_pass_tandem_check() {
+    const PLANTED: &str = "planted-nats-token-5e1c";
     let dir = tempfile::tempdir().unwrap();
+    tls_files(dir.path());
+    std::fs::write(dir.path().join("token"), format!("{PLANTED}\n")).unwrap();
     let mut connections = 0;
     for zone in ["a", "b"] {
-        let cfg = zone_config(zone);
+        let mut cfg = zone_config(zone);
+        let sink = cfg["sinks"]["jetstream"].as_table_mut().unwrap();
+        for field in ["token_file", "tls_ca_file"] {
+            let name = Path::new(sink[field].as_str().unwrap())
+                .file_name()
+                .unwrap();
+            let local = dir.path().join(name).display().to_string();
+            sink.insert(field.to_owned(), local.into());
+        }
         let path = dir.path().join(format!("zone-{zone}.toml"));
         std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
         let out = succeed(
@@ -378,10 +742,19 @@ fn zone_configurations_pass_tandem_check() {
                 .arg("check")
                 .arg("--config")
                 .arg(&path)
-                .env("GNIP_PASSWORD", "from-the-secret")
-                .env("NATS_TOKEN", "from-the-secret"),
+                .env("GNIP_PASSWORD", "from-the-secret"),
         );
-        println!("{}", String::from_utf8_lossy(&out.stdout));
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("{printed}");
+        assert!(
+            !printed.contains(PLANTED),
+            "the token is printed: {printed}"
+        );
+        assert!(printed.contains("TLS"), "the plan says the sink uses TLS");
         let stream = &cfg["stream"][0];
         connections += stream["paths"].as_array().unwrap().len();
         assert_eq!(stream["budget"]["requests"].as_integer(), Some(5));
@@ -390,6 +763,27 @@ fn zone_configurations_pass_tandem_check() {
         connections, 2,
         "the pair holds two connections per partition"
     );
+}
+
+/// Without the Secret's files, `tandem check` names the sink's fields and the paths.
+#[test]
+fn zone_configuration_without_the_nats_files_fails_check_by_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zone-a.toml");
+    std::fs::write(&path, toml::to_string(&zone_config("a")).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .env("GNIP_PASSWORD", "from-the-secret")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{printed}");
+    for field in ["sinks.jetstream.token_file", "sinks.jetstream.tls_ca_file"] {
+        assert!(printed.contains(field), "{field}: {printed}");
+    }
+    assert!(printed.contains("/var/run/secrets/nats/"), "{printed}");
 }
 
 #[test]
@@ -425,6 +819,7 @@ fn systemd_unit_verifies_and_outlasts_the_drain() {
         .as_integer()
         .unwrap() as u64;
     assert!(stop_secs * 1000 > drain_ms);
+    systemd_credentials_are_where_the_example_reads_them(&unit);
     let docker = std::fs::read_to_string(deploy("Dockerfile")).unwrap();
     assert!(docker.matches("FROM ").count() >= 2, "multi-stage");
     let user = docker
@@ -435,6 +830,93 @@ fn systemd_unit_verifies_and_outlasts_the_drain() {
         !user.starts_with("root") && !user.starts_with("0"),
         "non-root"
     );
+}
+
+/// The commented-out JetStream sink of deploy/tandem.toml (its `# [sinks.jetstream]` block),
+/// without the comment marks.
+fn example_jetstream_block() -> String {
+    let example = std::fs::read_to_string(deploy("tandem.toml")).unwrap();
+    let block: Vec<&str> = example
+        .lines()
+        .skip_while(|l| *l != "# [sinks.jetstream]")
+        .take_while(|l| l.starts_with("# "))
+        .map(|l| &l[2..])
+        .collect();
+    assert!(
+        !block.is_empty(),
+        "deploy/tandem.toml documents a JetStream sink"
+    );
+    block.join("\n")
+}
+
+/// The unit's `LoadCredential=` files are where the documented JetStream sink reads its
+/// token and CA (`/run/credentials/tandem.service/<name>`, as systemd places them; tandem
+/// does not expand `$CREDENTIALS_DIRECTORY`), and that sink passes `tandem check` when
+/// those files exist (the credentials directory replaced by one with generated files).
+fn systemd_credentials_are_where_the_example_reads_them(unit: &str) {
+    let credentials_dir = "/run/credentials/tandem.service";
+    let loaded: BTreeSet<String> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("LoadCredential="))
+        .map(|c| c.split(':').next().unwrap().to_owned())
+        .collect();
+    let block = example_jetstream_block();
+    let sink: toml::Table = block.parse().expect("the documented sink is TOML");
+    let sink = &sink["sinks"]["jetstream"];
+    for field in ["token_file", "tls_ca_file"] {
+        let path = sink[field].as_str().unwrap();
+        let name = path
+            .strip_prefix(&format!("{credentials_dir}/"))
+            .unwrap_or_else(|| panic!("{field} {path} is not a credential of tandem.service"));
+        assert!(
+            loaded.contains(name),
+            "no LoadCredential={name}: {loaded:?}"
+        );
+    }
+    assert!(
+        sink["url"]
+            .as_str()
+            .unwrap()
+            .split(',')
+            .all(|u| u.starts_with("tls://")),
+        "the documented sink requires TLS"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    tls_files(dir.path());
+    std::fs::write(
+        dir.path().join("nats-ca.crt"),
+        std::fs::read(dir.path().join("ca.crt")).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("nats-token"), "planted-credential-token\n").unwrap();
+    let example = std::fs::read_to_string(deploy("tandem.toml")).unwrap();
+    let enabled = example
+        .replace("sink = \"files\"", "sink = \"jetstream\"")
+        .replace(
+            &example_jetstream_block()
+                .lines()
+                .map(|l| format!("# {l}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            &block,
+        )
+        .replace(credentials_dir, &dir.path().display().to_string());
+    assert!(
+        enabled.contains("\n[sinks.jetstream]"),
+        "the block is enabled"
+    );
+    let path = dir.path().join("tandem.toml");
+    std::fs::write(&path, enabled).unwrap();
+    let out = succeed(
+        Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .env("GNIP_PASSWORD", "from-the-environment-file"),
+    );
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(!printed.contains("planted-credential-token"), "{printed}");
 }
 
 // ---------------------------------------------------------------------------- dashboards

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_path_to_error::Segment;
 use tandem_conn::Auth;
 use tandem_conn::config::InvalidSetting;
-use tandem_core::Secret;
+use tandem_core::{Secret, SecretSource};
 
 use crate::schema::{ApiConfig, AuthConfig, Config, StreamConfig};
 
@@ -54,7 +54,7 @@ pub struct Loaded {
     pub config: Config,
     /// Credentials per stream, in stream order.
     pub auth: Vec<Auth>,
-    /// Tokens of sinks that name one (`token_env`), by sink name.
+    /// Tokens of sinks that name one (`token_env` or `token_file`), by sink name.
     pub sink_tokens: BTreeMap<String, Secret>,
 }
 
@@ -106,7 +106,7 @@ pub fn load(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Loaded, 
     }
 }
 
-/// The tokens of the sinks that name one (`token_env`), by sink name.
+/// The tokens of the sinks that name one (`token_env` or `token_file`), by sink name.
 fn resolve_sink_tokens(
     config: &Config,
     env: &dyn Fn(&str) -> Option<String>,
@@ -114,17 +114,30 @@ fn resolve_sink_tokens(
 ) -> BTreeMap<String, Secret> {
     let mut sink_tokens = BTreeMap::new();
     for (name, sink) in &config.sinks {
-        if let Some(var) = sink.token_env() {
-            // An empty variable is reported as unset here.
-            match secret_from_env(var, env) {
-                Ok(token) => {
-                    sink_tokens.insert(name.clone(), token);
-                }
-                Err(_) => problems.push(problem(
-                    format!("sinks.{name}.token_env"),
-                    format!("environment variable {var} is not set"),
-                )),
+        let (env_name, file) = sink.token_sources();
+        if env_name.is_none() && file.is_none() {
+            continue;
+        }
+        let (env_name, file) = (env_name.map(str::to_owned), file.map(Path::to_path_buf));
+        let at = format!("sinks.{name}");
+        let token = NamedSecret {
+            env_field: "token_env",
+            env_name: &env_name,
+            file_field: "token_file",
+            file: &file,
+            what: "token",
+        }
+        .resolve(&at, env)
+        .and_then(|source| {
+            source
+                .read()
+                .map_err(|message| problem(format!("{at}.token_file"), message))
+        });
+        match token {
+            Ok(token) => {
+                sink_tokens.insert(name.clone(), token);
             }
+            Err(p) => problems.push(p),
         }
     }
     sink_tokens
@@ -330,8 +343,9 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     for (i, s) in c.streams.iter().enumerate() {
         let at = format!("stream[{i}]");
         validate_stream_name(s, &at, &mut names, &mut out);
-        validate_stream_url(s, &at, &mut out);
-        validate_plain_http(c, s, &at, &mut out);
+        validate_stream_url(s, "url", &s.url, &at, &mut out);
+        validate_plain_http(c, s, "url", &s.url, &at, &mut out);
+        validate_recovery_url(c, s, &at, &mut out);
         validate_partitions(s, &at, &mut out);
         validate_stream_paths(s, &at, &path_names, &mut out);
         if !c.sinks.contains_key(&s.sink) {
@@ -413,26 +427,55 @@ fn validate_stream_name<'a>(
     }
 }
 
-/// A stream's URL: https, or plain http where the stream allows it.
-fn validate_stream_url(s: &StreamConfig, at: &str, out: &mut Vec<Problem>) {
-    match s.url.split_once("://") {
+/// A stream's URL (`field`): https, or plain http where the stream allows it.
+fn validate_stream_url(s: &StreamConfig, field: &str, url: &str, at: &str, out: &mut Vec<Problem>) {
+    match url.split_once("://") {
         Some(("https", _)) => {}
         Some(("http", _)) if s.allow_plain_http => {}
         Some(("http", _)) => out.push(problem(
-            format!("{at}.url"),
+            format!("{at}.{field}"),
             "plain http: set allow_plain_http = true (test peers only) or use https",
         )),
         _ => out.push(problem(
-            format!("{at}.url"),
-            format!("{:?} is not an http(s) URL", s.url),
+            format!("{at}.{field}"),
+            format!("{url:?} is not an http(s) URL"),
         )),
+    }
+    if url.matches('?').count() > 1 {
+        out.push(problem(
+            format!("{at}.{field}"),
+            "more than one '?': join query parameters with '&'",
+        ));
+    }
+}
+
+/// The recovery endpoint: required where the API serves recovery on its own host (Gnip,
+/// except likes streams, which have no recovery), checked like the live URL.
+fn validate_recovery_url(c: &Config, s: &StreamConfig, at: &str, out: &mut Vec<Problem>) {
+    match &s.recovery_url {
+        Some(url) => {
+            validate_stream_url(s, "recovery_url", url, at, out);
+            validate_plain_http(c, s, "recovery_url", url, at, out);
+        }
+        None if s.api == ApiConfig::Gnip && !s.likes => out.push(problem(
+            format!("{at}.recovery_url"),
+            "missing: Gnip serves recovery on its own endpoint, e.g. https://stream-data-api.x.com/stream/powertrack/accounts/<account>/publishers/twitter/powertrack.json",
+        )),
+        None => {}
     }
 }
 
 /// Plain HTTP carries the credentials in clear: only to a peer on this host (a test
 /// peer), so the URL's host and every path's pinned address must be loopback.
-fn validate_plain_http(c: &Config, s: &StreamConfig, at: &str, out: &mut Vec<Problem>) {
-    let Some(rest) = s.url.strip_prefix("http://") else {
+fn validate_plain_http(
+    c: &Config,
+    s: &StreamConfig,
+    field: &str,
+    url: &str,
+    at: &str,
+    out: &mut Vec<Problem>,
+) {
+    let Some(rest) = url.strip_prefix("http://") else {
         return;
     };
     if !s.allow_plain_http {
@@ -452,10 +495,11 @@ fn validate_plain_http(c: &Config, s: &StreamConfig, at: &str, out: &mut Vec<Pro
     if !loopback(host) {
         out.push(problem(
             format!("{at}.allow_plain_http"),
-            format!("plain http only reaches a test peer on this host (loopback), not {host:?}: use https"),
+            format!("plain http only reaches a test peer on this host (loopback), not {host:?} ({field}): use https"),
         ));
     }
-    for name in &s.paths {
+    // Pinned addresses apply to the live URL's host.
+    for name in s.paths.iter().filter(|_| field == "url") {
         if let Some(ip) = c
             .paths
             .iter()
@@ -531,7 +575,6 @@ fn validate_stream_paths(
 
 /// The connection settings of a stream, each checked by the crate that owns it.
 fn validate_stream_settings(s: &StreamConfig, at: &str, out: &mut Vec<Problem>) {
-    let gnip = s.api == ApiConfig::Gnip;
     nest(
         out,
         &format!("{at}.retry"),
@@ -540,7 +583,7 @@ fn validate_stream_settings(s: &StreamConfig, at: &str, out: &mut Vec<Problem>) 
     nest(
         out,
         &format!("{at}.liveness"),
-        settings(s.liveness.problems(gnip)),
+        settings(s.liveness.problems(s.api.kind())),
     );
     nest(
         out,
@@ -639,7 +682,7 @@ fn basic_auth(
             "Gnip streams use Basic auth, not a bearer token",
         ));
     }
-    let password = SecretSource {
+    let password = NamedSecret {
         env_field: "password_env",
         env_name: &a.password_env,
         file_field: "password_file",
@@ -664,7 +707,7 @@ fn bearer_auth(
     at: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Auth, Vec<Problem>> {
-    let token = SecretSource {
+    let token = NamedSecret {
         env_field: "bearer_token_env",
         env_name: &a.bearer_token_env,
         file_field: "bearer_token_file",
@@ -690,7 +733,7 @@ fn bearer_auth(
 
 /// The two places one secret may be named: an environment variable or a file (exactly
 /// one of them).
-struct SecretSource<'a> {
+struct NamedSecret<'a> {
     env_field: &'static str,
     env_name: &'a Option<String>,
     file_field: &'static str,
@@ -699,9 +742,14 @@ struct SecretSource<'a> {
     what: &'static str,
 }
 
-impl SecretSource<'_> {
-    /// Reads the secret from the one place named; `at` is the auth table's field.
-    fn resolve(&self, at: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Secret, Problem> {
+impl NamedSecret<'_> {
+    /// Reads the secret from the one place named, to check it is there; `at` is the table
+    /// holding the fields. A file stays the source: it is read again before each request.
+    fn resolve(
+        &self,
+        at: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<SecretSource, Problem> {
         let (env_field, file_field) = (self.env_field, self.file_field);
         match (self.env_name, self.file) {
             (Some(_), Some(_)) => Err(problem(
@@ -716,8 +764,10 @@ impl SecretSource<'_> {
                 ),
             )),
             (Some(var), None) => secret_from_env(var, env)
+                .map(SecretSource::Value)
                 .map_err(|message| problem(format!("{at}.{env_field}"), message)),
             (None, Some(path)) => secret_from_file(path)
+                .map(|_| SecretSource::File(path.to_owned()))
                 .map_err(|message| problem(format!("{at}.{file_field}"), message)),
         }
     }
@@ -734,11 +784,102 @@ fn secret_from_env(var: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Se
 
 /// A secret from a file, without its trailing line ending: readable and not empty.
 fn secret_from_file(path: &Path) -> Result<Secret, String> {
-    match std::fs::read_to_string(path) {
-        Ok(v) if !v.trim_end_matches(['\n', '\r']).is_empty() => {
-            Ok(Secret::new(v.trim_end_matches(['\n', '\r'])))
+    tandem_core::secret::secret_from_file(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../../deploy/tandem.toml");
+
+    /// The example with its stream routed to a NATS sink `js` that has `settings`.
+    fn with_nats_sink(settings: &str) -> String {
+        format!(
+            "{}\n[sinks.js]\nkind = \"nats\"\nurl = \"tls://nats:4222\"\n{settings}\n",
+            EXAMPLE.replace("sink = \"files\"", "sink = \"js\"")
+        )
+    }
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "GNIP_PASSWORD" => Some("pw".to_owned()),
+            "NATS_TOKEN" => Some("token-from-env".to_owned()),
+            _ => None,
         }
-        Ok(_) => Err(format!("{} is empty", path.display())),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+
+    /// A sink token from a file (a systemd credential, a mounted Secret) loses its line
+    /// ending and never prints; from the environment it works as before.
+    #[test]
+    fn sink_token_from_a_file_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nats-token");
+        std::fs::write(&file, "planted-file-token\n").unwrap();
+        let text = with_nats_sink(&format!("token_file = {:?}", file.display().to_string()));
+        let loaded = load(&text, &env).unwrap_or_else(|p| panic!("{p}"));
+        assert_eq!(loaded.sink_tokens["js"].expose(), "planted-file-token");
+        assert!(!format!("{loaded:?}").contains("planted-file-token"));
+        let loaded = load(&with_nats_sink("token_env = \"NATS_TOKEN\""), &env).unwrap();
+        assert_eq!(loaded.sink_tokens["js"].expose(), "token-from-env");
+        let loaded = load(&with_nats_sink(""), &env).unwrap();
+        assert!(loaded.sink_tokens.is_empty(), "no token named, none sent");
+    }
+
+    /// Both sources, an unreadable file or an empty one: each a problem naming the field.
+    #[test]
+    fn sink_token_problems_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nats-token");
+        std::fs::write(&file, "x").unwrap();
+        let both = with_nats_sink(&format!(
+            "token_env = \"NATS_TOKEN\"\ntoken_file = {:?}",
+            file.display().to_string()
+        ));
+        let p = load(&both, &env).unwrap_err();
+        assert_eq!(p.0.len(), 1, "{p}");
+        assert_eq!(p.0[0].field, "sinks.js.token_env");
+        assert!(
+            p.0[0].message.contains("token_env") && p.0[0].message.contains("token_file"),
+            "{p}"
+        );
+        let missing = with_nats_sink(&format!(
+            "token_file = {:?}",
+            dir.path().join("absent").display().to_string()
+        ));
+        let p = load(&missing, &env).unwrap_err();
+        assert_eq!(p.0[0].field, "sinks.js.token_file");
+        assert!(p.0[0].message.contains("cannot read"), "{p}");
+        std::fs::write(&file, "\n").unwrap();
+        let empty = with_nats_sink(&format!("token_file = {:?}", file.display().to_string()));
+        let p = load(&empty, &env).unwrap_err();
+        assert!(p.0[0].message.contains("is empty"), "{p}");
+        let unset = with_nats_sink("token_env = \"NOT_SET\"");
+        let p = load(&unset, &env).unwrap_err();
+        assert_eq!(p.0[0].field, "sinks.js.token_env");
+    }
+
+    /// TLS files that cannot be read, or a certificate without its key, are problems of
+    /// `check`, named `sinks.<name>.<field>`, with the line of the field.
+    #[test]
+    fn sink_tls_problems_name_the_field() {
+        let text = with_nats_sink(
+            "tls_ca_file = \"/nonexistent/ca.crt\"\ntls_cert_file = \"/nonexistent/client.crt\"",
+        );
+        let p = load(&text, &env).unwrap_err();
+        let fields: Vec<&str> = p.0.iter().map(|p| p.field.as_str()).collect();
+        for field in [
+            "sinks.js.tls_ca_file",
+            "sinks.js.tls_cert_file",
+            "sinks.js.tls_key_file",
+        ] {
+            assert!(fields.contains(&field), "{field}: {p}");
+        }
+        let ca =
+            p.0.iter()
+                .find(|p| p.field == "sinks.js.tls_ca_file")
+                .unwrap();
+        assert!(ca.message.contains("/nonexistent/ca.crt"), "{p}");
+        assert!(ca.line.is_some(), "{p}");
     }
 }

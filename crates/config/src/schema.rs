@@ -59,9 +59,17 @@ pub struct StreamConfig {
     pub name: String,
     /// `gnip` or `x_v2`.
     pub api: ApiConfig,
-    /// The stream URL without query parameters, e.g.
+    /// The live stream URL, e.g.
     /// `https://gnip-stream.x.com/stream/sample10/accounts/ACME/publishers/twitter/prod.json`.
+    /// Query parameters of its own (X API v2 `tweet.fields`, `expansions`) are kept on
+    /// every request.
     pub url: String,
+    /// Where recovery requests go. Gnip serves recovery on its own host and path, e.g.
+    /// `https://stream-data-api.x.com/stream/powertrack/accounts/ACME/publishers/twitter/powertrack.json`:
+    /// required for Gnip streams other than likes. X API v2 recovers on the live URL,
+    /// the default there.
+    #[serde(default)]
+    pub recovery_url: Option<String>,
     /// Number of partitions, numbered from 1 (Decahose: 2, Firehose: 20). For an
     /// unpartitioned v2 stream (the filtered stream) set 1 and `partitioned = false`.
     pub partitions: u32,
@@ -103,6 +111,24 @@ pub struct StreamConfig {
     /// Read buffers and line limits.
     #[serde(default)]
     pub read: ReadConfig,
+}
+
+impl ApiConfig {
+    /// The connection crate's name for the API.
+    pub fn kind(self) -> tandem_conn::ApiKind {
+        match self {
+            ApiConfig::Gnip => tandem_conn::ApiKind::Gnip,
+            ApiConfig::XV2 => tandem_conn::ApiKind::V2,
+        }
+    }
+}
+
+impl StreamConfig {
+    /// Where recovery requests go: `recovery_url`, or the live URL where the API recovers
+    /// there (X API v2).
+    pub fn recovery_url(&self) -> &str {
+        self.recovery_url.as_deref().unwrap_or(&self.url)
+    }
 }
 
 fn yes() -> bool {

@@ -97,8 +97,11 @@ fn secrets_from_files_never_print() {
     let tandem_conn::Auth::Basic { password, .. } = &loaded.auth[0] else {
         panic!()
     };
-    assert_eq!(password.expose(), "hunter2");
+    assert_eq!(password.read().unwrap().expose(), "hunter2");
     assert!(!format!("{loaded:?}").contains("hunter2"));
+    // The file stays the source: a rotated password is what the next request sends.
+    std::fs::write(&file, "rotated\n").unwrap();
+    assert_eq!(password.read().unwrap().expose(), "rotated");
 }
 
 /// Syntax errors give the line.

@@ -2,8 +2,11 @@
 //! policy and the shared connect budget. Field docs are the configuration reference.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::connection::ApiKind;
 
 /// A way out of this host to the upstream. Each path gets its own HTTP client, so two
 /// connections of a partition share no socket, pool or resolver result.
@@ -70,6 +73,15 @@ pub struct RetryConfig {
     /// 429: the longest delay.
     #[serde(default = "default_rate_limit_max_ms")]
     pub rate_limit_max_backoff_ms: u64,
+    /// Refusals (401, 403, 406 and other 4xx, an eviction by a newer connection over the
+    /// partition's limit): the first delay of a slow exponential schedule (doubling).
+    /// The credentials are read again before each attempt; `connection_fatal` fires
+    /// until a connect succeeds.
+    #[serde(default = "default_refused_initial_ms")]
+    pub refused_initial_backoff_ms: u64,
+    /// Refusals: the longest delay.
+    #[serde(default = "default_refused_max_ms")]
+    pub refused_max_backoff_ms: u64,
     /// Spread each delay randomly by ±20 % so that connections do not reconnect in step.
     #[serde(default = "yes")]
     pub jitter: bool,
@@ -82,9 +94,10 @@ pub struct RetryConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LivenessConfig {
-    /// The upstream's heartbeat interval (Gnip: 10 s, X API v2: 20 s).
-    #[serde(default = "default_heartbeat_ms")]
-    pub heartbeat_interval_ms: u64,
+    /// The upstream's heartbeat interval; absent: the API's documented one (Gnip 10 s,
+    /// X API v2 20 s).
+    #[serde(default)]
+    pub heartbeat_interval_ms: Option<u64>,
     /// A connection that received no byte at all for the heartbeat interval plus this
     /// margin is stale and is reconnected.
     #[serde(default = "default_heartbeat_margin_ms")]
@@ -186,7 +199,8 @@ defaults! {
     default_rate_limit_initial_ms: u64 = 60_000;
     default_rate_limit_max_ms: u64 = 960_000;
     default_escalate_ms: u64 = 600_000;
-    default_heartbeat_ms: u64 = 10_000;
+    default_refused_initial_ms: u64 = 120_000;
+    default_refused_max_ms: u64 = 900_000;
     default_heartbeat_margin_ms: u64 = 5_000;
     default_data_silence_ms: u64 = 5_000;
     default_read_timeout_ms: u64 = 35_000;
@@ -214,6 +228,8 @@ impl Default for RetryConfig {
             http_max_backoff_ms: default_http_max_ms(),
             rate_limit_initial_backoff_ms: default_rate_limit_initial_ms(),
             rate_limit_max_backoff_ms: default_rate_limit_max_ms(),
+            refused_initial_backoff_ms: default_refused_initial_ms(),
+            refused_max_backoff_ms: default_refused_max_ms(),
             jitter: true,
             escalate_503_after_ms: default_escalate_ms(),
         }
@@ -223,7 +239,7 @@ impl Default for RetryConfig {
 impl Default for LivenessConfig {
     fn default() -> Self {
         LivenessConfig {
-            heartbeat_interval_ms: default_heartbeat_ms(),
+            heartbeat_interval_ms: None,
             heartbeat_margin_ms: default_heartbeat_margin_ms(),
             data_silence_ms: default_data_silence_ms(),
             read_timeout_ms: default_read_timeout_ms(),
@@ -304,6 +320,11 @@ impl RetryConfig {
                 self.rate_limit_initial_backoff_ms,
                 self.rate_limit_max_backoff_ms,
             ),
+            (
+                "refused_max_backoff_ms",
+                self.refused_initial_backoff_ms,
+                self.refused_max_backoff_ms,
+            ),
         ] {
             if max < initial {
                 out.push(invalid(
@@ -323,10 +344,23 @@ impl RetryConfig {
 }
 
 impl LivenessConfig {
-    /// Every problem with the thresholds. `gnip` applies the Gnip read-timeout rule.
-    pub fn problems(&self, gnip: bool) -> Vec<InvalidSetting> {
+    /// The heartbeat interval in effect on a stream of `api`.
+    pub fn heartbeat_ms(&self, api: ApiKind) -> u64 {
+        self.heartbeat_interval_ms
+            .unwrap_or_else(|| api.heartbeat_interval_ms())
+    }
+
+    /// How long a connection of `api` may receive no byte at all before it is stale.
+    pub fn quiet_limit(&self, api: ApiKind) -> Duration {
+        Duration::from_millis(self.heartbeat_ms(api) + self.heartbeat_margin_ms)
+    }
+
+    /// Every problem with the thresholds on a stream of `api` (Gnip adds its read-timeout
+    /// rule).
+    pub fn problems(&self, api: ApiKind) -> Vec<InvalidSetting> {
         let mut out = Vec::new();
-        if self.heartbeat_interval_ms == 0 {
+        let gnip = api == ApiKind::Gnip;
+        if self.heartbeat_interval_ms == Some(0) {
             out.push(invalid("heartbeat_interval_ms", "must be positive"));
         }
         if self.data_silence_ms == 0 {
@@ -341,7 +375,7 @@ impl LivenessConfig {
                 ),
             ));
         }
-        if self.read_timeout_ms <= self.heartbeat_interval_ms {
+        if self.read_timeout_ms <= self.heartbeat_ms(api) {
             out.push(invalid(
                 "read_timeout_ms",
                 "must exceed the heartbeat interval, or every quiet period causes a reconnect",

@@ -7,22 +7,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_core::time::{rfc3339_ms, rfc3339_secs, unix_ms_now};
-use tandem_core::{Batch, Origin, Partition, Secret, Tally};
+use tandem_core::{Batch, Origin, Partition, SecretSource, Tally};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::budget::ConnectBudget;
 use crate::config::{BackfillConfig, LivenessConfig, ReadConfig, RetryConfig};
-use crate::error::StreamError;
+use crate::error::{ErrorKind, StreamError};
 use crate::events::{ConnEvent, ConnKey, ConnSnapshot};
 use crate::liveness::PartitionLiveness;
 use crate::runner::Runner;
 
-/// Credentials for the upstream. Never logged.
+/// Credentials for the upstream. Never logged. The secret is read from its source before
+/// every request, so a rotated password or token takes effect without a restart.
 #[derive(Debug, Clone)]
 pub enum Auth {
-    Basic { username: String, password: Secret },
-    Bearer(Secret),
+    Basic {
+        username: String,
+        password: SecretSource,
+    },
+    Bearer(SecretSource),
 }
 
 /// Which API's parameter names a stream uses.
@@ -32,6 +36,31 @@ pub enum ApiKind {
     Gnip,
     /// X API v2: `partition`, `backfill_minutes`, `start_time`/`end_time` (seconds).
     V2,
+}
+
+impl ApiKind {
+    /// The heartbeat interval the API documents: Gnip 10 s, X API v2 about 20 s.
+    pub fn heartbeat_interval_ms(self) -> u64 {
+        match self {
+            ApiKind::Gnip => 10_000,
+            ApiKind::V2 => 20_000,
+        }
+    }
+
+    /// How far back recovery reaches: a rolling 5 days on Gnip volume streams, 24 hours
+    /// on X API v2.
+    pub fn recovery_retention_secs(self) -> u64 {
+        match self {
+            ApiKind::Gnip => 5 * 24 * 3600,
+            ApiKind::V2 => 24 * 3600,
+        }
+    }
+
+    /// Whether a recovery request ends with an explicit completion message (Gnip's
+    /// "Recovery Request Completed"); X API v2 re-streams the range and disconnects.
+    pub fn signals_recovery_completion(self) -> bool {
+        self == ApiKind::Gnip
+    }
 }
 
 /// What a request asks for.
@@ -44,8 +73,12 @@ pub enum Query {
 /// A stream endpoint.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
-    /// The stream URL without query parameters.
+    /// The live stream URL, possibly with query parameters of its own (v2 `tweet.fields`
+    /// and the like), which every request keeps.
     pub url: String,
+    /// Where recovery requests go: Gnip serves recovery on another host and path than the
+    /// live stream; X API v2 on the live URL.
+    pub recovery_url: String,
     pub api: ApiKind,
     /// Whether the `partition` parameter is sent (Gnip always; v2 volume streams).
     pub partitioned: bool,
@@ -98,11 +131,11 @@ impl Endpoint {
                 ));
             }
         }
-        if params.is_empty() {
-            self.url.clone()
-        } else {
-            format!("{}?{}", self.url, params.join("&"))
-        }
+        let base = match query {
+            Query::Live { .. } => &self.url,
+            Query::Recovery { .. } => &self.recovery_url,
+        };
+        with_params(base, &params)
     }
 
     /// Sends the request; a non-200 answer becomes a classified error.
@@ -114,11 +147,19 @@ impl Endpoint {
     ) -> Result<reqwest::Response, StreamError> {
         let mut req = client
             .get(self.request_url(partition, query))
+            .header(reqwest::header::ACCEPT, "application/json")
             .header(reqwest::header::ACCEPT_ENCODING, "gzip")
             .header(reqwest::header::CONNECTION, "keep-alive");
+        // Read now: a rotated secret is picked up by the next attempt. An unreadable one
+        // never reaches the upstream (a local failure, retried without spending budget).
+        let unreadable =
+            |e: String| StreamError::new(ErrorKind::Local, format!("credentials unreadable: {e}"));
         req = match &self.auth {
-            Auth::Basic { username, password } => req.basic_auth(username, Some(password.expose())),
-            Auth::Bearer(token) => req.bearer_auth(token.expose()),
+            Auth::Basic { username, password } => {
+                let password = password.read().map_err(unreadable)?;
+                req.basic_auth(username, Some(password.expose()))
+            }
+            Auth::Bearer(token) => req.bearer_auth(token.read().map_err(unreadable)?.expose()),
         };
         let resp = req
             .send()
@@ -132,6 +173,19 @@ impl Endpoint {
         let body = error_body(resp).await;
         Err(StreamError::from_status(status, &body, retry_after))
     }
+}
+
+/// `base` with `params` appended: after a `&` when `base` carries a query of its own.
+fn with_params(base: &str, params: &[String]) -> String {
+    if params.is_empty() {
+        return base.to_owned();
+    }
+    let sep = match base.find('?') {
+        None => "?",
+        Some(i) if i + 1 == base.len() || base.ends_with('&') => "",
+        Some(_) => "&",
+    };
+    format!("{base}{sep}{}", params.join("&"))
 }
 
 /// The most of an error answer's body that is read (it only names the problem).
@@ -277,13 +331,14 @@ mod tests {
     use super::*;
 
     fn endpoint(api: ApiKind, partitioned: bool) -> Endpoint {
+        let url =
+            "https://gnip-stream.x.com/stream/sample10/accounts/a/publishers/twitter/prod.json";
         Endpoint {
-            url:
-                "https://gnip-stream.x.com/stream/sample10/accounts/a/publishers/twitter/prod.json"
-                    .into(),
+            url: url.into(),
+            recovery_url: url.into(),
             api,
             partitioned,
-            auth: Auth::Bearer(Secret::new("t")),
+            auth: Auth::Bearer(SecretSource::Value(tandem_core::Secret::new("t"))),
         }
     }
 
@@ -340,6 +395,50 @@ mod tests {
                 }
             )
             .ends_with("?start_time=2023-07-05T17:09:12Z&end_time=2023-07-05T18:09:13Z")
+        );
+    }
+
+    /// Recovery goes to its own endpoint; a URL's own query is kept and extended with `&`.
+    #[test]
+    fn recovery_url_and_own_query() {
+        let mut g = endpoint(ApiKind::Gnip, true);
+        g.recovery_url =
+            "https://stream-data-api.x.com/stream/sample10/accounts/a/publishers/twitter/prod.json"
+                .into();
+        let recovery = Query::Recovery {
+            start_ms: 1_688_576_952_070,
+            end_ms: 1_688_580_552_070,
+        };
+        assert!(
+            g.request_url(1, recovery)
+                .starts_with("https://stream-data-api.x.com/stream/sample10/")
+        );
+        let live = Query::Live {
+            backfill_minutes: 2,
+        };
+        assert!(
+            g.request_url(1, live)
+                .starts_with("https://gnip-stream.x.com/")
+        );
+        let mut v = endpoint(ApiKind::V2, true);
+        v.url = "https://api.x.com/2/tweets/sample10/stream?tweet.fields=created_at&expansions=author_id".into();
+        v.recovery_url = v.url.clone();
+        assert_eq!(
+            v.request_url(2, live),
+            "https://api.x.com/2/tweets/sample10/stream?tweet.fields=created_at&expansions=author_id&partition=2&backfill_minutes=2"
+        );
+        assert!(v.request_url(2, recovery).ends_with(
+            "author_id&partition=2&start_time=2023-07-05T17:09:12Z&end_time=2023-07-05T18:09:13Z"
+        ));
+        let bare = Query::Live {
+            backfill_minutes: 0,
+        };
+        v.url = "https://api.x.com/2/tweets/search/stream?".into();
+        v.partitioned = false;
+        assert_eq!(v.request_url(1, bare), v.url);
+        assert_eq!(
+            v.request_url(1, live),
+            "https://api.x.com/2/tweets/search/stream?backfill_minutes=2"
         );
     }
 

@@ -19,38 +19,51 @@ pub enum ErrorKind {
     RateLimited,
     /// An established stream ended: clean close, broken body, corrupt gzip.
     StreamInterrupted,
-    /// 401 or 403: the credentials are wrong. Retrying would only hammer the service.
+    /// The upstream closed the stream for its own operational reasons (X API v2
+    /// `OperationalDisconnect`): reconnect at once.
+    Operational,
+    /// The upstream closed the stream because a newer connection exceeded the partition's
+    /// connection limit: another consumer (or path) holds the slot. Retried on the slow
+    /// schedule, so that two misconfigured consumers do not evict each other in a loop.
+    Evicted,
+    /// 401 or 403: the credentials were refused. Retried on the slow schedule, the
+    /// secret read again before each attempt.
     Authentication,
-    /// Other 4xx (including 406, a configuration bug).
+    /// Other 4xx (including 406, a configuration bug). Retried on the slow schedule.
     ClientError,
-    /// Anything else that retrying cannot fix (e.g. an invalid URL).
+    /// Anything that retrying cannot fix (an invalid URL, retries exhausted).
     Fatal,
 }
 
 impl ErrorKind {
     /// Every kind, for metric series created at zero.
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::Connection,
         ErrorKind::Local,
         ErrorKind::Timeout,
         ErrorKind::ServerError,
         ErrorKind::RateLimited,
         ErrorKind::StreamInterrupted,
+        ErrorKind::Operational,
+        ErrorKind::Evicted,
         ErrorKind::Authentication,
         ErrorKind::ClientError,
         ErrorKind::Fatal,
     ];
 
-    /// Whether reconnecting can help.
+    /// Whether reconnecting can help. Every answer other than 200 is retried (the
+    /// upstream's guidance), refusals on a slow schedule; only errors of this host's own
+    /// making that no retry can change are not.
     pub fn is_retryable(self) -> bool {
+        self != ErrorKind::Fatal
+    }
+
+    /// The upstream refused this client (credentials, a client error, or its connection
+    /// limit): retrying soon would only hammer it, and an operator should look.
+    pub fn is_refusal(self) -> bool {
         matches!(
             self,
-            ErrorKind::Connection
-                | ErrorKind::Local
-                | ErrorKind::Timeout
-                | ErrorKind::ServerError
-                | ErrorKind::RateLimited
-                | ErrorKind::StreamInterrupted
+            ErrorKind::Authentication | ErrorKind::ClientError | ErrorKind::Evicted
         )
     }
 
@@ -63,6 +76,8 @@ impl ErrorKind {
             ErrorKind::ServerError => "server_error",
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::StreamInterrupted => "stream_interrupted",
+            ErrorKind::Operational => "operational",
+            ErrorKind::Evicted => "evicted",
             ErrorKind::Authentication => "authentication",
             ErrorKind::ClientError => "client_error",
             ErrorKind::Fatal => "fatal",
@@ -190,8 +205,11 @@ mod tests {
         assert_eq!(k(429), ErrorKind::RateLimited);
         assert_eq!(k(503), ErrorKind::ServerError);
         assert_eq!(k(500), ErrorKind::ServerError);
-        assert!(!k(401).is_retryable() && !k(406).is_retryable());
-        assert!(k(429).is_retryable() && k(503).is_retryable());
+        assert!(k(401).is_refusal() && k(406).is_refusal() && k(404).is_refusal());
+        assert!(!k(429).is_refusal() && !k(503).is_refusal());
+        for s in [400, 401, 403, 404, 406, 429, 500, 503] {
+            assert!(k(s).is_retryable(), "every non-200 reconnects: {s}");
+        }
         let e = StreamError::from_status(406, "{\"error\":\"requires compression\"}", None);
         assert!(e.to_string().contains("406") && e.to_string().contains("compression"));
     }

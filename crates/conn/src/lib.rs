@@ -12,14 +12,17 @@
 //!
 //! # Layout
 //! - [`config`]: paths, retry schedule, liveness, backfill, connect budget, buffers.
-//! - [`error`]: [`StreamError`] and its [`ErrorKind`] (`is_retryable`).
-//! - [`policy`]: the reconnect schedule per error class.
+//! - [`error`]: [`StreamError`] and its [`ErrorKind`] (`is_retryable`, `is_refusal`).
+//! - [`policy`]: the reconnect schedule per error class (every non-200 is retried;
+//!   refusals on a slow schedule, a v2 operational disconnect at once).
 //! - [`budget`]: the per-stream sliding-window connect budget with partition priority.
 //! - [`reader`]: gzip inflate and line framing into `Bytes` slices.
 //! - [`client`]: one HTTP client per path (source address, interface, proxy, pinned IP).
 //! - [`liveness`]: what a partition's connections know about each other.
 //! - [`events`]: lifecycle events and state snapshots.
-//! - [`connection`]: endpoints, requests and the [`Connection`] handle.
+//! - [`connection`]: endpoints (live and recovery URLs, each API's parameters, heartbeat
+//!   and retention), requests (credentials read per request) and the [`Connection`]
+//!   handle.
 //! - `runner`: the supervised loop; every event is counted, logged and sent in one place.
 
 pub mod budget;

@@ -172,6 +172,18 @@ impl PartitionLiveness {
         hole
     }
 
+    /// The live path that received an activity most recently (`None`: no path is live).
+    /// Recovery requests leave through it: it is the one known to work now.
+    pub fn freshest_live_path(&self) -> Option<usize> {
+        let st = self.state.lock().expect("liveness lock");
+        st.paths
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.live)
+            .max_by_key(|(_, p)| p.last_activity)
+            .map(|(i, _)| i)
+    }
+
     /// A connection ended.
     pub fn set_down(&self, path: usize) {
         let mut st = self.state.lock().expect("liveness lock");

@@ -26,6 +26,7 @@ pub struct ReconnectPolicy {
     network: u32,
     http: u32,
     rate_limited: u32,
+    refused: u32,
     first_503: Option<Instant>,
     rng: fastrand::Rng,
 }
@@ -38,6 +39,7 @@ impl ReconnectPolicy {
             network: 0,
             http: 0,
             rate_limited: 0,
+            refused: 0,
             first_503: None,
             rng: fastrand::Rng::with_seed(seed),
         }
@@ -66,6 +68,7 @@ impl ReconnectPolicy {
             self.network = 0;
             self.http = 0;
             self.rate_limited = 0;
+            self.refused = 0;
         }
         if err.status == Some(503) {
             self.first_503.get_or_insert(now);
@@ -81,7 +84,10 @@ impl ReconnectPolicy {
             last.message = format!("gave up after {max} retries; last error: {}", err.message);
             return Decision::GiveUp(last);
         }
-        if healthy && self.cfg.immediate_first_reconnect {
+        // A healthy connection that drops reconnects at once, as does the first operational
+        // disconnect since then (the upstream's own maintenance) — but never a refusal.
+        let first = healthy || (err.kind == ErrorKind::Operational && self.failures == 1);
+        if first && self.cfg.immediate_first_reconnect && !err.kind.is_refusal() {
             return Decision::Retry {
                 delay: Duration::ZERO,
                 attempt: self.failures,
@@ -116,6 +122,16 @@ impl ReconnectPolicy {
                     c.rate_limit_max_backoff_ms,
                 );
                 (ms.max(asked), c.rate_limit_initial_backoff_ms.max(asked))
+            }
+            kind if kind.is_refusal() => {
+                self.refused += 1;
+                let ms = exponential(
+                    c.refused_initial_backoff_ms,
+                    2.0,
+                    self.refused,
+                    c.refused_max_backoff_ms,
+                );
+                (ms.max(asked), asked)
             }
             ErrorKind::ServerError => {
                 self.http += 1;
@@ -264,14 +280,46 @@ mod tests {
         assert_eq!(p.failures(), 4);
     }
 
+    /// Refusals (401, 406, an eviction) are retried on the slow schedule, even after a
+    /// healthy connection; an operational disconnect reconnects at once.
+    #[test]
+    fn refusals_are_slow_and_operational_disconnects_immediate() {
+        let mut p = ReconnectPolicy::new(no_jitter(), 1);
+        let auth = StreamError::from_status(401, "", None);
+        assert_eq!(
+            delays(&mut p, &auth, 5),
+            vec![120_000, 240_000, 480_000, 900_000, 900_000]
+        );
+        let now = Instant::now();
+        let evicted = StreamError::new(ErrorKind::Evicted, "a newer connection");
+        let mut p = ReconnectPolicy::new(no_jitter(), 1);
+        let d = p.decide(&evicted, Some(Duration::from_secs(3600)), now);
+        assert!(
+            matches!(d, Decision::Retry { delay, .. } if delay == Duration::from_secs(120)),
+            "{d:?}"
+        );
+        let op = StreamError::new(ErrorKind::Operational, "operational-disconnect");
+        let mut p = ReconnectPolicy::new(no_jitter(), 1);
+        let d = p.decide(&op, Some(Duration::from_millis(10)), now);
+        assert!(
+            matches!(d, Decision::Retry { delay, .. } if delay.is_zero()),
+            "{d:?}"
+        );
+        let d = p.decide(&op, Some(Duration::from_millis(10)), now);
+        assert!(
+            matches!(d, Decision::Retry { delay, .. } if !delay.is_zero()),
+            "a second one in a row backs off: {d:?}"
+        );
+    }
+
     /// Fatal errors stop at once; max_retries stops after that many failures.
     #[test]
     fn giving_up() {
         let mut p = ReconnectPolicy::new(no_jitter(), 1);
         let now = Instant::now();
-        let auth = StreamError::from_status(401, "", None);
+        let fatal = StreamError::new(ErrorKind::Fatal, "invalid URL");
         assert!(
-            matches!(p.decide(&auth, None, now), Decision::GiveUp(e) if e.kind == ErrorKind::Authentication)
+            matches!(p.decide(&fatal, None, now), Decision::GiveUp(e) if e.kind == ErrorKind::Fatal)
         );
         let mut p = ReconnectPolicy::new(
             RetryConfig {

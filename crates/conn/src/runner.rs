@@ -10,7 +10,7 @@ use bytes::Bytes;
 use metrics::{Counter, Gauge};
 use tandem_core::metric as m;
 use tandem_core::time::unix_ms_now;
-use tandem_core::{Batch, Tally};
+use tandem_core::{Batch, LineKind, Tally};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Interval, MissedTickBehavior, interval, sleep};
 
@@ -347,10 +347,7 @@ impl Runner {
                 chunk = resp.chunk() => {
                     let chunk = match chunk {
                         Err(e) => break Ended::Error(StreamError::from_reqwest(&e)),
-                        Ok(None) => {
-                            let why = r.last_error_line.take().unwrap_or_else(|| "the server closed the stream".to_owned());
-                            break Ended::Error(StreamError::new(ErrorKind::StreamInterrupted, why));
-                        }
+                        Ok(None) => break Ended::Error(closed_by_server(r.last_error_line.take())),
                         Ok(Some(c)) => c,
                     };
                     if let Some(ended) = self.on_chunk(&mut r, &chunk).await {
@@ -416,8 +413,7 @@ impl Runner {
             backfill_minutes: backfill.minutes,
         });
         let liveness = &self.spec.liveness;
-        let quiet_limit =
-            Duration::from_millis(liveness.heartbeat_interval_ms + liveness.heartbeat_margin_ms);
+        let quiet_limit = liveness.quiet_limit(self.spec.endpoint.api);
         let silence = Duration::from_millis(liveness.data_silence_ms);
         let tick = (quiet_limit.min(silence) / 5)
             .clamp(Duration::from_millis(20), Duration::from_millis(500));
@@ -488,9 +484,12 @@ impl Runner {
             match f {
                 Frame::Heartbeat => r.heartbeats += 1,
                 Frame::Line(line) => {
-                    if line.starts_with(b"{\"error\"") {
-                        let text = String::from_utf8_lossy(&line[..line.len().min(300)]);
-                        r.last_error_line = Some(text.into_owned());
+                    // Gnip `{"error":…}` and X API v2 `{"errors":[…]}`: the last one says
+                    // why the stream is about to end.
+                    if line.starts_with(b"{\"error")
+                        && let Ok(LineKind::System(m)) = tandem_core::identify(&line)
+                    {
+                        r.last_error_line = Some(m.message.chars().take(300).collect());
                     }
                     lines.push(line);
                 }
@@ -555,8 +554,7 @@ impl Runner {
     /// The watchdog: heartbeat gap and data silence. `Some` when the stream must end.
     fn on_tick(&mut self, r: &mut Reading) -> Option<Ended> {
         let liveness = &self.spec.liveness;
-        let quiet_limit =
-            Duration::from_millis(liveness.heartbeat_interval_ms + liveness.heartbeat_margin_ms);
+        let quiet_limit = liveness.quiet_limit(self.spec.endpoint.api);
         let now = Instant::now();
         let quiet = now.duration_since(r.last_byte);
         let silent = now.duration_since(r.last_activity);
@@ -632,5 +630,59 @@ impl Runner {
                 s.last_heartbeat_ms = Some(now);
             }
         });
+    }
+}
+
+/// The error of a stream the server closed, classified by the error message it sent last:
+/// an eviction by a newer connection over the partition's limit (Gnip's message, v2's
+/// `TooManyConnections`), an operational disconnect (v2), or an interruption.
+fn closed_by_server(last_error: Option<String>) -> StreamError {
+    let Some(message) = last_error else {
+        return StreamError::new(ErrorKind::StreamInterrupted, "the server closed the stream");
+    };
+    let lower = message.to_ascii_lowercase();
+    let kind = if lower.contains("maximum number of connections")
+        || lower.contains("toomanyconnections")
+        || lower.contains("maximum allowed connection")
+    {
+        ErrorKind::Evicted
+    } else if lower.contains("operationaldisconnect") || lower.contains("operational-disconnect") {
+        ErrorKind::Operational
+    } else {
+        ErrorKind::StreamInterrupted
+    };
+    StreamError::new(kind, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The last error line says why the server closed: evicted, operational, or neither.
+    #[test]
+    fn server_closes_are_classified_by_their_last_error() {
+        let kind = |line: &[u8]| {
+            let Ok(LineKind::System(m)) = tandem_core::identify(line) else {
+                panic!("not a system line")
+            };
+            closed_by_server(Some(m.message)).kind
+        };
+        assert_eq!(
+            kind(br#"{"error":{"message":"This stream has been disconnected because a new connection was made and the maximum number of connections has been reached"}}"#),
+            ErrorKind::Evicted
+        );
+        assert_eq!(
+            kind(br#"{"errors":[{"title":"ConnectionException","detail":"This stream is currently at the maximum allowed connection limit.","connection_issue":"TooManyConnections","type":"https://api.twitter.com/2/problems/streaming-connection"}]}"#),
+            ErrorKind::Evicted
+        );
+        assert_eq!(
+            kind(br#"{"errors":[{"title":"operational-disconnect","disconnect_type":"OperationalDisconnect","detail":"This stream has been disconnected for operational reasons."}]}"#),
+            ErrorKind::Operational
+        );
+        assert_eq!(
+            kind(br#"{"error":{"message":"Forced disconnect"}}"#),
+            ErrorKind::StreamInterrupted
+        );
+        assert_eq!(closed_by_server(None).kind, ErrorKind::StreamInterrupted);
     }
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_conn::*;
-use tandem_core::{ActivityId, Batch, LineKind, Origin, PathId, Secret, StreamId, identify};
+use tandem_core::{
+    ActivityId, Batch, LineKind, Origin, PathId, Secret, SecretSource, StreamId, identify,
+};
 use tandem_sim::{Fault, RateProfile, SimConfig, Simulator, StreamConfig, Target};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -46,6 +48,8 @@ fn fast_retry() -> RetryConfig {
         http_max_backoff_ms: 400,
         rate_limit_initial_backoff_ms: 300,
         rate_limit_max_backoff_ms: 600,
+        refused_initial_backoff_ms: 300,
+        refused_max_backoff_ms: 600,
         healthy_after_ms: 500,
         ..RetryConfig::default()
     }
@@ -53,7 +57,7 @@ fn fast_retry() -> RetryConfig {
 
 fn fast_liveness() -> LivenessConfig {
     LivenessConfig {
-        heartbeat_interval_ms: 200,
+        heartbeat_interval_ms: Some(200),
         heartbeat_margin_ms: 300,
         data_silence_ms: 1_000,
         read_timeout_ms: 5_000,
@@ -78,6 +82,8 @@ struct Setup {
     budget: BudgetConfig,
     backfill: BackfillConfig,
     password: &'static str,
+    /// Read the password from this file instead (again before each attempt).
+    password_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Setup {
@@ -96,6 +102,7 @@ impl Default for Setup {
                 ..BackfillConfig::default()
             },
             password: PASS,
+            password_file: None,
         }
     }
 }
@@ -138,11 +145,15 @@ fn spawn(sim: &Simulator, setup: Setup) -> Harness {
                 },
                 endpoint: Endpoint {
                     url: url.clone(),
+                    recovery_url: sim.recovery_url("d").unwrap(),
                     api: ApiKind::Gnip,
                     partitioned: true,
                     auth: Auth::Basic {
                         username: USER.into(),
-                        password: Secret::new(setup.password),
+                        password: match &setup.password_file {
+                            Some(f) => SecretSource::File(f.clone()),
+                            None => SecretSource::Value(Secret::new(setup.password)),
+                        },
                     },
                 },
                 client,
@@ -258,40 +269,50 @@ async fn paths_use_their_own_source_addresses() {
     h.stop().await;
 }
 
-/// 401 stops the connection for good without hammering the upstream; the phase says so.
+/// 401 is retried on the slow schedule, never given up, the password read from its file
+/// again before each attempt: a rotated password heals without a restart.
 #[tokio::test]
-async fn unauthorized_is_fatal() {
+async fn unauthorized_is_retried_slowly_and_heals_when_the_password_file_changes() {
     let sim = start(sim_stream(10.0)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("password");
+    std::fs::write(&file, "wrong\n").unwrap();
     let mut h = spawn(
         &sim,
         Setup {
             paths: vec!["127.0.0.2"],
-            password: "wrong",
+            password_file: Some(file.clone()),
             ..Setup::default()
         },
     );
-    let ev = h
-        .wait_event(Duration::from_secs(5), |e| {
-            matches!(e, ConnEvent::Fatal { .. })
-        })
-        .await;
-    let ConnEvent::Fatal { error, .. } = ev else {
-        unreachable!()
-    };
-    assert_eq!(error.kind, ErrorKind::Authentication);
-    assert_eq!(error.status, Some(401));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        sim.stats("d").unwrap().requests,
-        1,
-        "exactly one request, no retry"
-    );
-    assert_eq!(h.conns[0].state.borrow().phase, ConnPhase::Stopped);
+    let mut refused = 0;
+    while refused < 2 {
+        match h.wait_event(Duration::from_secs(10), |_| true).await {
+            ConnEvent::Disconnected { error, .. } => {
+                assert_eq!(error.kind, ErrorKind::Authentication);
+                assert_eq!(error.status, Some(401));
+                refused += 1;
+            }
+            ConnEvent::Reconnecting { delay, .. } => assert!(
+                delay >= Duration::from_millis(240),
+                "refusals wait on the slow schedule: {delay:?}"
+            ),
+            ConnEvent::Fatal { error, .. } => panic!("gave up: {error}"),
+            ConnEvent::Connected { .. } => panic!("connected with the wrong password"),
+            _ => {}
+        }
+    }
+    assert_ne!(h.conns[0].state.borrow().phase, ConnPhase::Stopped);
+    std::fs::write(&file, format!("{PASS}\n")).unwrap();
+    h.wait_event(Duration::from_secs(10), |e| {
+        matches!(e, ConnEvent::Connected { .. })
+    })
+    .await;
     h.stop().await;
 }
 
-/// 406 and other 4xx are fatal; 503 and 429 are retried with their schedules and the
-/// connection comes up once the upstream recovers.
+/// 406 and other 4xx are refusals, retried on the slow schedule; 503 and 429 are retried
+/// with their schedules; the connection comes up once the upstream recovers.
 #[tokio::test]
 async fn status_classes_are_handled() {
     let sim = start(sim_stream(10.0)).await;
@@ -312,12 +333,26 @@ async fn status_classes_are_handled() {
     );
     let ev = h
         .wait_event(Duration::from_secs(5), |e| {
-            matches!(e, ConnEvent::Fatal { .. })
+            matches!(e, ConnEvent::Disconnected { .. })
         })
         .await;
     assert!(
-        matches!(ev, ConnEvent::Fatal { error, .. } if error.kind == ErrorKind::ClientError && error.status == Some(406))
+        matches!(&ev, ConnEvent::Disconnected { error, .. } if error.kind == ErrorKind::ClientError && error.status == Some(406)),
+        "{ev:?}"
     );
+    let ev = h
+        .wait_event(Duration::from_secs(5), |e| {
+            matches!(e, ConnEvent::Reconnecting { .. })
+        })
+        .await;
+    assert!(
+        matches!(ev, ConnEvent::Reconnecting { delay, .. } if delay >= Duration::from_millis(240)),
+        "{ev:?}"
+    );
+    h.wait_event(Duration::from_secs(10), |e| {
+        matches!(e, ConnEvent::Connected { .. })
+    })
+    .await;
     h.stop().await;
 
     sim.fault(Fault::Reject {
@@ -428,9 +463,10 @@ async fn accept_then_close_is_not_a_tight_loop() {
         },
         endpoint: Endpoint {
             url: format!("http://{addr}/stream"),
+            recovery_url: format!("http://{addr}/stream"),
             api: ApiKind::Gnip,
             partitioned: true,
-            auth: Auth::Bearer(Secret::new("t")),
+            auth: Auth::Bearer(SecretSource::Value(Secret::new("t"))),
         },
         client,
         retry: RetryConfig {
@@ -714,6 +750,53 @@ async fn an_outage_beyond_backfill_is_one_gap() {
     h.stop().await;
 }
 
+/// Three paths on a partition that admits two connections: each new connection evicts
+/// the oldest, which the upstream says in a last line. The evicted path waits on the slow
+/// refusal schedule instead of reconnecting at once, so the paths do not evict each other
+/// in a loop bounded only by the connect budget.
+#[tokio::test]
+async fn an_eviction_waits_on_the_slow_schedule() {
+    let mut stream = sim_stream(50.0);
+    stream.max_connections_per_partition = 2;
+    let sim = start(stream).await;
+    let mut h = spawn(
+        &sim,
+        Setup {
+            paths: vec!["127.0.0.2", "127.0.0.3", "127.0.0.4"],
+            ..Setup::default()
+        },
+    );
+    let mut evicted = 0;
+    while evicted < 2 {
+        match h.wait_event(Duration::from_secs(10), |_| true).await {
+            ConnEvent::Disconnected { error, .. } if error.kind == ErrorKind::Evicted => {
+                assert!(
+                    error.message.contains("maximum number of connections"),
+                    "{error}"
+                );
+                evicted += 1;
+                let ev = h
+                    .wait_event(Duration::from_secs(5), |e| {
+                        matches!(e, ConnEvent::Reconnecting { .. })
+                    })
+                    .await;
+                assert!(
+                    matches!(ev, ConnEvent::Reconnecting { delay, .. } if delay >= Duration::from_millis(240)),
+                    "an evicted connection waits: {ev:?}"
+                );
+            }
+            ConnEvent::Disconnected { error, .. } => panic!("unexpected end: {error}"),
+            _ => {}
+        }
+    }
+    assert!(
+        sim.stats("d").unwrap().evictions <= 4,
+        "no eviction loop: {:?}",
+        sim.stats("d").unwrap()
+    );
+    h.stop().await;
+}
+
 /// HTTPS with an extra CA, and a path that pins the IP while keeping the host name.
 #[tokio::test]
 async fn tls_path_with_pinned_ip() {
@@ -770,12 +853,13 @@ async fn tls_path_with_pinned_ip() {
             path: PathId(0),
         },
         endpoint: Endpoint {
+            recovery_url: url.clone(),
             url,
             api: ApiKind::Gnip,
             partitioned: true,
             auth: Auth::Basic {
                 username: USER.into(),
-                password: Secret::new(PASS),
+                password: SecretSource::Value(Secret::new(PASS)),
             },
         },
         client,

@@ -100,6 +100,9 @@ pub fn identify(line: &[u8]) -> Result<LineKind, IdentityError> {
     let mut saw_numeric_id = false;
     let mut delete_waiting_for_time: Option<DeleteBody> = None;
     let mut top_level_time: Option<u64> = None;
+    // X API v2 error objects (`{"errors":[…]}`): a system message unless the object also
+    // carries an activity (`data` with partial errors).
+    let mut v2_errors: Option<SystemMessage> = None;
     let mut first = true;
     loop {
         scan.ws();
@@ -151,8 +154,12 @@ pub fn identify(line: &[u8]) -> Result<LineKind, IdentityError> {
             "info" => return Ok(LineKind::System(system(SystemKind::Info, raw))),
             "warn" => return Ok(LineKind::System(system(SystemKind::Warn, raw))),
             "error" => return Ok(LineKind::System(system(SystemKind::Error, raw))),
+            "errors" => v2_errors = Some(v2_error(raw)),
             _ => {}
         }
+    }
+    if let Some(errors) = v2_errors {
+        return Ok(LineKind::System(errors));
     }
     if delete_waiting_for_time.is_some() {
         return Err(IdentityError::BadId {
@@ -430,6 +437,37 @@ fn system(kind: SystemKind, raw: &[u8]) -> SystemMessage {
     SystemMessage { kind, message }
 }
 
+/// The message of an X API v2 error object: the first error's title and detail (and its
+/// disconnect type or connection issue, which say why a stream ended).
+fn v2_error(raw: &[u8]) -> SystemMessage {
+    #[derive(Deserialize)]
+    struct V2Error {
+        title: Option<String>,
+        detail: Option<String>,
+        disconnect_type: Option<String>,
+        connection_issue: Option<String>,
+    }
+    let message = match serde_json::from_slice::<Vec<V2Error>>(raw) {
+        Ok(errors) if !errors.is_empty() => {
+            let e = &errors[0];
+            let parts: Vec<&str> = [&e.title, &e.disconnect_type, &e.connection_issue, &e.detail]
+                .into_iter()
+                .filter_map(|p| p.as_deref())
+                .collect();
+            let mut text = parts.join(": ");
+            if errors.len() > 1 {
+                text.push_str(&format!(" (and {} more)", errors.len() - 1));
+            }
+            text
+        }
+        _ => String::from_utf8_lossy(raw).into_owned(),
+    };
+    SystemMessage {
+        kind: SystemKind::Error,
+        message,
+    }
+}
+
 /// The body of `{"delete": …}`: a post deletion (`status`) or an unlike (`favorite`).
 #[derive(Debug, Deserialize)]
 struct DeleteBody {
@@ -615,6 +653,25 @@ mod tests {
         );
         assert_eq!(kinds[1].0, SystemKind::Error);
         assert!(kinds[1].1.contains("maximum number of connections"));
+    }
+
+    /// X API v2 error objects are system errors; a payload with partial errors stays an
+    /// activity.
+    #[test]
+    fn v2_error_objects() {
+        let op = br#"{"errors":[{"title":"operational-disconnect","disconnect_type":"OperationalDisconnect","detail":"This stream has been disconnected for operational reasons.","type":"https://api.twitter.com/2/problems/operational-disconnect"}]}"#;
+        match identify(op) {
+            Ok(LineKind::System(m)) => {
+                assert_eq!(m.kind, SystemKind::Error);
+                assert!(m.message.contains("OperationalDisconnect"), "{}", m.message);
+            }
+            other => panic!("{other:?}"),
+        }
+        let partial = br#"{"data":{"id":"1067094924124872705","text":"x"},"errors":[{"title":"Not Found Error"}]}"#;
+        assert!(matches!(identify(partial), Ok(LineKind::Activity(_))));
+        let errors_first =
+            br#"{"errors":[{"title":"Not Found Error"}],"data":{"id":"1067094924124872705"}}"#;
+        assert!(matches!(identify(errors_first), Ok(LineKind::Activity(_))));
     }
 
     /// Malformed input is an error with a reason, never a panic or a wrong id.

@@ -40,7 +40,7 @@ pub use identity::{
 };
 pub use ids::{ActivityId, DedupKey};
 pub use retry::{ExponentialBackoff, InvalidBackoff, Retryable};
-pub use secret::{Secret, redact_url};
+pub use secret::{Secret, SecretSource, redact_url};
 pub use tally::{Lanes, Tally, TallySnapshot};
 
 /// Runs blocking file I/O from async code: on a multi-threaded runtime the worker hands

@@ -42,7 +42,9 @@ pub enum AlertName {
     /// A connection was closed as stale (heartbeat gap or data silence) and is not live
     /// again yet.
     ConnectionStale,
-    /// A connection stopped for good (401, 406, other 4xx, retries exhausted).
+    /// A connection is refused (401, 403, 406, other 4xx, evicted by a newer connection
+    /// over the partition's limit) and retried on the slow schedule until a connect
+    /// succeeds, or stopped for good (retries exhausted): an operator should look.
     ConnectionFatal,
     /// 503 answers persisted past the escalation threshold.
     UpstreamUnavailable,

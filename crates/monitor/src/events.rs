@@ -71,6 +71,16 @@ impl Events {
                 if self.rate_limited.remove(&c).is_some() {
                     judge(alerts, AlertName::UpstreamRateLimited, &c, None, now);
                 }
+                if self.fatal.remove(&c).is_some() {
+                    judge(alerts, AlertName::ConnectionFatal, &c, None, now);
+                }
+            }
+            // Refused (401, 403, 406, other 4xx, evicted): retried slowly, and an operator
+            // should look until a connect succeeds.
+            ConnEvent::Disconnected { key: c, error, .. } if error.kind.is_refusal() => {
+                let text = error.to_string();
+                self.fatal.insert(c.clone(), text.clone());
+                judge(alerts, AlertName::ConnectionFatal, &c, Some(text), now);
             }
             ConnEvent::Disconnected { key: c, error, .. }
                 if error.kind == ErrorKind::RateLimited =>

@@ -109,7 +109,11 @@ impl Pipeline {
         // ledgers know (what a replay after a restart repeats), are remembered again; never
         // from before the upstream's recovery retention, which no replay reaches.
         let now = unix_ms_now();
-        let retention = now.saturating_sub(config.repair.retention_secs * 1000);
+        let retention_secs = (config.streams.iter())
+            .map(|s| config.repair.retention_secs(streams::api_kind(s)))
+            .max()
+            .unwrap_or(0);
+        let retention = now.saturating_sub(retention_secs * 1000);
         let since = now
             .saturating_sub(window.as_millis() as u64)
             .min(ledgers.oldest_edge_ms.max(retention));

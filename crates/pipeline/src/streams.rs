@@ -61,11 +61,8 @@ struct Stream {
     sink: mpsc::Sender<tandem_core::UniqueBatch>,
 }
 
-fn api_kind(s: &StreamConfig) -> ApiKind {
-    match s.api {
-        tandem_config::ApiConfig::Gnip => ApiKind::Gnip,
-        tandem_config::ApiConfig::XV2 => ApiKind::V2,
-    }
+pub(crate) fn api_kind(s: &StreamConfig) -> ApiKind {
+    s.api.kind()
 }
 
 pub(crate) fn start(w: &mut Wiring<'_>, running: &mut Running) -> Result<(), StartError> {
@@ -114,6 +111,7 @@ fn stream(w: &mut Wiring<'_>, i: usize, s: &StreamConfig) -> Result<Stream, Star
         .map_err(|e| err(e.to_string()))?;
     let endpoint = Endpoint {
         url: s.url.clone(),
+        recovery_url: s.recovery_url().to_owned(),
         api: api_kind(s),
         partitioned: s.partitioned,
         auth: w.auth[i].clone(),
@@ -183,7 +181,8 @@ fn partition(
                 path: PathId(stream.path_names.len() as u8),
             },
             endpoint: stream.endpoint.clone(),
-            client: stream.clients[0].clone(),
+            clients: stream.clients.clone(),
+            partition: liveness.clone(),
             retry: s.retry.clone(),
             liveness: s.liveness.clone(),
             read: s.read.clone(),
@@ -204,6 +203,7 @@ fn partition(
         PartitionRepair {
             stream: stream.name.clone(),
             partition: p,
+            api: stream.endpoint.api,
             config: w.config.repair.clone(),
             ledger_path,
             ledger,

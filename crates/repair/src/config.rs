@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use tandem_conn::ApiKind;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -18,10 +19,11 @@ pub struct RepairConfig {
     /// missed; the copies it brings are removed with the ids stored around the edges.
     #[serde(default = "default_margin_secs")]
     pub margin_secs: u64,
-    /// How far back the upstream's recovery reaches (5 days for Gnip volume streams, 24
-    /// hours for X API v2); older parts of a gap are reported unrecoverable.
-    #[serde(default = "default_retention_secs")]
-    pub retention_secs: u64,
+    /// How far back the upstream's recovery reaches; older parts of a gap are reported
+    /// unrecoverable. Absent: the API's (5 days for Gnip volume streams, 24 hours for X
+    /// API v2).
+    #[serde(default)]
+    pub retention_secs: Option<u64>,
     /// Recovery jobs running at once per account (the upstream allows 2).
     #[serde(default = "default_jobs")]
     pub max_jobs_per_account: usize,
@@ -39,9 +41,6 @@ fn default_chunk_secs() -> u64 {
 fn default_margin_secs() -> u64 {
     30
 }
-fn default_retention_secs() -> u64 {
-    5 * 24 * 3600
-}
 fn default_jobs() -> usize {
     2
 }
@@ -55,7 +54,7 @@ impl Default for RepairConfig {
             ledger_dir: default_dir(),
             chunk_secs: default_chunk_secs(),
             margin_secs: default_margin_secs(),
-            retention_secs: default_retention_secs(),
+            retention_secs: None,
             max_jobs_per_account: default_jobs(),
             ledger_flush_ms: default_flush_ms(),
         }
@@ -63,6 +62,12 @@ impl Default for RepairConfig {
 }
 
 impl RepairConfig {
+    /// The recovery retention in effect on a stream of `api`.
+    pub fn retention_secs(&self, api: ApiKind) -> u64 {
+        self.retention_secs
+            .unwrap_or_else(|| api.recovery_retention_secs())
+    }
+
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
         if self.chunk_secs == 0 {
@@ -80,7 +85,7 @@ impl RepairConfig {
         if self.max_jobs_per_account == 0 {
             out.push(("max_jobs_per_account", "must be positive".to_owned()));
         }
-        if self.retention_secs == 0 {
+        if self.retention_secs == Some(0) {
             out.push(("retention_secs", "must be positive".to_owned()));
         }
         out

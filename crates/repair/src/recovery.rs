@@ -1,8 +1,14 @@
-//! One recovery chunk: a time-range request on the stream's own endpoint, read like a live
-//! stream, its lines handed to the partition's merger, until the upstream says the request
-//! is complete. A connection that breaks is resumed from the last minute fully received;
-//! the same [`ReconnectPolicy`] as live connections decides whether and when, so a client
-//! error (400 outside retention, 401, 403, 404) ends the chunk as unrecoverable instead of
+//! One recovery chunk: a time-range request on the stream's recovery endpoint (Gnip: its
+//! own host; X API v2: the live URL), read like a live stream, its lines handed to the
+//! partition's merger, until the request is complete: Gnip says so ("Recovery Request
+//! Completed"); X API v2 re-streams the range and closes, so a clean close is complete
+//! when the latest activity reached the chunk's last minute, or when the request brought
+//! nothing newer than the one before it (the range holds no more).
+//!
+//! A connection that breaks is resumed from the last minute fully received, through the
+//! path that is live now. The same [`ReconnectPolicy`] as live connections decides whether
+//! and when, credentials refused (401, 403) included, which are retried slowly; any other
+//! client error (400 outside retention, 404) ends the chunk as unrecoverable instead of
 //! being retried forever.
 //!
 //! The chunks at a gap's edges reach a margin beyond it, into time that was stored
@@ -18,8 +24,8 @@ use bytes::Bytes;
 
 use tandem_conn::reader::{Frame, LineReader};
 use tandem_conn::{
-    ConnKey, Decision, Endpoint, ErrorKind, LivenessConfig, Query, ReadConfig, ReconnectPolicy,
-    RetryConfig, StreamError,
+    ConnKey, Decision, Endpoint, ErrorKind, LivenessConfig, PartitionLiveness, Query, ReadConfig,
+    ReconnectPolicy, RetryConfig, StreamError,
 };
 use tandem_core::metric as m;
 use tandem_core::time::unix_ms_now;
@@ -39,7 +45,11 @@ pub struct RecoverySpec {
     /// The origin recovered lines carry to the merger (a path number of its own).
     pub origin: Origin,
     pub endpoint: Endpoint,
-    pub client: reqwest::Client,
+    /// One client per path of the partition; a request leaves through the path that is
+    /// live now ([`PartitionLiveness::freshest_live_path`]).
+    pub clients: Vec<reqwest::Client>,
+    /// The partition's live connections, for choosing a path.
+    pub partition: Arc<PartitionLiveness>,
     pub retry: RetryConfig,
     pub liveness: LivenessConfig,
     pub read: ReadConfig,
@@ -90,6 +100,7 @@ pub async fn recover(
         shutdown,
         policy: ReconnectPolicy::new(spec.retry.clone(), seed),
         from: start_ms,
+        latest: None,
         activities: 0,
         requests: 0,
         raw: metrics::counter!(m::RAW_ACTIVITIES, &labels),
@@ -111,6 +122,10 @@ pub async fn recover(
             status = error.status, kind = error.kind.label(), error = %error.message,
             resume = %tandem_core::time::rfc3339_ms(chunk.from), "recovery request ended early"
         );
+        if error.kind == ErrorKind::ClientError {
+            // 400 (outside retention, a bad range), 404: the same request cannot succeed.
+            return ChunkOutcome::Unrecoverable(error);
+        }
         match chunk.policy.decide(&error, live_for, Instant::now()) {
             Decision::GiveUp(e) => return ChunkOutcome::Unrecoverable(e),
             Decision::Retry { delay, .. } => tokio::select! {
@@ -141,6 +156,8 @@ struct Chunk<'a> {
     policy: ReconnectPolicy,
     /// Where the next request starts.
     from: u64,
+    /// Content time of the latest activity any request of the chunk delivered.
+    latest: Option<u64>,
     activities: u64,
     requests: u32,
     raw: metrics::Counter,
@@ -164,6 +181,9 @@ struct Response {
     completed: bool,
     /// Content time of the latest activity received.
     latest: Option<u64>,
+    /// The last error message the upstream sent in the stream (a close after one is not
+    /// a completion).
+    error: Option<String>,
 }
 
 impl Chunk<'_> {
@@ -187,9 +207,14 @@ impl Chunk<'_> {
             start_ms: from,
             end_ms,
         };
+        let path = spec
+            .partition
+            .freshest_live_path()
+            .unwrap_or(self.requests as usize)
+            % spec.clients.len();
         let resp = match spec
             .endpoint
-            .open(&spec.client, spec.origin.partition, query)
+            .open(&spec.clients[path], spec.origin.partition, query)
             .await
         {
             Err(e) => return Read::Broken(e, None),
@@ -207,12 +232,14 @@ impl Chunk<'_> {
             seq: 0,
             completed: false,
             latest: None,
+            error: None,
         };
         let read = self.read(resp, &mut r).await;
         // Recovery delivers oldest minute first: the minutes before the latest are whole.
         if let Some(l) = r.latest {
             self.from = self.from.max(l - l % RESUME_GRANULARITY_MS).min(end_ms - 1);
         }
+        self.latest = self.latest.max(r.latest);
         match read {
             Err(e) => Read::Broken(e, Some(started.elapsed())),
             Ok(true) => Read::Completed,
@@ -227,8 +254,7 @@ impl Chunk<'_> {
         r: &mut Response,
     ) -> Result<bool, StreamError> {
         let liveness = &self.spec.liveness;
-        let quiet_limit =
-            Duration::from_millis(liveness.heartbeat_interval_ms + liveness.heartbeat_margin_ms);
+        let quiet_limit = liveness.quiet_limit(self.spec.endpoint.api);
         loop {
             let chunk = tokio::select! {
                 c = tokio::time::timeout(quiet_limit, resp.chunk()) => c,
@@ -244,10 +270,7 @@ impl Chunk<'_> {
                 }
                 Ok(Err(e)) => return Err(StreamError::from_reqwest(&e)),
                 Ok(Ok(None)) if r.completed => return Ok(true),
-                Ok(Ok(None)) => {
-                    let why = "the server closed the recovery stream before its completion message";
-                    return Err(StreamError::new(ErrorKind::StreamInterrupted, why));
-                }
+                Ok(Ok(None)) => return self.closed(r),
                 Ok(Ok(Some(c))) => c,
             };
             let mut decoded = r.reader.feed(&chunk, &mut r.frames);
@@ -286,6 +309,11 @@ impl Chunk<'_> {
                 r.completed = true;
                 continue;
             }
+            if line.starts_with(b"{\"error")
+                && let Ok(LineKind::System(m)) = tandem_core::identify(&line)
+            {
+                r.error = Some(m.message);
+            }
             if let Ok(LineKind::Activity(id)) = tandem_core::identify(&line) {
                 self.activities += 1;
                 if let Some(t) = id.created_unix_ms() {
@@ -305,6 +333,35 @@ impl Chunk<'_> {
             self.duplicates.increment(stored_before);
         }
         lines
+    }
+
+    /// The server closed the stream cleanly. Gnip completes with its message, so a close
+    /// without it is an interruption. X API v2 closes when the range is done: complete
+    /// when no error came first and the latest activity reached the chunk's last minute,
+    /// or when this request brought nothing newer than the ones before it.
+    fn closed(&mut self, r: &Response) -> Result<bool, StreamError> {
+        let interrupted = |why: String| Err(StreamError::new(ErrorKind::StreamInterrupted, why));
+        if self.spec.endpoint.api.signals_recovery_completion() {
+            return interrupted(
+                "the server closed the recovery stream before its completion message".into(),
+            );
+        }
+        if let Some(error) = &r.error {
+            return interrupted(format!("the server closed the recovery stream: {error}"));
+        }
+        let before = self.latest;
+        let reached_end = r
+            .latest
+            .is_some_and(|l| l + RESUME_GRANULARITY_MS >= self.end_ms);
+        let no_progress = r.latest <= before;
+        if reached_end || no_progress {
+            Ok(true)
+        } else {
+            interrupted(format!(
+                "the server closed the recovery stream at {}, short of the chunk's end",
+                tandem_core::time::rfc3339_ms(r.latest.unwrap_or(self.from))
+            ))
+        }
     }
 
     /// Hands lines to the merger on the recovery lane; false when the process stops.

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram};
-use tandem_conn::{ConnEvent, PartitionLiveness};
+use tandem_conn::{ApiKind, ConnEvent, PartitionLiveness};
 use tandem_core::metric as m;
 use tandem_core::time::{rfc3339_ms, unix_ms_now};
 use tandem_core::{ActivityId, GapState, GapView, Partition, Tally};
@@ -45,6 +45,8 @@ use crate::recovery::{ChunkOutcome, EdgeIds, RecoverySpec, recover};
 pub struct PartitionRepair {
     pub stream: Arc<str>,
     pub partition: Partition,
+    /// The upstream API (its recovery retention and how a recovery request completes).
+    pub api: ApiKind,
     pub config: RepairConfig,
     pub ledger_path: PathBuf,
     /// The ledger as loaded at start.
@@ -382,7 +384,7 @@ impl Repairer {
     /// What of a new gap can still be recovered: a likes stream has no recovery, and the
     /// part older than the upstream's retention is lost (recorded as unrecoverable).
     fn within_retention(&mut self, mut gap: Gap) -> Option<Gap> {
-        let retention_secs = self.r.config.retention_secs;
+        let retention_secs = self.r.config.retention_secs(self.r.api);
         let oldest = gap.found_ms.saturating_sub(retention_secs * 1000) + 60_000;
         let too_old = format!("older than the upstream's recovery retention ({retention_secs} s)");
         let lost = if self.r.recovery.is_none() {
@@ -661,7 +663,8 @@ impl Repairer {
         }
 
         let before = self.r.ledger.gaps.len();
-        let keep_from = unix_ms_now().saturating_sub(self.r.config.retention_secs * 1000);
+        let keep_from =
+            unix_ms_now().saturating_sub(self.r.config.retention_secs(self.r.api) * 1000);
         self.r.ledger.prune(keep_from);
         if self.r.ledger.gaps.len() != before {
             self.dirty = true;

@@ -94,6 +94,7 @@ fn reset_peak_rss() {
 struct SimProcess {
     child: Child,
     addr: SocketAddr,
+    recovery_addr: SocketAddr,
 }
 
 impl Drop for SimProcess {
@@ -106,15 +107,23 @@ impl Drop for SimProcess {
 fn start_sim(exe: &Path, dir: &Path, stream_toml: &str) -> std::io::Result<SimProcess> {
     let port = crate::free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let recovery_addr = SocketAddr::from(([127, 0, 0, 1], crate::free_port()?));
     let config = dir.join(format!("sim-{port}.toml"));
-    std::fs::write(&config, format!("listen = \"{addr}\"\n{stream_toml}"))?;
+    std::fs::write(
+        &config,
+        format!("listen = \"{addr}\"\nrecovery_listen = \"{recovery_addr}\"\n{stream_toml}"),
+    )?;
     let child = Command::new(exe)
         .args(["--log", "warn", "sim", "--config"])
         .arg(&config)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()?;
-    let sim = SimProcess { child, addr };
+    let sim = SimProcess {
+        child,
+        addr,
+        recovery_addr,
+    };
     // The simulator opens its port once its corpus is built.
     for _ in 0..2_400 {
         if std::net::TcpStream::connect(addr).is_ok() {
@@ -156,7 +165,7 @@ async fn pipeline_run(
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let n = opts.activities_per_partition;
     let sim = start_sim(&opts.exe, &dir, &gnip_corpus(n)).map_err(|e| format!("simulator: {e}"))?;
-    let loaded = consumer_config(&dir, sim.addr, tweak)?;
+    let loaded = consumer_config(&dir, &sim, tweak)?;
     let meter = Meter::start(&sim);
     let pipeline = Pipeline::start(loaded).await.map_err(|e| e.to_string())?;
     let deadline = meter.t0 + Duration::from_secs(600);
@@ -180,11 +189,11 @@ async fn pipeline_run(
     })
 }
 
-/// The consumer of the simulator at `sim_addr`, writing under `dir`: the test setup with
+/// The consumer of the simulator process `sim`, writing under `dir`: the test setup with
 /// one-second heartbeats, generous silence and grace, then `tweak`.
 fn consumer_config(
     dir: &Path,
-    sim_addr: SocketAddr,
+    sim: &SimProcess,
     tweak: impl FnOnce(&mut HarnessConfig),
 ) -> Result<Loaded, String> {
     let mut cfg = HarnessConfig::fast(dir.to_path_buf());
@@ -195,9 +204,12 @@ fn consumer_config(
     cfg.dedup_window_secs = 900;
     cfg.reconciliation_grace_secs = 60;
     tweak(&mut cfg);
-    let url =
-        format!("http://{sim_addr}/stream/sample10/accounts/demo/publishers/twitter/prod.json");
-    let text = cfg.consumer_toml(&[url]);
+    let path = "/stream/sample10/accounts/demo/publishers/twitter/prod.json";
+    let urls = crate::StreamUrls {
+        live: format!("http://{}{path}", sim.addr),
+        recovery: format!("http://{}{path}", sim.recovery_addr),
+    };
+    let text = cfg.consumer_toml(&[urls]);
     load_consumer(&text).map_err(|e| e.to_string())
 }
 

@@ -13,7 +13,7 @@ use tandem_sim::{Fault, Target};
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::harness::{Harness, HarnessConfig, HarnessError, Verdict};
+use crate::harness::{Harness, HarnessApi, HarnessConfig, HarnessError, Verdict};
 
 /// Demo settings.
 #[derive(Debug, Clone)]
@@ -24,6 +24,18 @@ pub struct DemoOptions {
     pub metrics_listen: SocketAddr,
     /// Activities per second over both partitions.
     pub rate_per_sec: f64,
+    /// The upstream API the simulator speaks.
+    pub api: DemoApi,
+}
+
+/// The upstream a demo runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemoApi {
+    /// A Gnip Decahose (`sample10`, 2 partitions, recovery on its own host).
+    Gnip,
+    /// The X API v2 partitioned sample stream (`/2/tweets/sample10/stream`, 2 partitions,
+    /// 20 s heartbeats, recovery on the live URL ending by close).
+    V2,
 }
 
 /// A scheduled fault.
@@ -54,7 +66,7 @@ pub struct DemoReport {
 pub async fn run(opts: DemoOptions) -> Result<DemoReport, HarnessError> {
     let h = Harness::start(demo_config(&opts)).await?;
     let transitions = h.pipeline.alert_transitions();
-    let mut schedule = fault_schedule(opts.duration, &h.cfg.paths);
+    let mut schedule = fault_schedule(opts.duration, &h.cfg.paths, &h.cfg.stream);
     let mut timeline = Timeline {
         started: Instant::now(),
         transitions,
@@ -80,10 +92,16 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, HarnessError> {
 /// The real service's timings (10 s heartbeats, 60 s minutes, 10 connects per 61 s, the
 /// published backoff schedule) on the test harness's shape.
 fn demo_config(opts: &DemoOptions) -> HarnessConfig {
+    let (stream, api, heartbeat_ms) = match opts.api {
+        DemoApi::Gnip => ("decahose", HarnessApi::Gnip, 10_000),
+        DemoApi::V2 => ("sample10", HarnessApi::V2Sample10, 20_000),
+    };
     HarnessConfig {
+        stream: stream.to_owned(),
+        api,
         paths: path_addresses(),
         rate_per_sec: opts.rate_per_sec,
-        heartbeat_ms: 10_000,
+        heartbeat_ms,
         heartbeat_margin_ms: 5_000,
         data_silence_ms: 2_000,
         minute_ms: 60_000,
@@ -99,10 +117,10 @@ fn demo_config(opts: &DemoOptions) -> HarnessConfig {
 
 /// The faults of a run lasting `d`, through the source addresses `paths`: a dropped
 /// path, a stalled path, then an outage of a whole partition.
-fn fault_schedule(d: Duration, paths: &[Option<IpAddr>]) -> [Scheduled; 3] {
+fn fault_schedule(d: Duration, paths: &[Option<IpAddr>], stream: &str) -> [Scheduled; 3] {
     let at = |f: f64| Duration::from_secs_f64(d.as_secs_f64() * f);
     let on = |partition: u32, path: usize| Target {
-        stream: Some("decahose".into()),
+        stream: Some(stream.into()),
         partition: Some(partition),
         client_ip: paths[path],
         connection: None,
@@ -129,7 +147,7 @@ fn fault_schedule(d: Duration, paths: &[Option<IpAddr>]) -> [Scheduled; 3] {
             ),
             faults: vec![
                 Fault::Reject {
-                    stream: "decahose".into(),
+                    stream: stream.into(),
                     partition: Some(1),
                     status: 503,
                     count: None,
@@ -137,7 +155,7 @@ fn fault_schedule(d: Duration, paths: &[Option<IpAddr>]) -> [Scheduled; 3] {
                 },
                 Fault::Drop {
                     target: Target {
-                        stream: Some("decahose".into()),
+                        stream: Some(stream.into()),
                         partition: Some(1),
                         ..Target::default()
                     },

@@ -18,6 +18,28 @@ pub const PASSWORD_VAR: &str = "TANDEM_SIM_PASSWORD";
 const USER: &str = "demo@example.com";
 /// The simulator's password (a consumer run as a process gets it in [`PASSWORD_VAR`]).
 pub const PASSWORD: &str = "demo-password";
+/// The simulator's bearer token for X API v2 streams; the consumer reads it from
+/// [`HarnessConfig::token_file`], again before each request.
+pub const TOKEN: &str = "demo-bearer-token";
+
+/// Which upstream API the run speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HarnessApi {
+    /// A Gnip Decahose (`sample10`), recovery on its own listener.
+    Gnip,
+    /// The X API v2 partitioned sample stream (`/2/tweets/sample10/stream`).
+    V2Sample10,
+    /// The X API v2 filtered stream (`/2/tweets/search/stream`): one unpartitioned
+    /// partition.
+    V2Filtered,
+}
+
+/// Where a stream is served: its live URL and its recovery URL (Gnip: another listener).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamUrls {
+    pub live: String,
+    pub recovery: String,
+}
 
 /// How a run is set up. Times are in milliseconds unless named otherwise.
 #[derive(Debug, Clone)]
@@ -77,6 +99,8 @@ pub struct HarnessConfig {
     /// The simulator serves HTTPS (a generated CA the consumer trusts) instead of plain
     /// HTTP, which the consumer only allows to loopback.
     pub tls: bool,
+    /// The upstream API (Gnip unless set).
+    pub api: HarnessApi,
 }
 
 impl HarnessConfig {
@@ -114,7 +138,14 @@ impl HarnessConfig {
             url_host: None,
             resolve_ips: Vec::new(),
             tls: false,
+            api: HarnessApi::Gnip,
         }
+    }
+
+    /// Where the consumer reads the bearer token of a v2 stream (written at start; a test
+    /// rewrites it to rotate the token).
+    pub fn token_file(&self) -> PathBuf {
+        self.run_dir.join("bearer-token")
     }
 
     /// Every stream the consumer reads: `stream` first, then `extra_streams`.
@@ -132,23 +163,26 @@ impl HarnessConfig {
             .collect()
     }
 
-    /// The URL of each of [`HarnessConfig::stream_names`] on `sim`.
-    pub fn stream_urls(&self, sim: &Simulator) -> Result<Vec<String>, tandem_sim::SimError> {
-        let base = sim.base_url();
+    /// The live and recovery URLs of each of [`HarnessConfig::stream_names`] on `sim`.
+    pub fn stream_urls(&self, sim: &Simulator) -> Result<Vec<StreamUrls>, tandem_sim::SimError> {
+        // With `url_host`, the URL names the host and the port stays the simulator's.
+        let named = |url: String, base: &str, port: u16| match &self.url_host {
+            Some(host) => {
+                let scheme = base.split("://").next().unwrap_or("http");
+                format!("{scheme}://{host}:{port}{}", &url[base.len()..])
+            }
+            None => url,
+        };
         self.stream_names()
             .iter()
             .map(|name| {
-                let url = sim.stream_url(name)?;
-                Ok(match &self.url_host {
-                    Some(host) => {
-                        let scheme = base.split("://").next().unwrap_or("http");
-                        format!(
-                            "{scheme}://{host}:{}{}",
-                            sim.addr().port(),
-                            &url[base.len()..]
-                        )
-                    }
-                    None => url,
+                Ok(StreamUrls {
+                    live: named(sim.stream_url(name)?, &sim.base_url(), sim.addr().port()),
+                    recovery: named(
+                        sim.recovery_url(name)?,
+                        &sim.recovery_base_url(),
+                        sim.recovery_addr().port(),
+                    ),
                 })
             })
             .collect()
@@ -156,7 +190,18 @@ impl HarnessConfig {
 
     /// The simulator's stream `name`, configured like the consumer.
     pub fn sim_stream(&self, name: &str) -> StreamConfig {
-        let mut s = StreamConfig::decahose(name, "demo", USER, PASSWORD);
+        let mut s = match self.api {
+            HarnessApi::Gnip => StreamConfig::decahose(name, "demo", USER, PASSWORD),
+            HarnessApi::V2Sample10 => StreamConfig::v2_sample10(name, TOKEN),
+            HarnessApi::V2Filtered => {
+                assert_eq!(self.partitions, 1, "the filtered stream has one partition");
+                StreamConfig::v2_filtered(name, TOKEN)
+            }
+        };
+        assert!(
+            self.api == HarnessApi::Gnip || self.extra_streams.is_empty(),
+            "a v2 stream's path is fixed: one v2 stream per simulator"
+        );
         // Further streams of the account get their own label (and so their own URL).
         if name != self.stream
             && let tandem_sim::Api::Gnip { label, .. } = &mut s.api
@@ -167,7 +212,7 @@ impl HarnessConfig {
         // Generation starts once the consumer is connected: what was published before
         // its first connection was never offered to it.
         s.rate = RateProfile::Constant { per_sec: 0.0 };
-        s.heartbeat_interval_ms = Some(self.heartbeat_ms);
+        s.heartbeat_interval_ms = (self.heartbeat_ms > 0).then_some(self.heartbeat_ms);
         s.minute_ms = self.minute_ms;
         s.connect_limit = self.connect_limit as usize;
         s.connect_window_ms = self.connect_window_ms.saturating_sub(1_000).max(1);
@@ -180,8 +225,8 @@ impl HarnessConfig {
     }
 
     /// The consumer's configuration, as TOML (what a user would write); `urls` holds the
-    /// URL of each of [`HarnessConfig::stream_names`], in order.
-    pub fn consumer_toml(&self, urls: &[String]) -> String {
+    /// URLs of each of [`HarnessConfig::stream_names`], in order.
+    pub fn consumer_toml(&self, urls: &[StreamUrls]) -> String {
         assert_eq!(urls.len(), self.stream_names().len(), "one URL per stream");
         let mut t = self.paths_toml();
         for (name, url) in self.stream_names().iter().zip(urls) {
@@ -215,12 +260,12 @@ impl HarnessConfig {
 
     /// The `[[stream]]` table of stream `name`, with its auth, retry, liveness, backfill
     /// and budget.
-    fn stream_toml(&self, name: &str, url: &str) -> String {
+    fn stream_toml(&self, name: &str, urls: &StreamUrls) -> String {
         let paths: Vec<String> = (0..self.paths.len())
             .map(|i| format!("\"{}\"", Self::path_name(i)))
             .collect();
         let retry = if self.fast_retry {
-            "network_initial_backoff_ms = 100\nnetwork_backoff_step_ms = 100\nnetwork_max_backoff_ms = 1000\nhttp_initial_backoff_ms = 300\nhttp_max_backoff_ms = 2000\nhealthy_after_ms = 2000\n"
+            "network_initial_backoff_ms = 100\nnetwork_backoff_step_ms = 100\nnetwork_max_backoff_ms = 1000\nhttp_initial_backoff_ms = 300\nhttp_max_backoff_ms = 2000\nrefused_initial_backoff_ms = 1000\nrefused_max_backoff_ms = 2000\nhealthy_after_ms = 2000\n"
         } else {
             ""
         };
@@ -228,8 +273,7 @@ impl HarnessConfig {
             r#"
 [[stream]]
 name = "{name}"
-api = "gnip"
-url = "{url}"
+{endpoint}
 partitions = {partitions}
 paths = [{paths}]
 sink = "store"
@@ -237,15 +281,13 @@ sink = "store"
 likes = {likes}
 
 [stream.auth]
-username = "{USER}"
-password_env = "{PASSWORD_VAR}"
+{auth}
 
 [stream.retry]
 {retry}rate_limit_initial_backoff_ms = {minute}
 rate_limit_max_backoff_ms = {minute_x16}
 [stream.liveness]
-heartbeat_interval_ms = {hb}
-heartbeat_margin_ms = {margin}
+{hb}heartbeat_margin_ms = {margin}
 data_silence_ms = {silence}
 read_timeout_ms = 35000
 
@@ -256,9 +298,15 @@ minute_ms = {minute}
 requests = {limit}
 window_ms = {window}
 "#,
+            endpoint = self.endpoint_toml(urls),
+            auth = self.auth_toml(),
             partitions = self.partitions,
             paths = paths.join(", "),
-            hb = self.heartbeat_ms,
+            hb = if self.heartbeat_ms > 0 {
+                format!("heartbeat_interval_ms = {}\n", self.heartbeat_ms)
+            } else {
+                String::new()
+            },
             margin = self.heartbeat_margin_ms,
             silence = self.data_silence_ms,
             minute = self.minute_ms,
@@ -268,6 +316,30 @@ window_ms = {window}
             likes = self.likes,
             transport = self.transport_toml(),
         )
+    }
+
+    /// The API and its URLs: Gnip names its recovery endpoint; v2 recovers on the live
+    /// URL (the default).
+    fn endpoint_toml(&self, urls: &StreamUrls) -> String {
+        match self.api {
+            HarnessApi::Gnip => format!(
+                "api = \"gnip\"\nurl = \"{}\"\nrecovery_url = \"{}\"",
+                urls.live, urls.recovery
+            ),
+            HarnessApi::V2Sample10 => format!("api = \"x_v2\"\nurl = \"{}\"", urls.live),
+            HarnessApi::V2Filtered => format!(
+                "api = \"x_v2\"\nurl = \"{}\"\npartitioned = false",
+                urls.live
+            ),
+        }
+    }
+
+    /// The credentials: Gnip's password from the environment, v2's token from its file.
+    fn auth_toml(&self) -> String {
+        match self.api {
+            HarnessApi::Gnip => format!("username = \"{USER}\"\npassword_env = \"{PASSWORD_VAR}\""),
+            _ => format!("bearer_token_file = \"{}\"", self.token_file().display()),
+        }
     }
 
     /// How the consumer reaches the simulator: trusting its generated CA over HTTPS, or
@@ -375,6 +447,8 @@ pub enum HarnessError {
     Config(#[from] tandem_config::Problems),
     #[error("pipeline: {0}")]
     Pipeline(#[from] tandem_pipeline::StartError),
+    #[error("run directory: {0}")]
+    RunDir(#[from] std::io::Error),
 }
 
 /// A simulator and a consumer of it.
@@ -454,8 +528,12 @@ impl Harness {
     pub async fn start(cfg: HarnessConfig) -> Result<Harness, HarnessError> {
         tandem_conn::install_crypto_provider();
         std::fs::create_dir_all(&cfg.run_dir).ok();
+        if cfg.api != HarnessApi::Gnip {
+            std::fs::write(cfg.token_file(), format!("{TOKEN}\n"))?;
+        }
         let sim = Simulator::start(SimConfig {
             listen: cfg.sim_listen,
+            recovery_listen: SocketAddr::new(cfg.sim_listen.ip(), 0),
             streams: cfg.sim_streams(),
             tls: cfg.sim_tls(),
         })

@@ -20,7 +20,7 @@ pub mod harness;
 pub mod nats;
 pub mod store;
 
-pub use harness::{Harness, HarnessConfig, Verdict};
+pub use harness::{Harness, HarnessApi, HarnessConfig, StreamUrls, Verdict};
 
 /// A loopback port free right now, for a peer a test or benchmark starts (the simulator,
 /// NATS, Prometheus, a consumer's monitor endpoint).

@@ -1,7 +1,9 @@
 //! Admission of a stream request: every check the upstream makes before it streams, in its
-//! order. Injected rejections and the connect-rate limit come first (a live request counts
-//! against the connect window even when it is refused later), then credentials,
-//! compression, the query parameters, and for recovery the account's job slots.
+//! order. Injected rejections and the connect-rate limit come first (a request to a live
+//! endpoint counts against the connect window even when it is refused later), then
+//! credentials, compression, the query parameters (including which endpoint serves what:
+//! Gnip recovery only on the recovery host, Gnip live streams only on the live host), and
+//! for recovery the account's job slots.
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -10,6 +12,15 @@ use tandem_core::time::parse_rfc3339;
 use crate::config::{Api, Content, StreamConfig};
 use crate::http::json_error;
 use crate::state::{Shared, StreamState};
+
+/// The host a request arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// The live host: every stream, v2 recovery, the admin API.
+    Live,
+    /// The Gnip recovery host: Gnip recovery requests only.
+    Recovery,
+}
 
 /// What admission settled for an accepted request.
 #[derive(Debug)]
@@ -64,21 +75,31 @@ impl IntoResponse for Refusal {
 pub(crate) fn admit(
     shared: &Shared,
     stream: &StreamState,
+    endpoint: Endpoint,
     uri: &Uri,
     headers: &HeaderMap,
     now_ms: u64,
 ) -> Result<Admission, Refusal> {
     let cfg = &stream.cfg;
-    let v2 = matches!(cfg.api, Api::V2 { .. });
+    let v2 = cfg.is_v2();
     let q = StreamQuery::parse(uri, v2);
-    let recovery = q.start.is_some() || q.end.is_some();
+    let has_range = q.start.is_some() || q.end.is_some();
+    // v2 keeps recovery on its live endpoint; Gnip serves it on the recovery host only.
+    let recovery = match endpoint {
+        Endpoint::Recovery => true,
+        Endpoint::Live => v2 && has_range,
+    };
     let partition_hint = q.partition.as_deref().and_then(|p| p.parse().ok());
     if recovery {
         injected_rejection(stream, partition_hint, now_ms)?;
     } else {
         connect_rate(stream, partition_hint, now_ms, v2)?;
     }
-    if !authorized(&cfg.api, headers) {
+    if !authorized(
+        &cfg.api,
+        &stream.secret.lock().expect("secret lock"),
+        headers,
+    ) {
         return Err(Refusal::new(
             StatusCode::UNAUTHORIZED,
             "Unauthorized: the credentials were not accepted",
@@ -90,6 +111,24 @@ pub(crate) fn admit(
             StatusCode::NOT_ACCEPTABLE,
             "This connection requires compression. Send the header 'Accept-Encoding: gzip' and decompress the stream as it is read.",
         ));
+    }
+    if let Some(message) = &q.malformed {
+        return Err(Refusal::bad_request(message.clone()));
+    }
+    if !v2 {
+        match (endpoint, has_range) {
+            (Endpoint::Live, true) => {
+                return Err(Refusal::bad_request(
+                    "startTime and endTime are not accepted on the live stream: recovery is served on the recovery endpoint",
+                ));
+            }
+            (Endpoint::Recovery, false) => {
+                return Err(Refusal::bad_request(
+                    "this is the recovery endpoint: a request needs startTime and endTime; the live stream is served on the live endpoint",
+                ));
+            }
+            _ => {}
+        }
     }
     let partition = partition(cfg, q.partition.as_deref())?;
     let backfill_minutes = backfill_minutes(cfg, q.backfill.as_deref(), v2)?;
@@ -232,13 +271,17 @@ fn reserve_recovery_job(shared: &Shared, stream: &StreamState) -> Result<(), Ref
     Ok(())
 }
 
-/// The query parameters of a stream request, in either API's spelling.
+/// The query parameters of a stream request, in either API's spelling. Parameters the
+/// simulator does not know (a v2 client's `tweet.fields`, `expansions`, …) are ignored.
 #[derive(Debug, Default)]
 struct StreamQuery {
     partition: Option<String>,
     backfill: Option<String>,
     start: Option<String>,
     end: Option<String>,
+    /// Why the query cannot be read, naming the parameter: a second `?`, as a client that
+    /// appends `?partition=…` to a URL with its own query produces.
+    malformed: Option<String>,
 }
 
 impl StreamQuery {
@@ -250,6 +293,21 @@ impl StreamQuery {
             .split('&')
             .filter(|p| !p.is_empty())
         {
+            // (choice) A literal `?` is legal in a query, but no parameter of these APIs
+            // holds one: a second `?` is a client that joined parameters wrongly, and
+            // reading `a=1?partition=2` as `a` = `1?partition=2` would hide that.
+            if let Some((before, after)) = pair.split_once('?') {
+                if q.malformed.is_none() {
+                    let param = before.split_once('=').map_or(before, |(k, _)| k);
+                    let next = after.split_once('=').map_or(after, |(k, _)| k);
+                    q.malformed = Some(format!(
+                        "malformed query: a second '?' hides parameter {:?} in the value of {:?}; separate query parameters with '&'",
+                        percent_decode(next),
+                        percent_decode(param),
+                    ));
+                }
+                continue;
+            }
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let v = percent_decode(v);
             match (k, v2) {
@@ -296,7 +354,9 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn authorized(api: &Api, headers: &HeaderMap) -> bool {
+/// Whether the request carries the stream's credentials; `secret` is the password or
+/// token accepted now (it can be rotated at runtime).
+fn authorized(api: &Api, secret: &str, headers: &HeaderMap) -> bool {
     let Some(value) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -304,15 +364,13 @@ fn authorized(api: &Api, headers: &HeaderMap) -> bool {
         return false;
     };
     match api {
-        Api::Gnip {
-            username, password, ..
-        } => value
+        Api::Gnip { username, .. } => value
             .strip_prefix("Basic ")
             .and_then(|b64| decode_base64(b64.trim()))
-            .is_some_and(|decoded| decoded == format!("{username}:{password}").as_bytes()),
-        Api::V2 { bearer_token, .. } => value
+            .is_some_and(|decoded| decoded == format!("{username}:{secret}").as_bytes()),
+        Api::V2 { .. } => value
             .strip_prefix("Bearer ")
-            .is_some_and(|t| t.trim() == bearer_token),
+            .is_some_and(|t| t.trim() == secret),
     }
 }
 
@@ -386,5 +444,38 @@ mod tests {
         assert_eq!(q.partition.as_deref(), Some("2"));
         assert_eq!(q.start.as_deref(), Some("2023-07-05T17:09:12.070Z"));
         assert_eq!(q.backfill.as_deref(), Some("3"));
+        assert!(q.malformed.is_none());
+    }
+
+    /// A v2 client's own parameters are ignored, the known ones read in either order.
+    #[test]
+    fn client_parameters_are_ignored() {
+        let uri: Uri = "/2/tweets/sample10/stream?tweet.fields=created_at,author_id&expansions=author_id&partition=2&backfill_minutes=1"
+            .parse()
+            .unwrap();
+        let q = StreamQuery::parse(&uri, true);
+        assert_eq!(q.partition.as_deref(), Some("2"));
+        assert_eq!(q.backfill.as_deref(), Some("1"));
+        assert!(q.malformed.is_none());
+    }
+
+    /// A second `?` is refused, naming the parameter it hides, wherever it appears.
+    #[test]
+    fn second_question_mark_is_malformed() {
+        for (query, named) in [
+            ("/x?a=1?partition=1", "\"partition\""),
+            (
+                "/x?tweet.fields=created_at?backfill_minutes=2",
+                "\"backfill_minutes\"",
+            ),
+            ("/x?partition=1?backfillMinutes=2", "\"backfillMinutes\""),
+        ] {
+            let uri: Uri = query.parse().unwrap();
+            let q = StreamQuery::parse(&uri, false);
+            let message = q
+                .malformed
+                .unwrap_or_else(|| panic!("{query} was accepted"));
+            assert!(message.contains(named), "{query}: {message}");
+        }
     }
 }

@@ -12,10 +12,16 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SimConfig {
-    /// Address to listen on; port 0 picks a free port.
+    /// Address of the live host (streams and the admin API); port 0 picks a free port.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Serve HTTPS with a generated certificate instead of plain HTTP.
+    /// Address of the recovery host, which serves Gnip recovery requests only (the real
+    /// service's `stream-data-api.x.com`, another host than the live stream); port 0
+    /// picks a free port. X API v2 keeps recovery on its live endpoint.
+    #[serde(default = "default_listen")]
+    pub recovery_listen: SocketAddr,
+    /// Serve HTTPS with a generated certificate instead of plain HTTP, on both listeners
+    /// (one certificate, valid for every name in `names`).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
     /// The streams served.
@@ -223,7 +229,45 @@ impl StreamConfig {
         }
     }
 
-    /// An X API v2 stream at `path` with a bearer token.
+    /// The X API v2 filtered stream (`/2/tweets/search/stream`): one unpartitioned
+    /// partition.
+    pub fn v2_filtered(name: &str, bearer_token: &str) -> Self {
+        StreamConfig::v2_at(name, "/2/tweets/search/stream", bearer_token, 1, false)
+    }
+
+    /// The X API v2 Decahose (`/2/tweets/sample10/stream`): 2 partitions, `partition`
+    /// required.
+    pub fn v2_sample10(name: &str, bearer_token: &str) -> Self {
+        StreamConfig::v2_at(name, "/2/tweets/sample10/stream", bearer_token, 2, true)
+    }
+
+    /// The X API v2 Firehose (`/2/tweets/firehose/stream`): 20 partitions, `partition`
+    /// required.
+    pub fn v2_firehose(name: &str, bearer_token: &str) -> Self {
+        StreamConfig::v2_at(name, "/2/tweets/firehose/stream", bearer_token, 20, true)
+    }
+
+    fn v2_at(
+        name: &str,
+        path: &str,
+        bearer_token: &str,
+        partitions: u32,
+        partitioned: bool,
+    ) -> Self {
+        StreamConfig {
+            api: Api::V2 {
+                path: path.to_owned(),
+                bearer_token: bearer_token.to_owned(),
+                partitioned,
+            },
+            partitions,
+            content: Content::V2Posts,
+            ..StreamConfig::decahose(name, "", "", "")
+        }
+    }
+
+    /// An X API v2 stream at `path` with a bearer token; partitioned when it has more than
+    /// one partition or its path is a volume stream's.
     pub fn v2(name: &str, path: &str, bearer_token: &str, partitions: u32) -> Self {
         StreamConfig {
             api: Api::V2 {
@@ -262,6 +306,19 @@ impl StreamConfig {
         })
     }
 
+    /// Whether the stream speaks X API v2.
+    pub fn is_v2(&self) -> bool {
+        matches!(self.api, Api::V2 { .. })
+    }
+
+    /// The secret a client must present: the Gnip password or the v2 bearer token.
+    pub fn secret(&self) -> &str {
+        match &self.api {
+            Api::Gnip { password, .. } => password,
+            Api::V2 { bearer_token, .. } => bearer_token,
+        }
+    }
+
     /// The account recovery jobs are limited by (v2: the stream itself).
     pub fn account(&self) -> String {
         match &self.api {
@@ -275,6 +332,7 @@ impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
             listen: default_listen(),
+            recovery_listen: default_listen(),
             tls: None,
             streams: default_streams(),
         }
@@ -327,4 +385,38 @@ fn default_recovery_jobs() -> usize {
 }
 fn default_recovery_rate() -> u64 {
     5_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each API heartbeats at its documented interval unless configured otherwise.
+    #[test]
+    fn heartbeat_defaults_per_api() {
+        assert_eq!(
+            StreamConfig::decahose("d", "a", "u", "p").heartbeat_ms(),
+            10_000
+        );
+        for v2 in [
+            StreamConfig::v2_filtered("f", "t"),
+            StreamConfig::v2_sample10("s", "t"),
+            StreamConfig::v2_firehose("h", "t"),
+            StreamConfig::v2("x", "/2/tweets/search/stream", "t", 1),
+        ] {
+            assert_eq!(v2.heartbeat_ms(), 20_000, "{}", v2.url_path());
+        }
+        let mut fast = StreamConfig::v2_filtered("f", "t");
+        fast.heartbeat_interval_ms = Some(500);
+        assert_eq!(fast.heartbeat_ms(), 500);
+    }
+
+    /// The recovery listener defaults to an ephemeral loopback port, like the live one.
+    #[test]
+    fn recovery_listen_defaults_to_loopback() {
+        let cfg: SimConfig = serde_json::from_str(r#"{"listen":"127.0.0.1:8080"}"#).unwrap();
+        assert_eq!(cfg.listen.port(), 8080);
+        assert_eq!(cfg.recovery_listen, SocketAddr::from(([127, 0, 0, 1], 0)));
+        assert_eq!(SimConfig::default().recovery_listen.port(), 0);
+    }
 }

@@ -50,6 +50,10 @@ pub enum Fault {
         target: Target,
         injection: Injection,
     },
+    /// End matching connections cleanly with the API's operational-disconnect message (v2:
+    /// an `{"errors":[…]}` object of type `operational-disconnect`; Gnip: an
+    /// `{"error":{…}}` line), as the services do before maintenance.
+    OperationalDisconnect { target: Target },
     /// Answer connection requests with `status` instead of serving them: the next `count`
     /// requests, or all requests for `for_ms`, or both (whichever ends first).
     Reject {
@@ -75,6 +79,7 @@ impl Fault {
             Fault::Throttle { .. } => "throttle",
             Fault::Resume { .. } => "resume",
             Fault::Inject { injection, .. } => injection.kind(),
+            Fault::OperationalDisconnect { .. } => "operational_disconnect",
             Fault::Reject { .. } => "reject",
         }
     }
@@ -112,12 +117,23 @@ impl Injection {
     }
 }
 
+/// Why the simulator ends a connection cleanly; the writer words it in its API's form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Disconnect {
+    /// A newer connection exceeded the partition's connection limit.
+    ConnectionLimit,
+    /// The client read so slowly that the retained buffer moved past its cursor.
+    FellBehind,
+    /// The operational-disconnect fault.
+    Operational,
+}
+
 /// One-shot orders for a connection's writer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Command {
     Drop,
-    /// Send the error line, then end the response.
-    Evict(String),
+    /// Send the disconnect message, then end the response cleanly.
+    Close(Disconnect),
     Inject(Injection),
 }
 
@@ -166,6 +182,9 @@ impl Control {
                 self.throttle_bytes_per_sec.store(0, Ordering::SeqCst);
             }
             Fault::Inject { injection, .. } => self.order(Command::Inject(*injection)),
+            Fault::OperationalDisconnect { .. } => {
+                self.order(Command::Close(Disconnect::Operational));
+            }
             Fault::Reject { .. } => return false,
         }
         self.wake.notify_one();
@@ -208,6 +227,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f.kind(), "oversize_line");
+        let f: Fault =
+            serde_json::from_str(r#"{"fault":"operational_disconnect","target":{"stream":"f"}}"#)
+                .unwrap();
+        assert_eq!(f.kind(), "operational_disconnect");
         let err = serde_json::from_str::<Fault>(r#"{"fault":"stall","target":{"nope":1}}"#);
         assert!(err.is_err());
     }

@@ -1,5 +1,9 @@
-//! The HTTP side: the listener (plain or TLS), the stream endpoints (admission in
+//! The HTTP side: the listeners (plain or TLS), the stream endpoints (admission in
 //! `admission`, then a writer task per response) and the admin API.
+//!
+//! Two routers: the live host's (every stream, v2 recovery, the admin API) and the Gnip
+//! recovery host's (Gnip streams' recovery requests under the live path shape, nothing
+//! else).
 
 use std::collections::HashMap;
 use std::io;
@@ -27,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use crate::admission::{Admission, admit};
+use crate::admission::{Admission, Endpoint, admit};
 use crate::config::RateProfile;
 use crate::encode::Encoder;
 use crate::fault::{Control, Fault};
@@ -180,6 +184,7 @@ impl http_body::Body for ChannelBody {
     }
 }
 
+/// The live host: the streams and the admin API.
 pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
     axum::Router::new()
         .route("/admin/connections", get(admin_connections))
@@ -188,8 +193,36 @@ pub(crate) fn router(shared: Arc<Shared>) -> axum::Router {
         .route("/admin/publish", post(admin_publish))
         .route("/admin/truth", get(admin_truth))
         .route("/admin/rate", post(admin_rate))
-        .fallback(stream_request)
+        .route("/admin/credentials", post(admin_credentials))
+        .fallback(live_request)
         .with_state(shared)
+}
+
+/// The Gnip recovery host: recovery requests, nothing else (no admin API, no v2 stream).
+pub(crate) fn recovery_router(shared: Arc<Shared>) -> axum::Router {
+    axum::Router::new()
+        .fallback(recovery_request)
+        .with_state(shared)
+}
+
+async fn live_request(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(ClientAddr(client)): ConnectInfo<ClientAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    stream_request(&shared, Endpoint::Live, client, &method, &uri, &headers)
+}
+
+async fn recovery_request(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(ClientAddr(client)): ConnectInfo<ClientAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    stream_request(&shared, Endpoint::Recovery, client, &method, &uri, &headers)
 }
 
 /// An error response with the upstream's JSON body: `{"error":{"message":…}}`.
@@ -203,17 +236,20 @@ pub(crate) fn json_error(status: StatusCode, message: &str) -> Response {
     resp
 }
 
-async fn stream_request(
-    State(shared): State<Arc<Shared>>,
-    ConnectInfo(ClientAddr(client)): ConnectInfo<ClientAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+/// A request for a stream path on either host; the recovery host knows Gnip streams only.
+fn stream_request(
+    shared: &Arc<Shared>,
+    endpoint: Endpoint,
+    client: SocketAddr,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
 ) -> Response {
     let Some(stream) = shared
         .streams
         .iter()
         .find(|s| s.cfg.url_path() == uri.path())
+        .filter(|s| endpoint == Endpoint::Live || !s.cfg.is_v2())
         .cloned()
     else {
         return json_error(StatusCode::NOT_FOUND, "no such stream");
@@ -221,7 +257,7 @@ async fn stream_request(
     if method != Method::GET {
         return json_error(StatusCode::METHOD_NOT_ALLOWED, "streams are read with GET");
     }
-    let resp = serve_stream(&shared, &stream, client, &uri, &headers);
+    let resp = serve_stream(shared, &stream, endpoint, client, uri, headers);
     stream.count_response(resp.status().as_u16());
     if !resp.status().is_success() {
         tracing::info!(stream = %stream.cfg.name, %client, status = resp.status().as_u16(), "simulator refused a connection");
@@ -233,12 +269,13 @@ async fn stream_request(
 fn serve_stream(
     shared: &Arc<Shared>,
     stream: &Arc<StreamState>,
+    endpoint: Endpoint,
     client: SocketAddr,
     uri: &Uri,
     headers: &HeaderMap,
 ) -> Response {
     let now = unix_ms_now();
-    let admission = match admit(shared, stream, uri, headers, now) {
+    let admission = match admit(shared, stream, endpoint, uri, headers, now) {
         Ok(admission) => admission,
         Err(refusal) => return refusal.into_response(),
     };
@@ -422,6 +459,29 @@ async fn admin_truth(
         }
     }
     ([(header::CONTENT_TYPE, "application/x-ndjson")], out).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CredentialsBody {
+    stream: String,
+    secret: String,
+}
+
+async fn admin_credentials(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let req: CredentialsBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("bad credentials request: {e}"),
+            );
+        }
+    };
+    match shared.set_secret(&req.stream, &req.secret) {
+        Ok(()) => Json(serde_json::json!({ "ok": true })).into_response(),
+        Err(e) => json_error(StatusCode::NOT_FOUND, &e.to_string()),
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,11 +6,15 @@
 //! the [`SimHandle`], or run it standalone (`tandem sim`) and drive it through its admin
 //! HTTP API (`/admin/...`, see `README.md` in this crate).
 //!
+//! It listens twice, as the real services are two hosts: the live host (every stream, X
+//! API v2 recovery, the admin API) and the Gnip recovery host ([`SimHandle::recovery_url`]).
+//!
 //! # Layout
 //! - [`config`]: streams, APIs, rates and limits ([`SimConfig`]).
 //! - `generate`: realistic activities from the sample payloads, unique snowflake ids.
 //! - `corpus`: a pre-encoded corpus for full-speed benchmarks.
 //! - `encode`: gzip with a flush per write, or identity.
+//! - `messages`: the in-stream disconnect and completion messages in each API's form.
 //! - `log`: per-partition retained lines (live, backfill, recovery) and ground truth.
 //! - [`fault`]: the faults ([`Fault`]) and per-connection controls.
 //! - `state`: streams, connections, connect-rate accounting, recovery jobs.
@@ -28,6 +32,7 @@ pub mod fault;
 mod generate;
 mod http;
 mod log;
+mod messages;
 mod state;
 mod tls;
 mod writer;
@@ -85,6 +90,7 @@ pub struct Simulator {
 pub struct SimHandle {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    recovery_addr: SocketAddr,
     scheme: &'static str,
     ca_file: Option<PathBuf>,
 }
@@ -101,16 +107,10 @@ impl Simulator {
                 .await
                 .map_err(|e| SimError::Config(format!("building the streams failed: {e}")))?,
         );
-        let tcp = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| SimError::Bind {
-                addr: config.listen,
-                source,
-            })?;
-        let addr = tcp.local_addr().map_err(|source| SimError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let tcp = bind(config.listen).await?;
+        let recovery_tcp = bind(config.recovery_listen).await?;
+        let addr = local_addr(&tcp, config.listen)?;
+        let recovery_addr = local_addr(&recovery_tcp, config.recovery_listen)?;
         let (acceptor, ca_file) = match &config.tls {
             Some(tls) => {
                 let material = tls::generate(&tls.names)?;
@@ -125,28 +125,26 @@ impl Simulator {
             None => (None, None),
         };
         let scheme = if acceptor.is_some() { "https" } else { "http" };
-        let listener =
-            http::SimListener::spawn(tcp, acceptor).map_err(|source| SimError::Bind {
-                addr: config.listen,
-                source,
-            })?;
-        let app =
-            http::router(shared.clone()).into_make_service_with_connect_info::<http::ClientAddr>();
-        let mut tasks = vec![tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "simulator server stopped");
-            }
-        })];
+        let mut tasks = vec![
+            serve(tcp, addr, acceptor.clone(), http::router(shared.clone()))?,
+            serve(
+                recovery_tcp,
+                recovery_addr,
+                acceptor,
+                http::recovery_router(shared.clone()),
+            )?,
+        ];
         for stream in &shared.streams {
             if stream.corpus.is_none() {
                 tasks.push(tokio::spawn(generate_forever(shared.clone(), stream.idx)));
             }
         }
-        tracing::info!(%addr, scheme, streams = shared.streams.len(), "simulator listening");
+        tracing::info!(%addr, %recovery_addr, scheme, streams = shared.streams.len(), "simulator listening");
         Ok(Simulator {
             handle: SimHandle {
                 shared,
                 addr,
+                recovery_addr,
                 scheme,
                 ca_file,
             },
@@ -177,14 +175,24 @@ impl Drop for Simulator {
 }
 
 impl SimHandle {
-    /// The bound address.
+    /// The bound address of the live host (streams and the admin API).
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT` (or `https://`).
+    /// The bound address of the Gnip recovery host.
+    pub fn recovery_addr(&self) -> SocketAddr {
+        self.recovery_addr
+    }
+
+    /// `http://127.0.0.1:PORT` (or `https://`) of the live host.
     pub fn base_url(&self) -> String {
         format!("{}://{}", self.scheme, self.addr)
+    }
+
+    /// `http://127.0.0.1:PORT` (or `https://`) of the Gnip recovery host.
+    pub fn recovery_base_url(&self) -> String {
+        format!("{}://{}", self.scheme, self.recovery_addr)
     }
 
     /// The CA certificate file clients must trust (TLS mode only).
@@ -196,6 +204,25 @@ impl SimHandle {
     pub fn stream_url(&self, stream: &str) -> Result<String, SimError> {
         let s = self.shared.stream(stream)?;
         Ok(format!("{}{}", self.base_url(), s.cfg.url_path()))
+    }
+
+    /// The full URL recovery requests for a stream go to, without query parameters: on
+    /// Gnip the recovery host with the live path shape, on X API v2 the live endpoint
+    /// itself (the same as [`SimHandle::stream_url`]).
+    pub fn recovery_url(&self, stream: &str) -> Result<String, SimError> {
+        let s = self.shared.stream(stream)?;
+        let base = if s.cfg.is_v2() {
+            self.base_url()
+        } else {
+            self.recovery_base_url()
+        };
+        Ok(format!("{base}{}", s.cfg.url_path()))
+    }
+
+    /// Replaces a stream's secret, the Gnip password or the v2 bearer token: requests with
+    /// the old one get 401 from now on. Open connections are left alone.
+    pub fn set_credentials(&self, stream: &str, secret: &str) -> Result<(), SimError> {
+        self.shared.set_secret(stream, secret)
     }
 
     /// Injects a fault; returns how many connections (or rules) it affected.
@@ -258,6 +285,36 @@ impl SimHandle {
         let s = self.shared.stream(stream)?;
         Ok(s.corpus_base + k * u64::from(s.cfg.partitions) + u64::from(partition - 1))
     }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, SimError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| SimError::Bind { addr, source })
+}
+
+fn local_addr(tcp: &TcpListener, asked: SocketAddr) -> Result<SocketAddr, SimError> {
+    tcp.local_addr().map_err(|source| SimError::Bind {
+        addr: asked,
+        source,
+    })
+}
+
+/// Serves `router` on `tcp` (TLS when an acceptor is given) until the simulator stops.
+fn serve(
+    tcp: TcpListener,
+    addr: SocketAddr,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    router: axum::Router,
+) -> Result<JoinHandle<()>, SimError> {
+    let listener = http::SimListener::spawn(tcp, acceptor)
+        .map_err(|source| SimError::Bind { addr, source })?;
+    let app = router.into_make_service_with_connect_info::<http::ClientAddr>();
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, %addr, "simulator server stopped");
+        }
+    }))
 }
 
 /// Refuses streams that cannot be served: a name used twice, a stream without partitions.

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::SimError;
 use crate::config::{RateProfile, StreamConfig};
 use crate::corpus::Corpus;
-use crate::fault::{Command, Control, Fault, RejectRule, Target};
+use crate::fault::{Command, Control, Disconnect, Fault, RejectRule, Target};
 use crate::generate::Generator;
 use crate::log::{PartitionLog, TruthRecord};
 
@@ -88,6 +88,8 @@ pub(crate) struct StreamState {
     pub reject: Mutex<Vec<RejectRule>>,
     pub generator: Mutex<Generator>,
     pub rate: Mutex<RateProfile>,
+    /// The Gnip password or v2 bearer token accepted now (rotated at runtime).
+    pub secret: Mutex<String>,
     pub corpus: Option<Arc<Corpus>>,
     /// First id of the corpus sequence (corpus mode).
     pub corpus_base: u64,
@@ -128,6 +130,7 @@ impl Shared {
                     idx,
                     generator: Mutex::new(Generator::new(cfg.content, idx as u16, cfg.info_every)),
                     rate: Mutex::new(cfg.rate.clone()),
+                    secret: Mutex::new(cfg.secret().to_owned()),
                     partitions,
                     requests: Mutex::new(VecDeque::new()),
                     stats: Mutex::new(StreamStats::default()),
@@ -179,7 +182,8 @@ impl Shared {
             | Fault::Delay { target, .. }
             | Fault::Throttle { target, .. }
             | Fault::Resume { target }
-            | Fault::Inject { target, .. } => {
+            | Fault::Inject { target, .. }
+            | Fault::OperationalDisconnect { target } => {
                 if let Some(name) = &target.stream {
                     self.stream(name)?;
                 }
@@ -198,6 +202,15 @@ impl Shared {
             .or_default() += 1;
         tracing::info!(fault = fault.kind(), matched, detail = ?fault, "simulator fault injected");
         Ok(matched)
+    }
+
+    /// Replaces a stream's password (Gnip) or bearer token (v2): requests with the old one
+    /// get 401 from now on; open connections are left alone.
+    pub(crate) fn set_secret(&self, stream: &str, secret: &str) -> Result<(), SimError> {
+        let s = self.stream(stream)?;
+        *s.secret.lock().expect("secret lock") = secret.to_owned();
+        tracing::info!(stream, "simulator credentials rotated");
+        Ok(())
     }
 
     fn matching(&self, target: &Target) -> Vec<Arc<ConnEntry>> {
@@ -351,9 +364,8 @@ impl StreamState {
             .len()
             .saturating_sub(self.cfg.max_connections_per_partition);
         for old in live.iter().take(excess) {
-            old.control.order(Command::Evict(
-                "This stream has been disconnected because a new connection was made and the maximum number of connections has been reached".to_owned(),
-            ));
+            old.control
+                .order(Command::Close(Disconnect::ConnectionLimit));
             self.stats.lock().expect("stats lock").evictions += 1;
             tracing::info!(stream = %self.cfg.name, partition = old.partition, connection = old.id, "evicting oldest connection over the limit");
         }

@@ -8,13 +8,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem_core::time::{rfc3339_ms, unix_ms_now};
+use tandem_core::time::unix_ms_now;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep, sleep_until};
 
 use crate::corpus::Corpus;
 use crate::encode::Encoder;
-use crate::fault::{Command, Injection};
+use crate::fault::{Command, Disconnect, Injection};
+use crate::messages;
 use crate::state::{ConnEntry, ConnectionKind, Shared, StreamState};
 
 /// Lines per body chunk when catching up.
@@ -45,6 +46,9 @@ pub(crate) struct Writer {
     pub enc: Encoder,
     last_send: Instant,
     corrupt_next: bool,
+    /// Pre-encoded gzip data went around the encoder (corpus mode): its checksum would be
+    /// wrong, so the gzip stream is not finished on a clean close.
+    encoder_bypassed: bool,
     rng: fastrand::Rng,
 }
 
@@ -86,6 +90,7 @@ impl Writer {
             enc,
             last_send: Instant::now(),
             corrupt_next: false,
+            encoder_bypassed: false,
             rng: fastrand::Rng::with_seed(seed),
         }
     }
@@ -127,6 +132,23 @@ impl Writer {
             .await;
     }
 
+    /// Ends the body cleanly: an optional last line, the end of the gzip stream, then the
+    /// end of the response (the channel closes when the writer is dropped).
+    async fn close_with(&mut self, line: Option<&str>) {
+        let mut out = Vec::new();
+        if let Some(line) = line {
+            let mut plain = line.as_bytes().to_vec();
+            plain.extend_from_slice(b"\r\n");
+            self.enc.encode(&plain, &mut out);
+        }
+        if !self.encoder_bypassed {
+            self.enc.finish(&mut out);
+        }
+        if !out.is_empty() {
+            let _ = self.send_raw(out).await;
+        }
+    }
+
     fn fake_id(&mut self) -> u64 {
         // Far above any generated snowflake, so an injected line never collides with one.
         (1 << 62) | self.rng.u64(..1 << 60)
@@ -139,12 +161,10 @@ impl Writer {
                     self.abort().await;
                     return Flow::Stop;
                 }
-                Command::Evict(message) => {
-                    let line = format!(
-                        "{}\r\n",
-                        serde_json::json!({ "error": { "message": message } })
-                    );
-                    let _ = self.send_plain(line.as_bytes()).await;
+                Command::Close(why) => {
+                    let line = messages::disconnect_line(&self.stream.cfg.api, why);
+                    tracing::info!(stream = %self.stream.cfg.name, partition = self.entry.partition, connection = self.entry.id, reason = ?why, "simulator closing a connection");
+                    self.close_with(Some(line)).await;
                     return Flow::Stop;
                 }
                 Command::Inject(injection) => {
@@ -255,9 +275,9 @@ impl Writer {
                 unix_ms_now().saturating_sub(delay),
             );
             if read.fell_behind {
-                self.entry.control.order(Command::Evict(
-                    "This stream has been disconnected because the client fell behind the retained buffer".to_owned(),
-                ));
+                self.entry
+                    .control
+                    .order(Command::Close(Disconnect::FellBehind));
                 continue;
             }
             if !read.entries.is_empty() {
@@ -296,7 +316,8 @@ impl Writer {
         }
     }
 
-    /// Serves a recovery request: the range oldest first, then the completion message.
+    /// Serves a recovery request: the range oldest first, then (Gnip) the completion
+    /// message, and a clean end of the body.
     pub(crate) async fn run_recovery(mut self, start_ms: u64, end_ms: u64) {
         let stream = self.stream.clone();
         let Some(partition) = stream.partition(self.entry.partition) else {
@@ -353,14 +374,9 @@ impl Writer {
             }
             sleep(Duration::from_millis(50)).await;
         }
-        let done = format!(
-            "{{\"info\":{{\"message\":\"Recovery Request Completed\",\"sent\":\"{}\",\"activity_count\":{sent}}}}}\r\n",
-            rfc3339_ms(unix_ms_now())
-        );
-        let mut out = Vec::new();
-        self.enc.encode(done.as_bytes(), &mut out);
-        self.enc.finish(&mut out);
-        let _ = self.send_raw(out).await;
+        // Gnip announces the end; v2 only closes the stream.
+        let done = messages::recovery_completed(&stream.cfg.api, sent, unix_ms_now());
+        self.close_with(done.as_deref()).await;
         tracing::info!(stream = %stream.cfg.name, partition = self.entry.partition, sent, "recovery request completed");
     }
 
@@ -377,6 +393,7 @@ impl Writer {
             // A connection counts the corpus as sent chunk by chunk.
             let chunks = corpus.chunks(partition_no);
             let per_chunk = corpus.per_partition().div_ceil(chunks.len().max(1) as u64);
+            self.encoder_bypassed = true;
             let mut sent = 0u64;
             for chunk in chunks {
                 if self.obey_orders().await == Flow::Stop {
@@ -447,6 +464,11 @@ mod tests {
     fn live_writer(heartbeat_ms: u64) -> (Arc<StreamState>, Arc<ConnEntry>, Writer, BodyRx) {
         let mut cfg = StreamConfig::decahose("d", "acme", "user", "password");
         cfg.heartbeat_interval_ms = Some(heartbeat_ms);
+        writer_for(cfg)
+    }
+
+    /// A writer for a live connection on partition 1 of a fresh stream of `cfg`, and its body.
+    fn writer_for(cfg: StreamConfig) -> (Arc<StreamState>, Arc<ConnEntry>, Writer, BodyRx) {
         let shared = Arc::new(Shared::new(vec![cfg]));
         let stream = shared.streams[0].clone();
         let entry = Arc::new(ConnEntry {
@@ -493,6 +515,32 @@ mod tests {
                 (650, heartbeat),
             ]
         );
+    }
+
+    /// An idle X API v2 connection heartbeats every 20 s by default, a Gnip one every 10 s.
+    #[tokio::test(start_paused = true)]
+    async fn default_heartbeat_interval_per_api() {
+        for (cfg, every_ms) in [
+            (StreamConfig::v2_filtered("f", "token"), 20_000),
+            (StreamConfig::v2_sample10("s", "token"), 20_000),
+            (
+                StreamConfig::decahose("d", "acme", "user", "password"),
+                10_000,
+            ),
+        ] {
+            let start = Instant::now();
+            let (stream, _entry, writer, mut rx) = writer_for(cfg);
+            tokio::spawn(writer.run_live(stream.partitions[0].log.head()));
+            let mut at = Vec::new();
+            for _ in 0..3 {
+                assert_eq!(
+                    rx.recv().await.unwrap().unwrap(),
+                    Bytes::from_static(b"\r\n")
+                );
+                at.push(start.elapsed().as_millis());
+            }
+            assert_eq!(at, vec![every_ms, 2 * every_ms, 3 * every_ms]);
+        }
     }
 
     /// A throttled connection waits each write's size divided by the rate before making it.

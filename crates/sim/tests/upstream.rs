@@ -243,7 +243,8 @@ async fn backfill_replays_the_window_oldest_first() {
     assert_eq!(got, (1..=5).map(ActivityId::Post).collect::<Vec<_>>());
 }
 
-/// Recovery sends its range oldest first, then the completion message, and ends; job 3 gets 429.
+/// Recovery, on the recovery host, sends its range oldest first, then the completion
+/// message, and ends; job 3 gets 429.
 #[tokio::test]
 async fn recovery_completes_and_limits_jobs() {
     let sim = start(vec![fast_gnip("d", 300.0)]).await;
@@ -264,7 +265,7 @@ async fn recovery_completes_and_limits_jobs() {
         rfc3339_ms(start_ms),
         rfc3339_ms(end_ms)
     );
-    let mut s = Stream::open(&url(&sim, "d", &q), Auth::Basic(USER, PASS), true).await;
+    let mut s = Stream::open(&recovery_url(&sim, "d", &q), Auth::Basic(USER, PASS), true).await;
     assert_eq!(s.status, 200);
     let mut got = Vec::new();
     let info = within("the completion message", async {
@@ -305,9 +306,10 @@ async fn recovery_completes_and_limits_jobs() {
         rfc3339_ms(unix_ms_now() - 500),
         rfc3339_ms(unix_ms_now() + 600_000)
     );
-    let j1 = Stream::open(&url(&sim, "d", &future), Auth::Basic(USER, PASS), true).await;
-    let j2 = Stream::open(&url(&sim, "d", &future), Auth::Basic(USER, PASS), true).await;
-    let j3 = Stream::open(&url(&sim, "d", &future), Auth::Basic(USER, PASS), true).await;
+    let future = recovery_url(&sim, "d", &future);
+    let j1 = Stream::open(&future, Auth::Basic(USER, PASS), true).await;
+    let j2 = Stream::open(&future, Auth::Basic(USER, PASS), true).await;
+    let j3 = Stream::open(&future, Auth::Basic(USER, PASS), true).await;
     assert_eq!((j1.status, j2.status, j3.status), (200, 200, 429));
     assert!(j3.text.contains("recovery"), "{}", j3.text);
     drop((j1, j2));
@@ -322,14 +324,14 @@ async fn recovery_completes_and_limits_jobs() {
         }
     })
     .await;
-    let j4 = Stream::open(&url(&sim, "d", &future), Auth::Basic(USER, PASS), true).await;
+    let j4 = Stream::open(&future, Auth::Basic(USER, PASS), true).await;
     assert_eq!(j4.status, 200, "a finished job frees its slot");
     // Bad ranges.
     for q in [
         "partition=1&startTime=yesterday&endTime=today",
         "partition=1&startTime=2020-01-01T00:00:00Z&endTime=2020-01-01T01:00:00Z",
     ] {
-        let s = Stream::open(&url(&sim, "d", q), Auth::Basic(USER, PASS), true).await;
+        let s = Stream::open(&recovery_url(&sim, "d", q), Auth::Basic(USER, PASS), true).await;
         assert_eq!(s.status, 400, "{q}: {}", s.text);
     }
 }
@@ -733,7 +735,11 @@ async fn tls_with_generated_ca_and_pinned_ip() {
     let ca = dir.path().join("ca.pem");
     let sim = tandem_sim::Simulator::start(tandem_sim::SimConfig {
         tls: Some(tandem_sim::TlsConfig {
-            names: vec!["gnip-stream.test".into(), "127.0.0.1".into()],
+            names: vec![
+                "gnip-stream.test".into(),
+                "stream-data-api.test".into(),
+                "127.0.0.1".into(),
+            ],
             ca_file: ca.clone(),
         }),
         streams: vec![fast_gnip("d", 100.0)],
@@ -773,6 +779,19 @@ async fn tls_with_generated_ca_and_pinned_ip() {
             .await
             .is_err()
     );
+    // The recovery host speaks HTTPS with the same CA: a live request is refused there
+    // by the simulator (400), which means the handshake and the request went through.
+    assert!(sim.recovery_base_url().starts_with("https://"));
+    let recovery_client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .resolve("stream-data-api.test", sim.recovery_addr())
+        .build()
+        .unwrap();
+    let recovery =
+        recovery_url(&sim, "d", "partition=1").replace("127.0.0.1", "stream-data-api.test");
+    let s = Stream::open_with(&recovery_client, &recovery, Auth::Basic(USER, PASS), true).await;
+    assert_eq!(s.status, 400, "{}", s.text);
+    assert!(s.text.contains("recovery endpoint"), "{}", s.text);
 }
 
 /// Corpus mode sends the same pre-encoded, fresh-id activities on every connection of a partition.

@@ -1,6 +1,8 @@
 //! The `[sinks.<name>]` section: which kind of store, and its settings. A sink kind is
 //! one arm here and one module with its store and its `start`.
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 
 use crate::file::FileConfig;
@@ -39,11 +41,12 @@ impl SinkConfig {
         }
     }
 
-    /// The environment variable holding the sink's credential, if it takes one.
-    pub fn token_env(&self) -> Option<&str> {
+    /// Where the sink's credential comes from: the environment variable (`token_env`) and
+    /// the file (`token_file`) it names; both `None` when it takes none.
+    pub fn token_sources(&self) -> (Option<&str>, Option<&Path>) {
         match self {
-            SinkConfig::Nats(n) => n.token_env.as_deref(),
-            _ => None,
+            SinkConfig::Nats(n) => (n.token_env.as_deref(), n.token_file.as_deref()),
+            _ => (None, None),
         }
     }
 
@@ -57,7 +60,15 @@ impl SinkConfig {
                 if f.gzip { ", gzip" } else { "" }
             ),
             // Not the URL: it may carry credentials.
-            SinkConfig::Nats(n) => format!("nats, JetStream stream {}", n.stream),
+            SinkConfig::Nats(n) => format!(
+                "nats, JetStream stream {}{}",
+                n.stream,
+                match &n.tls_ca_file {
+                    Some(ca) => format!(", TLS trusting {}", ca.display()),
+                    None if n.tls_required() => ", TLS".to_owned(),
+                    None => String::new(),
+                }
+            ),
             other => other.kind().to_owned(),
         }
     }

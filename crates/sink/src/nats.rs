@@ -15,13 +15,21 @@
 //! [`StoredIds`] reads back, headers only, which activity ids the stream holds for a
 //! partition over an interval: gap repair skips those, so a zone that recovers an interval
 //! the other zone already stored, longer ago than the duplicate window, stores nothing twice.
+//!
+//! The connection presents the token the configuration resolved (`token_env` or
+//! `token_file`) and is TLS whenever a `tls://` URL, `tls_ca_file` or a client certificate
+//! asks for it, never falling back to clear text. A server that refuses tandem (its
+//! certificate does not verify, the token is wrong) is a fatal error at start; one that
+//! cannot be reached yet is waited for in the background.
 
 use std::collections::VecDeque;
 use std::future::{Future, IntoFuture};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishAckFuture, stream};
+use async_nats::rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use futures_util::FutureExt;
 use serde::{Deserialize, Serialize};
 use tandem_core::{ActivityId, Partition, StreamId, Unique, UniqueBatch};
@@ -32,7 +40,9 @@ use crate::store::{Ack, Store, StoreError, StreamNames};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsConfig {
-    /// NATS server URLs, comma-separated (`nats://nats-a:4222,nats://nats-b:4222`).
+    /// NATS server URLs, comma-separated (`nats://nats-a:4222,nats://nats-b:4222`). A
+    /// `tls://` URL requires TLS with every server; without `tls_ca_file` the system roots
+    /// verify their certificates.
     pub url: String,
     /// The JetStream stream (created if missing and `create_stream` is true).
     #[serde(default = "default_stream")]
@@ -59,9 +69,25 @@ pub struct NatsConfig {
     /// How long to wait for a publish acknowledgement before publishing again.
     #[serde(default = "default_ack_timeout_ms")]
     pub ack_timeout_ms: u64,
-    /// Environment variable holding a NATS token (optional).
+    /// Environment variable holding a NATS token (optional; not with `token_file`).
     #[serde(default)]
     pub token_env: Option<String>,
+    /// File holding a NATS token, trailing newline ignored (optional; not with
+    /// `token_env`): a systemd credential (`/run/credentials/<unit>/<name>`) or a mounted
+    /// Kubernetes Secret.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// PEM file of the CA certificates that sign the servers' certificates, trusted instead
+    /// of the system roots. Setting it requires TLS with every server, as `tls://` URLs do.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM file of a client certificate for servers that verify clients (with
+    /// `tls_key_file`; requires TLS).
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM file of the private key of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 fn default_stream() -> String {
@@ -100,7 +126,22 @@ impl NatsConfig {
             max_in_flight: default_in_flight(),
             ack_timeout_ms: default_ack_timeout_ms(),
             token_env: None,
+            token_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
+    }
+
+    /// Whether every connection must be TLS: a `tls://` URL, a CA or a client certificate
+    /// asks for it, and then no server is spoken to in clear.
+    pub fn tls_required(&self) -> bool {
+        self.tls_ca_file.is_some()
+            || self.tls_cert_file.is_some()
+            || self
+                .url
+                .split(',')
+                .any(|u| u.trim().to_ascii_lowercase().starts_with("tls://"))
     }
 
     /// Every problem, as (field, message). `dedup_window_secs` is the merger's window.
@@ -133,8 +174,63 @@ impl NatsConfig {
         if self.max_in_flight == 0 {
             out.push(("max_in_flight", "must be positive".to_owned()));
         }
+        out.extend(self.tls_problems());
         out
     }
+
+    /// The TLS files: readable PEM of the right kind, and a client certificate only with
+    /// its key. Read here so that `tandem check` finds them, not the first connection.
+    fn tls_problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => out.push((
+                "tls_key_file",
+                "missing: tls_cert_file needs the private key of the client certificate".to_owned(),
+            )),
+            (None, Some(_)) => out.push((
+                "tls_cert_file",
+                "missing: tls_key_file is the key of a client certificate; set both or neither"
+                    .to_owned(),
+            )),
+            _ => {}
+        }
+        for (field, path) in [
+            ("tls_ca_file", &self.tls_ca_file),
+            ("tls_cert_file", &self.tls_cert_file),
+        ] {
+            if let Some(path) = path
+                && let Err(message) = pem_certificates(path)
+            {
+                out.push((field, message));
+            }
+        }
+        if let Some(path) = &self.tls_key_file
+            && let Err(message) = pem_key(path)
+        {
+            out.push(("tls_key_file", message));
+        }
+        out
+    }
+}
+
+/// At least one PEM certificate in the file at `path`.
+fn pem_certificates(path: &Path) -> Result<(), String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(())
+}
+
+/// A PEM private key in the file at `path`.
+fn pem_key(path: &Path) -> Result<(), String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    PrivateKeyDer::from_pem_slice(&pem)
+        .map(drop)
+        .map_err(|e| format!("{} holds no PEM private key: {e}", path.display()))
 }
 
 /// Publishes one activity with its id as `Nats-Msg-Id`; returns the future of its ack.
@@ -215,39 +311,117 @@ fn err(message: impl std::fmt::Display) -> StoreError {
     StoreError::transient("nats", message.to_string())
 }
 
-/// A client of the configured servers.
-async fn client(cfg: &NatsConfig, token: Option<String>) -> Result<async_nats::Client, StoreError> {
-    // A server that is down at start is retried in the background: the sink starts,
-    // reports down and spools until it is reachable.
+/// How long one attempt to reach a server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connection options of `cfg`: the token and TLS settings.
+fn options(cfg: &NatsConfig, token: Option<String>) -> async_nats::ConnectOptions {
     let mut opts = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .retry_on_initial_connect()
+        .connection_timeout(CONNECT_TIMEOUT)
         .name("tandem");
     if let Some(t) = token {
         opts = opts.token(t);
     }
+    if cfg.tls_required() {
+        opts = opts.require_tls(true);
+    }
+    if let Some(ca) = &cfg.tls_ca_file {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    opts
+}
+
+/// A client of the configured servers.
+///
+/// A first attempt tells an unreachable server from one that refuses tandem: a certificate
+/// that does not verify or a token the server rejects would fail every retry the same way,
+/// so it is a fatal error naming the cause instead of a sink that stays down in silence.
+/// A server that cannot be reached is retried in the background: the sink starts, reports
+/// down and spools until it is reachable.
+async fn client(cfg: &NatsConfig, token: Option<String>) -> Result<async_nats::Client, StoreError> {
+    let url = tandem_core::redact_url(&cfg.url);
     let servers: Vec<async_nats::ServerAddr> = cfg
         .url
         .split(',')
         .map(|u| u.trim().parse::<async_nats::ServerAddr>())
         .collect::<Result<_, _>>()
-        .map_err(|e| {
-            let url = tandem_core::redact_url(&cfg.url);
-            StoreError::fatal("nats", format!("url {url:?}: {e}"))
-        })?;
-    tokio::time::timeout(Duration::from_secs(10), opts.connect(servers))
+        .map_err(|e| StoreError::fatal("nats", format!("url {url:?}: {e}")))?;
+    let first = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        options(cfg, token.clone()).connect(servers.clone()),
+    )
+    .await;
+    match first {
+        Ok(Ok(client)) => return Ok(client),
+        Ok(Err(e)) => {
+            let why = tandem_core::redact_url(&e.to_string());
+            if let Some(refusal) = refusal(&e) {
+                return Err(StoreError::fatal(
+                    "nats",
+                    format!("{url} refused the connection: {why} ({refusal})"),
+                ));
+            }
+            tracing::debug!(url = %url, error = %why, "first connection attempt failed");
+        }
+        Err(_) => tracing::debug!(url = %url, "first connection attempt timed out"),
+    }
+    options(cfg, token)
+        .retry_on_initial_connect()
+        .connect(servers)
         .await
-        .map_err(|_| {
-            err(format!(
-                "cannot reach {} within 10 s",
-                tandem_core::redact_url(&cfg.url)
-            ))
-        })?
         .map_err(|e| {
-            let url = tandem_core::redact_url(&cfg.url);
             let e = tandem_core::redact_url(&e.to_string());
             err(format!("cannot connect to {url}: {e}"))
         })
+}
+
+/// What to check when the server refused the connection for a reason that retrying does
+/// not change (TLS verification, the token), or `None` when it was not refused.
+fn refusal(e: &async_nats::ConnectError) -> Option<&'static str> {
+    use async_nats::ConnectErrorKind as Kind;
+    use async_nats::rustls::Error as Tls;
+    match e.kind() {
+        Kind::AuthorizationViolation | Kind::Authentication => {
+            Some("the server does not accept the token: check token_env or token_file")
+        }
+        Kind::Tls => Some("the TLS settings cannot be used: check the tls_* files"),
+        // A failed TLS handshake arrives as an I/O error that wraps the rustls error.
+        Kind::Io => match tls_cause(e)? {
+            Tls::InvalidCertificate(_) => Some(
+                "the server's certificate does not verify: tls_ca_file must hold the CA that signed it, and the URL's host must be a name on it",
+            ),
+            Tls::AlertReceived(_) => Some(
+                "the server refused the TLS handshake: does it require a client certificate (tls_cert_file, tls_key_file)?",
+            ),
+            _ => Some("TLS handshake failed: does the server speak TLS on this port?"),
+        },
+        _ => None,
+    }
+}
+
+/// The rustls error among `e`'s causes.
+fn tls_cause<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a async_nats::rustls::Error> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(tls) = c.downcast_ref::<async_nats::rustls::Error>() {
+            return Some(tls);
+        }
+        // `io::Error::source` skips the error it wraps: look inside.
+        if let Some(tls) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .and_then(|inner| inner.downcast_ref::<async_nats::rustls::Error>())
+        {
+            return Some(tls);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// Reads back which activities the JetStream stream holds for a stream partition: in a pair of

@@ -27,7 +27,7 @@ pub struct SinkContext {
     pub tallies: HashMap<(StreamId, Partition), Arc<Tally>>,
     /// Ids stored since then (Unix ms) are remembered by the mergers after a restart.
     pub remember_since_ms: u64,
-    /// The credential the configuration names (`token_env`), resolved.
+    /// The credential the configuration names (`token_env` or `token_file`), resolved.
     pub token: Option<Secret>,
 }
 

@@ -1,4 +1,6 @@
-//! File store and sink driver.
+//! File store and sink driver; the JetStream store over TLS with a token, against a real
+//! `nats-server` (installed by `scripts/setup-test-deps`; missing is a failure, never a
+//! skip) on an ephemeral loopback port.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -683,4 +685,414 @@ async fn stored_spool_batches_are_skipped_without_delay() {
         *written.lock().unwrap(),
         (190..200).map(ActivityId::Post).collect::<Vec<_>>()
     );
+}
+
+// ---------------------------------------------------------------------------- NATS over TLS
+
+/// A CA, a server certificate for `localhost` and 127.0.0.1 signed by it, and a token,
+/// written as PEM and text files like a mounted Secret.
+struct TlsFiles {
+    dir: tempfile::TempDir,
+}
+
+impl TlsFiles {
+    const TOKEN: &'static str = "planted-nats-token-7f3a";
+
+    fn generate() -> TlsFiles {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "tandem test NATS CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "tandem test NATS");
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+        // A Secret file or a systemd credential ends with a newline more often than not.
+        std::fs::write(dir.path().join("token"), format!("{}\n", TlsFiles::TOKEN)).unwrap();
+        TlsFiles { dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A `nats-server -js` on an ephemeral loopback port, killed on drop.
+struct NatsServer {
+    child: std::process::Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server with `settings` (nats-server configuration) added to its own.
+    async fn start(settings: &str) -> NatsServer {
+        NatsServer::start_on(free_port(), settings).await
+    }
+
+    /// Starts a server on `port`.
+    async fn start_on(port: u16, settings: &str) -> NatsServer {
+        let binary = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"].map(Into::into))
+            .map(|d: std::path::PathBuf| d.join("nats-server"))
+            .find(|p| p.is_file())
+            .expect("nats-server not found: run scripts/setup-test-deps");
+        let store = tempfile::tempdir().unwrap();
+        let conf = store.path().join("nats-server.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n{settings}\n",
+                store.path().join("js").display().to_string()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(store.path().join("nats-server.log")).unwrap();
+        let child = std::process::Command::new(binary)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server starts");
+        let server = NatsServer {
+            child,
+            port,
+            dir: store,
+        };
+        // Up to 30 s: a loaded machine starts it slowly.
+        for _ in 0..600 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("nats-server did not open port {port}: {}", server.log());
+    }
+
+    /// A server on `port` that requires TLS with the certificate of `tls` and the token.
+    async fn with_tls_on(port: u16, tls: &TlsFiles) -> NatsServer {
+        NatsServer::start_on(
+            port,
+            &format!(
+                "tls {{ cert_file: {:?}, key_file: {:?}, timeout: 5 }}\n\
+             authorization {{ token: {:?} }}",
+                tls.path("tls.crt").display().to_string(),
+                tls.path("tls.key").display().to_string(),
+                TlsFiles::TOKEN,
+            ),
+        )
+        .await
+    }
+
+    async fn with_tls(tls: &TlsFiles) -> NatsServer {
+        NatsServer::with_tls_on(free_port(), tls).await
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A sink configuration for `url`, with a short duplicate window for a test stream.
+fn nats_config(url: &str) -> NatsConfig {
+    let mut cfg = NatsConfig::new(url);
+    cfg.duplicate_window_secs = 120;
+    cfg
+}
+
+/// Connects, bounded so that a connection that neither succeeds nor fails is a failure
+/// of the test (the bound is generous: it only turns a hang into a message).
+async fn connect(cfg: NatsConfig, token: Option<&str>) -> Result<NatsStore, StoreError> {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        NatsStore::connect(cfg, names(), token.map(str::to_owned)),
+    )
+    .await
+    .expect("connecting ends with a store or an error, never hangs")
+}
+
+/// The token as tandem-config resolves `token_file`: the file without its line ending.
+fn token_from_file(tls: &TlsFiles) -> String {
+    std::fs::read_to_string(tls.path("token"))
+        .unwrap()
+        .trim_end_matches(['\n', '\r'])
+        .to_owned()
+}
+
+/// Over TLS (a `nats://` URL, made TLS by `tls_ca_file`) with the token from its file,
+/// activities are stored and acknowledged, and the stream holds exactly them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_over_tls_with_a_token_stores_and_acknowledges() {
+    let tls = TlsFiles::generate();
+    let server = NatsServer::with_tls(&tls).await;
+    let mut cfg = nats_config(&format!("nats://127.0.0.1:{}", server.port));
+    cfg.tls_ca_file = Some(tls.path("ca.crt"));
+    assert!(cfg.tls_required(), "a CA file requires TLS");
+    assert!(cfg.problems(60).is_empty(), "{:?}", cfg.problems(60));
+    let token = token_from_file(&tls);
+    let mut store = connect(cfg, Some(&token))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", server.log()));
+    store.put(&batch(1, 0..40)).await.unwrap();
+    store.put(&batch(2, 40..50)).await.unwrap();
+    let acks = store.acks(true).await.unwrap();
+    let mut acked: Vec<ActivityId> = acks.iter().flat_map(|a| a.ids.clone()).collect();
+    acked.sort();
+    let want: Vec<ActivityId> = (0..50).map(ActivityId::Post).collect();
+    assert_eq!(acked, want, "every activity acknowledged once");
+    assert_eq!(acks.iter().map(|a| a.duplicates).sum::<usize>(), 0);
+    assert_eq!(store.unacknowledged(), 0);
+    let held = store
+        .stored_ids()
+        .between("decahose", 1, 0, u64::MAX / 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        held,
+        (0..40).map(ActivityId::Post).collect(),
+        "partition 1 holds what was stored on it"
+    );
+}
+
+/// A server that is not up yet is no refusal: the sink starts down and stores once the
+/// server (with TLS and the token) is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_down_at_start_is_waited_for_over_tls() {
+    let tls = TlsFiles::generate();
+    let port = free_port();
+    let mut cfg = nats_config(&format!("tls://localhost:{port}"));
+    cfg.tls_ca_file = Some(tls.path("ca.crt"));
+    let token = token_from_file(&tls);
+    let mut store = connect(cfg, Some(&token))
+        .await
+        .expect("nothing listens yet: the sink starts down");
+    assert!(store.put(&batch(1, 0..10)).await.is_err(), "down for now");
+    let server = NatsServer::with_tls_on(port, &tls).await;
+    let mut put = Err(None);
+    for _ in 0..600 {
+        match store.put(&batch(1, 0..10)).await {
+            Ok(()) => {
+                put = Ok(());
+                break;
+            }
+            Err(e) => put = Err(Some(e)),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    put.unwrap_or_else(|e| panic!("{e:?}\n{}", server.log()));
+    let acked: usize = store
+        .acks(true)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.ids.len())
+        .sum();
+    assert_eq!(acked, 10);
+}
+
+/// A `tls://` URL with a client certificate: the server verifies it, and the store works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_presented_when_the_server_verifies_clients() {
+    use rcgen::{CertificateParams, DnType, KeyPair};
+    let tls = TlsFiles::generate();
+    // A client certificate signed by a CA of its own, which the server trusts for clients.
+    let client_ca_key = KeyPair::generate().unwrap();
+    let mut client_ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client_ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let client_ca_cert = client_ca.self_signed(&client_ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(client_ca, client_ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "tandem-zone-a");
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(tls.path("clients-ca.crt"), client_ca_cert.pem()).unwrap();
+    std::fs::write(tls.path("client.crt"), cert.pem()).unwrap();
+    std::fs::write(tls.path("client.key"), key.serialize_pem()).unwrap();
+    let server = NatsServer::start(&format!(
+        "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true, timeout: 5 }}",
+        tls.path("tls.crt").display().to_string(),
+        tls.path("tls.key").display().to_string(),
+        tls.path("clients-ca.crt").display().to_string(),
+    ))
+    .await;
+    let mut cfg = nats_config(&format!("tls://localhost:{}", server.port));
+    cfg.tls_ca_file = Some(tls.path("ca.crt"));
+    let refused = connect(cfg.clone(), None)
+        .await
+        .expect_err("no client certificate");
+    println!("no client certificate: {refused}");
+    assert_eq!(refused.class, ErrorClass::Fatal, "{refused}");
+    assert!(refused.to_string().contains("tls_cert_file"), "{refused}");
+    cfg.tls_cert_file = Some(tls.path("client.crt"));
+    cfg.tls_key_file = Some(tls.path("client.key"));
+    assert!(cfg.problems(60).is_empty(), "{:?}", cfg.problems(60));
+    let mut store = connect(cfg, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", server.log()));
+    store.put(&batch(1, 0..5)).await.unwrap();
+    let acked: usize = store
+        .acks(true)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.ids.len())
+        .sum();
+    assert_eq!(acked, 5);
+}
+
+/// A client that does not trust the server's CA, or brings the wrong token, is refused at
+/// once with a fatal error that says what to check and prints no token; it does not start
+/// a sink that stays down in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_the_ca_or_with_the_wrong_token_is_refused_clearly() {
+    let tls = TlsFiles::generate();
+    let server = NatsServer::with_tls(&tls).await;
+    let token = token_from_file(&tls);
+
+    // The system roots do not know the test CA.
+    let without_ca = nats_config(&format!("tls://127.0.0.1:{}", server.port));
+    let e = connect(without_ca, Some(&token))
+        .await
+        .expect_err("the server's certificate does not verify");
+    let text = e.to_string();
+    println!("without the CA: {text}");
+    assert_eq!(e.class, ErrorClass::Fatal, "{text}");
+    assert!(
+        text.contains("refused") && text.contains("tls_ca_file"),
+        "{text}"
+    );
+    assert!(!text.contains(&token), "{text}");
+
+    // Another CA than the one that signed the server's certificate.
+    let other = TlsFiles::generate();
+    let mut wrong_ca = nats_config(&format!("tls://127.0.0.1:{}", server.port));
+    wrong_ca.tls_ca_file = Some(other.path("ca.crt"));
+    let e = connect(wrong_ca, Some(&token)).await.expect_err("wrong CA");
+    println!("another CA: {e}");
+    assert_eq!(e.class, ErrorClass::Fatal, "{e}");
+
+    // The right CA, the wrong token.
+    let mut cfg = nats_config(&format!("tls://127.0.0.1:{}", server.port));
+    cfg.tls_ca_file = Some(tls.path("ca.crt"));
+    let e = connect(cfg.clone(), Some("not-the-token"))
+        .await
+        .expect_err("the token is wrong");
+    let text = e.to_string();
+    println!("wrong token: {text}");
+    assert_eq!(e.class, ErrorClass::Fatal, "{text}");
+    assert!(text.contains("token_file"), "{text}");
+    assert!(
+        !text.contains("not-the-token") && !text.contains(&token),
+        "{text}"
+    );
+    let e = connect(cfg, None).await.expect_err("no token at all");
+    println!("no token: {e}");
+    assert_eq!(e.class, ErrorClass::Fatal, "{e}");
+}
+
+/// With `tls_ca_file` set, a server that does not speak TLS never gets the token in clear:
+/// the connection is refused rather than downgraded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_settings_never_fall_back_to_plain_text() {
+    let tls = TlsFiles::generate();
+    let plain = NatsServer::start("").await;
+    let mut cfg = nats_config(&format!("nats://127.0.0.1:{}", plain.port));
+    cfg.tls_ca_file = Some(tls.path("ca.crt"));
+    let e = connect(cfg, Some(TlsFiles::TOKEN))
+        .await
+        .expect_err("no TLS, no connection");
+    println!("plain-text server: {e}");
+    assert_eq!(e.class, ErrorClass::Fatal, "{e}");
+    assert!(e.to_string().contains("speak TLS"), "{e}");
+}
+
+/// Missing, unreadable or wrong TLS files and a certificate without its key are
+/// configuration problems named by field, found before any connection.
+#[test]
+fn tls_files_are_checked_by_field() {
+    let tls = TlsFiles::generate();
+    let fields = |cfg: &NatsConfig| -> Vec<(&'static str, String)> { cfg.problems(60) };
+    let mut cfg = nats_config("tls://nats:4222");
+    cfg.tls_ca_file = Some(tls.path("missing.crt"));
+    let found = fields(&cfg);
+    assert!(
+        found
+            .iter()
+            .any(|(f, m)| *f == "tls_ca_file" && m.contains("cannot read")),
+        "{found:?}"
+    );
+    cfg.tls_ca_file = Some(tls.path("token"));
+    let found = fields(&cfg);
+    assert!(
+        found
+            .iter()
+            .any(|(f, m)| *f == "tls_ca_file" && m.contains("no PEM certificate")),
+        "{found:?}"
+    );
+    assert!(
+        !found.iter().any(|(_, m)| m.contains(TlsFiles::TOKEN)),
+        "{found:?}"
+    );
+    cfg.tls_ca_file = Some(tls.path("ca.crt"));
+    cfg.tls_cert_file = Some(tls.path("tls.crt"));
+    assert_eq!(
+        fields(&cfg)[0].0,
+        "tls_key_file",
+        "a certificate without its key"
+    );
+    cfg.tls_key_file = Some(tls.path("ca.crt"));
+    let found = fields(&cfg);
+    assert!(
+        found
+            .iter()
+            .any(|(f, m)| *f == "tls_key_file" && m.contains("no PEM private key")),
+        "{found:?}"
+    );
+    cfg.tls_key_file = Some(tls.path("tls.key"));
+    assert!(fields(&cfg).is_empty(), "{:?}", fields(&cfg));
+    cfg.tls_cert_file = None;
+    assert_eq!(
+        fields(&cfg)[0].0,
+        "tls_cert_file",
+        "a key without its certificate"
+    );
+    let plain = nats_config("nats://nats:4222");
+    assert!(!plain.tls_required());
+    assert!(nats_config("nats://a:4222, TLS://b:4222").tls_required());
 }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tandem_conn::{ApiKind, Auth, ConnKey, Endpoint, LivenessConfig, ReadConfig, RetryConfig};
 use tandem_core::ids::snowflake;
-use tandem_core::{Batch, LineKind, Origin, PathId, Secret, StreamId};
+use tandem_core::{Batch, LineKind, Origin, PathId, Secret, SecretSource, StreamId};
 use tandem_sim::{Fault, RateProfile, SimConfig, Simulator, StreamConfig};
 use tokio::sync::Semaphore;
 
@@ -38,7 +38,7 @@ fn config() -> RepairConfig {
         ledger_dir: PathBuf::new(),
         chunk_secs: 60,
         margin_secs: 10,
-        retention_secs: 24 * 3_600,
+        retention_secs: Some(24 * 3_600),
         max_jobs_per_account: 2,
         ledger_flush_ms: 50,
     }
@@ -69,7 +69,7 @@ enum Upstream {
 impl Upstream {
     fn sim(sim: &Simulator, slots: &Arc<Semaphore>) -> Upstream {
         Upstream::Sim {
-            url: sim.stream_url(STREAM).expect("the stream is served"),
+            url: sim.recovery_url(STREAM).expect("the stream is served"),
             slots: slots.clone(),
         }
     }
@@ -91,7 +91,7 @@ struct Around {
 fn spec(
     (url, slots): (String, Arc<Semaphore>),
     partition: Partition,
-    tally: &Arc<Tally>,
+    (tally, liveness): (&Arc<Tally>, &Arc<PartitionLiveness>),
     out: mpsc::Sender<Batch>,
 ) -> RecoverySpec {
     tandem_conn::install_crypto_provider();
@@ -107,18 +107,22 @@ fn spec(
             path: PathId(RECOVERY_LANE),
         },
         endpoint: Endpoint {
+            recovery_url: url.clone(),
             url,
             api: ApiKind::Gnip,
             partitioned: true,
             auth: Auth::Basic {
                 username: USER.to_owned(),
-                password: Secret::new(PASSWORD),
+                password: SecretSource::Value(Secret::new(PASSWORD)),
             },
         },
-        client: reqwest::Client::builder()
-            .http1_only()
-            .build()
-            .expect("an http client"),
+        clients: vec![
+            reqwest::Client::builder()
+                .http1_only()
+                .build()
+                .expect("an http client"),
+        ],
+        partition: liveness.clone(),
         retry: RetryConfig {
             max_retries: Some(0),
             ..RetryConfig::default()
@@ -153,10 +157,11 @@ fn parts(
         }
         Upstream::Sim { url, slots } => Some((url, slots)),
     }
-    .map(|target| Arc::new(spec(target, partition, &tally, out)));
+    .map(|target| Arc::new(spec(target, partition, (&tally, &liveness), out)));
     let repair = PartitionRepair {
         stream: STREAM.into(),
         partition,
+        api: ApiKind::Gnip,
         config,
         ledger_path: ledger_path.clone(),
         ledger,
@@ -426,7 +431,7 @@ async fn adjacent_gap_onto_a_received_chunk_is_recovered_too() {
 #[tokio::test]
 async fn gap_older_than_retention_is_unrecoverable() {
     let config = RepairConfig {
-        retention_secs: 3_600,
+        retention_secs: Some(3_600),
         ..config()
     };
     let mut b = bench(config, Upstream::Busy);
@@ -450,7 +455,7 @@ async fn gap_older_than_retention_is_unrecoverable() {
 #[tokio::test]
 async fn gap_reaching_past_retention_is_split() {
     let config = RepairConfig {
-        retention_secs: 3_600,
+        retention_secs: Some(3_600),
         ..config()
     };
     let mut b = bench(config, Upstream::Busy);

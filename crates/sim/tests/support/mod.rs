@@ -205,3 +205,23 @@ pub fn id_of(line: &[u8]) -> tandem_core::ActivityId {
 pub fn url(sim: &Simulator, stream: &str, query: &str) -> String {
     format!("{}?{query}", sim.stream_url(stream).unwrap())
 }
+
+/// The recovery URL of a stream (the Gnip recovery host, or the v2 live endpoint) with a
+/// query.
+pub fn recovery_url(sim: &Simulator, stream: &str, query: &str) -> String {
+    format!("{}?{query}", sim.recovery_url(stream).unwrap())
+}
+
+/// A recovery query for `[start_ms, end_ms)` in the API's spelling.
+pub fn range_query(v2: bool, start_ms: u64, end_ms: u64) -> String {
+    let (start, end) = if v2 {
+        ("start_time", "end_time")
+    } else {
+        ("startTime", "endTime")
+    };
+    format!(
+        "{start}={}&{end}={}",
+        tandem_core::time::rfc3339_ms(start_ms),
+        tandem_core::time::rfc3339_ms(end_ms)
+    )
+}
