@@ -91,7 +91,7 @@ pub struct RetryConfig {
 }
 
 /// How a connection notices that it is dead while its socket still looks open.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LivenessConfig {
     /// The upstream's heartbeat interval; absent: the API's documented one (Gnip 10 s,
@@ -106,6 +106,15 @@ pub struct LivenessConfig {
     /// same partition did is stale and is reconnected (data silence).
     #[serde(default = "default_data_silence_ms")]
     pub data_silence_ms: u64,
+    /// With no sibling path in this process (one path per process), a connection whose
+    /// partition ran at least `silence_min_rate_per_sec` is stale once silent for this
+    /// many times its average gap between activities (and at least `data_silence_ms`).
+    #[serde(default = "default_silence_rate_multiple")]
+    pub silence_rate_multiple: f64,
+    /// Below this many activities per second the partition's rate is too thin to judge
+    /// silence by.
+    #[serde(default = "default_silence_min_rate")]
+    pub silence_min_rate_per_sec: f64,
     /// Socket read timeout (the HTTP client's own). Must exceed 30 s for Gnip; the
     /// heartbeat and silence checks above detect trouble much sooner.
     #[serde(default = "default_read_timeout_ms")]
@@ -120,6 +129,12 @@ pub struct LivenessConfig {
     pub max_clock_skew_ms: u64,
 }
 
+fn default_silence_rate_multiple() -> f64 {
+    100.0
+}
+fn default_silence_min_rate() -> f64 {
+    1.0
+}
 fn default_max_clock_skew_ms() -> u64 {
     5_000
 }
@@ -242,6 +257,8 @@ impl Default for LivenessConfig {
             heartbeat_interval_ms: None,
             heartbeat_margin_ms: default_heartbeat_margin_ms(),
             data_silence_ms: default_data_silence_ms(),
+            silence_rate_multiple: default_silence_rate_multiple(),
+            silence_min_rate_per_sec: default_silence_min_rate(),
             read_timeout_ms: default_read_timeout_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
             max_clock_skew_ms: default_max_clock_skew_ms(),
@@ -365,6 +382,18 @@ impl LivenessConfig {
         }
         if self.data_silence_ms == 0 {
             out.push(invalid("data_silence_ms", "must be positive"));
+        }
+        if !(self.silence_rate_multiple.is_finite() && self.silence_rate_multiple >= 1.0) {
+            out.push(invalid(
+                "silence_rate_multiple",
+                "must be a number of at least 1",
+            ));
+        }
+        if !(self.silence_min_rate_per_sec.is_finite() && self.silence_min_rate_per_sec > 0.0) {
+            out.push(invalid(
+                "silence_min_rate_per_sec",
+                "must be a positive number",
+            ));
         }
         if gnip && self.read_timeout_ms <= 30_000 {
             out.push(invalid(

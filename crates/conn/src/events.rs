@@ -23,6 +23,12 @@ pub enum StaleReason {
     HeartbeatGap,
     /// No activity while a sibling path kept delivering.
     DataSilence,
+    /// No activity while the pair's other consumer received newer activities of the
+    /// partition (its progress beacon is the evidence).
+    PeerAhead,
+    /// No activity for far longer than the partition's own rate makes likely, with no
+    /// sibling in this process to judge against (one path per process).
+    RateSilence,
 }
 
 impl StaleReason {
@@ -30,8 +36,17 @@ impl StaleReason {
         match self {
             StaleReason::HeartbeatGap => "heartbeat_gap",
             StaleReason::DataSilence => "data_silence",
+            StaleReason::PeerAhead => "peer_ahead",
+            StaleReason::RateSilence => "rate_silence",
         }
     }
+
+    pub const ALL: [StaleReason; 4] = [
+        StaleReason::HeartbeatGap,
+        StaleReason::DataSilence,
+        StaleReason::PeerAhead,
+        StaleReason::RateSilence,
+    ];
 }
 
 /// A lifecycle event.

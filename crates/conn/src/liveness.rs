@@ -36,6 +36,9 @@ struct State {
     paths: Vec<PathState>,
     /// Content time up to which the partition is known complete; 0 = unknown.
     complete_until_ms: u64,
+    /// The latest activity (content time) the pair's other consumer reported for this
+    /// partition, and when its report arrived here.
+    peer: Option<(u64, Instant)>,
 }
 
 impl State {
@@ -74,6 +77,7 @@ impl PartitionLiveness {
             state: Mutex::new(State {
                 paths: vec![PathState::default(); paths],
                 complete_until_ms: 0,
+                peer: None,
             }),
             clock_offset_ms: std::sync::atomic::AtomicI64::new(0),
             origin_ms: std::sync::atomic::AtomicU64::new(0),
@@ -110,6 +114,11 @@ impl PartitionLiveness {
             self.state.lock().expect("liveness lock").complete_until_ms = ms;
         }
         self
+    }
+
+    /// How many paths the partition has in this process.
+    pub fn paths(&self) -> usize {
+        self.state.lock().expect("liveness lock").paths.len()
     }
 
     pub fn live_count(&self) -> usize {
@@ -217,6 +226,30 @@ impl PartitionLiveness {
                 && p.last_activity
                     .is_some_and(|t| t >= mine + std::time::Duration::from_millis(lead_ms))
         })
+    }
+
+    /// The pair's other consumer reports the latest activity it received of this partition
+    /// (content time); `None`: there is no peer, or it went quiet.
+    pub fn set_peer_latest(&self, latest_ms: Option<u64>) {
+        let mut st = self.state.lock().expect("liveness lock");
+        st.peer = latest_ms.map(|ms| (ms, Instant::now()));
+    }
+
+    /// How far (ms of content time) the peer's latest activity is ahead of `path`'s, when
+    /// it is ahead by more than `lead_ms` and its report is younger than `fresh`: the
+    /// evidence that `path`'s silence is its own fault.
+    pub fn peer_ahead(&self, path: usize, lead_ms: u64, fresh: std::time::Duration) -> Option<u64> {
+        let st = self.state.lock().expect("liveness lock");
+        let (peer_ms, at) = st.peer?;
+        let mine = st.paths[path].latest_ms;
+        let lead = peer_ms.saturating_sub(mine);
+        (at.elapsed() <= fresh && mine > 0 && lead > lead_ms).then_some(lead)
+    }
+
+    /// The latest activity (content time) any path of this partition received; 0: none.
+    pub fn latest_ms(&self) -> u64 {
+        let st = self.state.lock().expect("liveness lock");
+        st.paths.iter().map(|p| p.latest_ms).max().unwrap_or(0)
     }
 
     /// Where a connection of `path` about to connect at `now_ms` must replay from (content
@@ -333,6 +366,28 @@ mod tests {
             None,
             "no history, no hole"
         );
+    }
+
+    /// The peer's report counts only while fresh and ahead by more than the lead.
+    #[tokio::test(start_paused = true)]
+    async fn peer_judgement() {
+        let p = PartitionLiveness::new(1);
+        p.set_live(0, 1_000);
+        p.note_activity(0, Instant::now(), Some(2_000));
+        let fresh = Duration::from_secs(3);
+        assert_eq!(p.peer_ahead(0, 1_000, fresh), None, "no peer");
+        p.set_peer_latest(Some(2_500));
+        assert_eq!(p.peer_ahead(0, 1_000, fresh), None, "within the lead");
+        p.set_peer_latest(Some(5_000));
+        assert_eq!(p.peer_ahead(0, 1_000, fresh), Some(3_000));
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(
+            p.peer_ahead(0, 1_000, fresh),
+            None,
+            "a stale report proves nothing"
+        );
+        p.set_peer_latest(None);
+        assert_eq!(p.peer_ahead(0, 1_000, fresh), None);
     }
 
     /// A silent path is judged against a live sibling that kept delivering.

@@ -76,7 +76,7 @@ impl Meters {
                 metrics::counter!(m::DISCONNECTS, l).increment(0)
             });
         }
-        for reason in [StaleReason::HeartbeatGap, StaleReason::DataSilence] {
+        for reason in StaleReason::ALL {
             self.with(m::REASON, reason.label(), |l| {
                 metrics::counter!(m::STALE_CONNECTIONS, l).increment(0)
             });
@@ -132,7 +132,17 @@ pub(crate) struct Runner {
     state: watch::Sender<ConnSnapshot>,
     meters: Meters,
     connections: u64,
+    /// Activities per second on this path, averaged over about half a minute (kept across
+    /// reconnects), and the seconds of activity it was measured over.
+    rate: f64,
+    rate_secs: f64,
 }
+
+/// How long the pair's other consumer's report of a partition counts as current.
+const PEER_REPORT_FRESH: Duration = Duration::from_secs(3);
+
+/// The time constant of a path's activity rate (seconds).
+const RATE_TIME_CONSTANT_SECS: f64 = 30.0;
 
 /// What a connect asks the upstream to replay.
 #[derive(Debug, Clone, Copy)]
@@ -158,6 +168,9 @@ struct Reading {
     oversize_seen: u64,
     /// The last `{"error":…}` line: why the upstream is about to close.
     last_error_line: Option<String>,
+    /// The lines counted towards the path's rate since it was last updated.
+    rate_items: u64,
+    rate_at: Instant,
     /// Counted since the last snapshot.
     items: u64,
     heartbeats: u64,
@@ -186,6 +199,8 @@ impl Runner {
             state,
             meters,
             connections: 0,
+            rate: 0.0,
+            rate_secs: 0.0,
         }
     }
 
@@ -434,6 +449,8 @@ impl Runner {
             seq: 0,
             oversize_seen: 0,
             last_error_line: None,
+            rate_items: 0,
+            rate_at: started,
             items: 0,
             heartbeats: 0,
             bytes: 0,
@@ -508,6 +525,7 @@ impl Runner {
         let spec = &self.spec;
         let n = lines.len() as u64;
         r.items += n;
+        r.rate_items += n;
         self.meters.raw.increment(n);
         Tally::add(&spec.tally.raw, n);
         r.last_activity = now;
@@ -553,9 +571,10 @@ impl Runner {
 
     /// The watchdog: heartbeat gap and data silence. `Some` when the stream must end.
     fn on_tick(&mut self, r: &mut Reading) -> Option<Ended> {
+        let now = Instant::now();
+        self.update_rate(r, now);
         let liveness = &self.spec.liveness;
         let quiet_limit = liveness.quiet_limit(self.spec.endpoint.api);
-        let now = Instant::now();
         let quiet = now.duration_since(r.last_byte);
         let silent = now.duration_since(r.last_activity);
         self.meters.heartbeat_gap.set(quiet.as_secs_f64());
@@ -567,6 +586,31 @@ impl Runner {
         }
         let silence = Duration::from_millis(liveness.data_silence_ms);
         let lead_ms = liveness.data_silence_ms / 2;
+        if silent >= silence
+            && let Some(lead) =
+                self.spec
+                    .partition
+                    .peer_ahead(r.path, liveness.data_silence_ms, PEER_REPORT_FRESH)
+        {
+            self.stale(StaleReason::PeerAhead, silent);
+            let why = format!(
+                "no activity for {:.1} s while the pair's other consumer received activities {:.1} s newer",
+                silent.as_secs_f64(),
+                lead as f64 / 1000.0
+            );
+            return Some(Ended::Error(StreamError::new(ErrorKind::Timeout, why)));
+        }
+        if let Some(limit) = self.rate_silence_limit()
+            && silent >= limit
+        {
+            self.stale(StaleReason::RateSilence, silent);
+            let why = format!(
+                "no activity for {:.1} s on a partition averaging {:.1} activities/s (rate silence)",
+                silent.as_secs_f64(),
+                self.rate
+            );
+            return Some(Ended::Error(StreamError::new(ErrorKind::Timeout, why)));
+        }
         if silent >= silence
             && self
                 .spec
@@ -585,6 +629,36 @@ impl Runner {
             self.publish_counts(r);
         }
         None
+    }
+
+    /// Folds the lines counted since the last update into the path's rate: an average
+    /// over about half a minute (over all the time so far, at first). A silence leaves the
+    /// rate as it was, so that the silence is judged by the rate before it.
+    fn update_rate(&mut self, r: &mut Reading, now: Instant) {
+        let dt = now.duration_since(r.rate_at).as_secs_f64();
+        if dt < 0.1 {
+            return;
+        }
+        r.rate_at = now;
+        let n = std::mem::take(&mut r.rate_items);
+        if n == 0 {
+            return;
+        }
+        self.rate_secs += dt;
+        let alpha = (1.0 - (-dt / RATE_TIME_CONSTANT_SECS).exp()).max(dt / self.rate_secs);
+        self.rate += alpha * (n as f64 / dt - self.rate);
+    }
+
+    /// How long a silence the connection's own rate makes unlikely, when it has no sibling
+    /// path in this process to be judged against and its rate is high enough to judge.
+    fn rate_silence_limit(&self) -> Option<Duration> {
+        let liveness = &self.spec.liveness;
+        if self.spec.partition.paths() > 1 || self.rate < liveness.silence_min_rate_per_sec {
+            return None;
+        }
+        let secs = (liveness.silence_rate_multiple / self.rate)
+            .max(liveness.data_silence_ms as f64 / 1000.0);
+        Some(Duration::from_secs_f64(secs))
     }
 
     fn stale(&self, reason: StaleReason, silent_for: Duration) {

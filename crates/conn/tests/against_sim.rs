@@ -69,6 +69,8 @@ fn fast_liveness() -> LivenessConfig {
 /// A stream's connections (`paths` per partition) feeding one channel per partition.
 struct Harness {
     conns: Vec<Connection>,
+    /// Each partition's shared liveness (a test plays the pair's other consumer here).
+    partitions: Vec<Arc<PartitionLiveness>>,
     batches: Vec<mpsc::Receiver<Batch>>,
     events: mpsc::UnboundedReceiver<ConnEvent>,
     shutdown: watch::Sender<bool>,
@@ -114,10 +116,12 @@ fn spawn(sim: &Simulator, setup: Setup) -> Harness {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut conns = Vec::new();
     let mut batches = Vec::new();
+    let mut partitions = Vec::new();
     for partition in 1..=setup.partitions {
         let (tx, rx) = mpsc::channel(1024);
         batches.push(rx);
         let liveness = Arc::new(PartitionLiveness::new(setup.paths.len()));
+        partitions.push(liveness.clone());
         for (i, ip) in setup.paths.iter().enumerate() {
             let path = PathConfig {
                 name: format!("p{i}"),
@@ -175,6 +179,7 @@ fn spawn(sim: &Simulator, setup: Setup) -> Harness {
     }
     Harness {
         conns,
+        partitions,
         batches,
         events,
         shutdown,
@@ -625,6 +630,93 @@ async fn heartbeats_without_data_is_data_silence() {
         "detected after {detected:?} (threshold 1 s)"
     );
     println!("data silence detected after {detected:?} (threshold 1 s)");
+    h.stop().await;
+}
+
+/// One path per process (a zone of the pair): heartbeats but no activities on a partition
+/// that ran 200/s is stale by its own rate, with no sibling to judge against.
+#[tokio::test]
+async fn single_path_silence_is_judged_by_the_partitions_rate() {
+    let sim = start(sim_stream(200.0)).await;
+    let mut h = spawn(
+        &sim,
+        Setup {
+            paths: vec!["127.0.0.2"],
+            ..Setup::default()
+        },
+    );
+    h.wait_event(Duration::from_secs(5), |e| {
+        matches!(e, ConnEvent::Connected { .. })
+    })
+    .await;
+    // A few seconds of its rate first (the average builds up over time).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sim.fault(Fault::HeartbeatsOnly {
+        target: Target::default(),
+    })
+    .unwrap();
+    let ev = h
+        .wait_event(Duration::from_secs(10), |e| {
+            matches!(e, ConnEvent::Stale { .. })
+        })
+        .await;
+    assert!(
+        matches!(ev, ConnEvent::Stale { reason: StaleReason::RateSilence, silent_for, .. } if silent_for >= Duration::from_secs(1)),
+        "{ev:?}"
+    );
+    h.stop().await;
+}
+
+/// One path per process, the pair's other consumer reporting newer activities of the
+/// partition while this path gets heartbeats only: stale on the peer's evidence.
+#[tokio::test]
+async fn single_path_silence_is_judged_against_the_peer() {
+    let sim = start(sim_stream(200.0)).await;
+    let mut h = spawn(
+        &sim,
+        Setup {
+            paths: vec!["127.0.0.2"],
+            liveness: LivenessConfig {
+                // Rate silence out of the way: only the peer's evidence can decide.
+                silence_min_rate_per_sec: 1e9,
+                ..fast_liveness()
+            },
+            ..Setup::default()
+        },
+    );
+    h.wait_event(Duration::from_secs(5), |e| {
+        matches!(e, ConnEvent::Connected { .. })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The peer's beacon: the latest activity it received is always "now".
+    let partition = h.partitions[0].clone();
+    let beacon = tokio::spawn(async move {
+        loop {
+            partition.set_peer_latest(Some(partition.upstream_now_ms()));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    sim.fault(Fault::HeartbeatsOnly {
+        target: Target::default(),
+    })
+    .unwrap();
+    let ev = h
+        .wait_event(Duration::from_secs(10), |e| {
+            matches!(e, ConnEvent::Stale { .. })
+        })
+        .await;
+    beacon.abort();
+    assert!(
+        matches!(
+            ev,
+            ConnEvent::Stale {
+                reason: StaleReason::PeerAhead,
+                ..
+            }
+        ),
+        "{ev:?}"
+    );
     h.stop().await;
 }
 
