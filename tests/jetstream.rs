@@ -234,6 +234,101 @@ async fn zone_back_after_the_duplicate_window_stores_nothing_twice() {
     assert_eq!(all.len(), distinct, "no message stored twice");
 }
 
+/// A pair, one path per zone, coordinated through the NATS server they store to: zone b
+/// away for three backfill windows while zone a stays live. Zone b's gap is one zone a
+/// stored, so it is closed as `covered_by_peer` and the upstream sees no recovery request
+/// at all; the store holds every activity once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pair_zone_away_past_backfill_needs_no_recovery() {
+    let store = tempfile::tempdir().unwrap();
+    let nats =
+        NatsServer::start(store.path()).expect("nats-server (scripts/setup-test-deps installs it)");
+    let url = nats.url();
+    // One-second "minutes": backfill reaches 5 s.
+    let (h, dir) = harness(|c| {
+        c.nats_url = Some(url.clone());
+        c.paths = vec![Some([127, 0, 0, 2].into())];
+        c.pair_consumer = Some("zone-a".to_owned());
+        c.stream = "pair-away".to_owned();
+    })
+    .await;
+    let zone_b_dir = dir.path().join("zone-b");
+    let zone_b_paths = vec![Some([127, 0, 0, 3].into())];
+    let zone_b = h
+        .another_consumer(zone_b_dir.clone(), zone_b_paths.clone())
+        .await
+        .expect("zone b starts");
+    // Each zone sees the other's reports.
+    let sees_peer = |s: &tandem_monitor::Status| {
+        s.pair_coordinated == Some(true)
+            && s.streams
+                .iter()
+                .flat_map(|st| &st.partitions)
+                .all(|p| p.peer.is_some())
+    };
+    assert!(
+        h.wait(Duration::from_secs(20), sees_peer).await,
+        "zone a sees zone b: coordinated {:?} ({:?}), peers {:?}",
+        h.status().pair_coordinated,
+        h.status().alerts,
+        h.status()
+            .streams
+            .iter()
+            .flat_map(|st| &st.partitions)
+            .map(|p| p.peer.clone())
+            .collect::<Vec<_>>()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    zone_b.shutdown().await;
+    // Away for three backfill windows; zone a stores everything meanwhile.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let zone_b = h
+        .another_consumer(zone_b_dir, zone_b_paths)
+        .await
+        .expect("zone b starts again");
+    let closed = |s: &tandem_monitor::Status| {
+        let gaps: Vec<_> = s
+            .streams
+            .iter()
+            .flat_map(|st| &st.partitions)
+            .flat_map(|p| &p.repair_gaps)
+            .collect();
+        gaps.len() == 2
+            && gaps
+                .iter()
+                .all(|g| g.state == tandem_core::GapState::Repaired)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !closed(&zone_b.status()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "zone b closed a gap per partition: {:?}",
+            zone_b
+                .status()
+                .streams
+                .iter()
+                .flat_map(|st| &st.partitions)
+                .map(|p| &p.repair_gaps)
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stats = h.sim.stats(&h.cfg.stream).unwrap();
+    assert_eq!(stats.recovery_jobs, 0, "no recovery request: {stats:?}");
+    let by_peer = tandem_e2e::metric_sum(
+        "tandem_gaps_repaired_total",
+        &[("stream", "pair-away"), ("kind", "covered_by_peer")],
+    );
+    assert_eq!(by_peer, 2.0, "both of zone b's gaps closed by the peer");
+    let v = h.finish(Duration::from_secs(30)).await;
+    zone_b.shutdown().await;
+    judge("pair: zone b away 3 windows", &v, None, None);
+    let ids = stored_ids(&url, "TANDEM").await.unwrap();
+    let all: Vec<ActivityId> = ids.values().flatten().copied().collect();
+    let distinct = all.iter().collect::<HashSet<_>>().len();
+    assert_eq!(all.len(), distinct, "no message stored twice");
+}
+
 /// The read-back gap repair uses: exactly the ids published in the asked interval, of the
 /// asked partition, whatever kind of activity they are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

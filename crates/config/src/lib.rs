@@ -16,6 +16,8 @@ pub mod load;
 pub mod plan;
 pub mod schema;
 
-pub use load::{Loaded, Problem, Problems, load, load_file, parse, resolve_auth, validate};
+pub use load::{
+    Loaded, Problem, Problems, load, load_file, pair_sink, parse, resolve_auth, validate,
+};
 pub use plan::plan;
 pub use schema::{ApiConfig, AuthConfig, Config, SinkConfig, StreamConfig};

@@ -447,7 +447,34 @@ fn validate_stream_url(s: &StreamConfig, field: &str, url: &str, at: &str, out: 
             "more than one '?': join query parameters with '&'",
         ));
     }
+    if url.contains('#') {
+        out.push(problem(
+            format!("{at}.{field}"),
+            "a '#' fragment would swallow the parameters tandem adds: remove it",
+        ));
+    }
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        if TANDEM_PARAMETERS.contains(&key) {
+            out.push(problem(
+                format!("{at}.{field}"),
+                format!("the URL sets {key:?}, which tandem sets on each request: remove it"),
+            ));
+        }
+    }
 }
+
+/// The query parameters tandem sets on each request (partition, backfill, recovery range).
+const TANDEM_PARAMETERS: [&str; 7] = [
+    "partition",
+    "backfillMinutes",
+    "backfill_minutes",
+    "startTime",
+    "endTime",
+    "start_time",
+    "end_time",
+];
 
 /// The recovery endpoint: required where the API serves recovery on its own host (Gnip,
 /// except likes streams, which have no recovery), checked like the live URL.
@@ -456,6 +483,12 @@ fn validate_recovery_url(c: &Config, s: &StreamConfig, at: &str, out: &mut Vec<P
         Some(url) => {
             validate_stream_url(s, "recovery_url", url, at, out);
             validate_plain_http(c, s, "recovery_url", url, at, out);
+            if s.api == ApiConfig::Gnip && url == &s.url {
+                out.push(problem(
+                    format!("{at}.recovery_url"),
+                    "the live URL: Gnip serves recovery on its own host and path (see your account's recovery endpoint)",
+                ));
+            }
         }
         None if s.api == ApiConfig::Gnip && !s.likes => out.push(problem(
             format!("{at}.recovery_url"),
@@ -625,6 +658,34 @@ fn validate_sections(c: &Config, out: &mut Vec<Problem>) {
     nest(out, "monitor", c.monitor.problems());
     nest(out, "delivery", c.delivery.problems());
     nest(out, "repair", c.repair.problems());
+    if let Some(pair) = &c.pair {
+        nest(out, "pair", pair.problems());
+        if let Err(message) = pair_sink(c) {
+            out.push(problem("pair.sink", message));
+        }
+    }
+}
+
+/// The NATS sink whose connection the pair's coordination uses: `pair.sink`, or the only
+/// NATS sink there is.
+pub fn pair_sink(c: &Config) -> Result<String, String> {
+    let nats: Vec<&String> = (c.sinks.iter())
+        .filter(|(_, s)| s.kind() == "nats")
+        .map(|(name, _)| name)
+        .collect();
+    match c.pair.as_ref().and_then(|p| p.sink.as_ref()) {
+        Some(name) if nats.contains(&name) => Ok(name.clone()),
+        Some(name) => Err(format!(
+            "{name:?} is not a NATS sink: the pair coordinates through the NATS cluster it shares"
+        )),
+        None => match nats[..] {
+            [one] => Ok(one.clone()),
+            [] => Err(
+                "a pair coordinates through NATS: add a [sinks.<name>] of kind \"nats\"".to_owned(),
+            ),
+            _ => Err("several NATS sinks: name the one whose connection the pair uses".to_owned()),
+        },
+    }
 }
 
 /// Invariant 1 (DESIGN.md): the dedup window must outlast a backfill plus the delays

@@ -9,6 +9,7 @@ use tandem_conn::{
 };
 use tandem_merge::MergeConfig;
 use tandem_monitor::MonitorConfig;
+use tandem_pair::PairConfig;
 use tandem_repair::RepairConfig;
 use tandem_sink::DriverConfig;
 pub use tandem_sink::SinkConfig;
@@ -38,6 +39,10 @@ pub struct Config {
     /// The coverage ledger and recovery of gaps longer than backfill reaches.
     #[serde(default)]
     pub repair: RepairConfig,
+    /// This consumer as one of a pair in two zones, coordinated through the NATS cluster
+    /// they share (`[pair]`): shared liveness, coverage, recovery jobs and connect budget.
+    #[serde(default)]
+    pub pair: Option<PairConfig>,
 }
 
 /// Which upstream API a stream speaks.

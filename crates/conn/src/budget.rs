@@ -6,9 +6,15 @@
 //! minute admits about 19 requests in one 60 s window. So the budget remembers the time of
 //! each grant and admits a request only while fewer than the limit fall inside the window.
 //! A partition with no live connection is served before partitions that still have one.
+//!
+//! A pair of consumers in two zones shares the upstream's budget: each grant also takes one
+//! of the pair's requests ([`SharedBudget`]); while the pair cannot be asked (coordination
+//! lost), each consumer keeps to a static half of the limit.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -22,6 +28,22 @@ pub struct ConnectBudget {
     window: Duration,
     state: Mutex<State>,
     changed: Notify,
+    shared: std::sync::OnceLock<Shared>,
+}
+
+/// The connection requests of a stream, counted across the pair of consumers.
+pub trait SharedBudget: Send + Sync + std::fmt::Debug {
+    /// Waits for one of the pair's requests (`urgent`: the caller's partition has no live
+    /// connection, and goes first); `false` when the pair cannot be asked.
+    fn take(&self, urgent: bool) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+}
+
+/// The pair's budget and this consumer's static share of the limit, for when the pair
+/// cannot be asked.
+#[derive(Debug)]
+struct Shared {
+    pair: Arc<dyn SharedBudget>,
+    share: Box<ConnectBudget>,
 }
 
 #[derive(Debug)]
@@ -52,7 +74,21 @@ impl ConnectBudget {
                 rng: fastrand::Rng::new(),
             }),
             changed: Notify::new(),
+            shared: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Counts every grant against the pair's budget too; while the pair cannot be asked,
+    /// grants keep within half of this budget's limit (the static share of two zones).
+    pub fn share_with(&self, pair: Arc<dyn SharedBudget>) {
+        let share = ConnectBudget::new(&BudgetConfig {
+            requests: (self.limit / 2).max(1) as u32,
+            window_ms: self.window.as_millis() as u64,
+        });
+        let _ = self.shared.set(Shared {
+            pair,
+            share: Box::new(share),
+        });
     }
 
     /// Requests still allowed in the current window.
@@ -84,6 +120,16 @@ impl ConnectBudget {
     /// Waits until a connection request may be sent. `urgent`: the caller's partition has
     /// no live connection, so it goes before callers whose partition still has one.
     pub async fn acquire(&self, urgent: bool) {
+        self.acquire_here(urgent).await;
+        if let Some(shared) = self.shared.get()
+            && !shared.pair.take(urgent).await
+        {
+            shared.share.acquire_here(urgent).await;
+        }
+    }
+
+    /// The grant of this process's own window.
+    async fn acquire_here(&self, urgent: bool) {
         let _guard = urgent.then(|| {
             self.state.lock().expect("budget lock").urgent_waiting += 1;
             UrgentGuard(self)
@@ -196,6 +242,43 @@ mod tests {
         urgent.await.unwrap();
         assert_eq!(*order.lock().unwrap(), vec!["urgent", "normal"]);
         assert_eq!(b.remaining(), 0);
+    }
+
+    /// The pair's budget, played by a test: grants `left` requests, then says it cannot
+    /// be asked.
+    #[derive(Debug)]
+    struct PairBudget {
+        left: Mutex<u32>,
+    }
+
+    impl SharedBudget for PairBudget {
+        fn take(&self, _urgent: bool) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+            Box::pin(async move {
+                let mut left = self.left.lock().unwrap();
+                let ok = *left > 0;
+                *left = left.saturating_sub(1);
+                ok
+            })
+        }
+    }
+
+    /// With the pair reachable its budget decides; once it cannot be asked, this consumer
+    /// keeps to half of its limit per window.
+    #[tokio::test(start_paused = true)]
+    async fn pair_budget_then_static_share() {
+        let b = budget(10, 60_000);
+        b.share_with(Arc::new(PairBudget {
+            left: Mutex::new(3),
+        }));
+        let start = Instant::now();
+        for _ in 0..8 {
+            b.acquire(false).await;
+        }
+        // 3 through the pair, then 5 within the static share of the first window.
+        assert_eq!(Instant::now(), start, "8 grants in the first window");
+        tokio::time::timeout(Duration::from_secs(30), b.acquire(false))
+            .await
+            .expect_err("the static share (5) is spent for this window");
     }
 
     /// A cancelled urgent wait does not block the others forever.

@@ -36,7 +36,7 @@ pub mod policy;
 pub mod reader;
 mod runner;
 
-pub use budget::ConnectBudget;
+pub use budget::{ConnectBudget, SharedBudget};
 pub use client::{TlsSettings, build_client, install_crypto_provider, path_clients};
 pub use config::{
     BackfillConfig, BackfillPolicy, BudgetConfig, LivenessConfig, PathConfig, ReadConfig,

@@ -68,7 +68,11 @@ impl ReconnectPolicy {
             self.network = 0;
             self.http = 0;
             self.rate_limited = 0;
-            self.refused = 0;
+            // Evictions in a row keep doubling however long each connection lived: two
+            // consumers taking one slot from each other back off instead of trading it.
+            if err.kind != ErrorKind::Evicted {
+                self.refused = 0;
+            }
         }
         if err.status == Some(503) {
             self.first_503.get_or_insert(now);
@@ -293,11 +297,13 @@ mod tests {
         let now = Instant::now();
         let evicted = StreamError::new(ErrorKind::Evicted, "a newer connection");
         let mut p = ReconnectPolicy::new(no_jitter(), 1);
-        let d = p.decide(&evicted, Some(Duration::from_secs(3600)), now);
-        assert!(
-            matches!(d, Decision::Retry { delay, .. } if delay == Duration::from_secs(120)),
-            "{d:?}"
-        );
+        for want in [120, 240, 480] {
+            let d = p.decide(&evicted, Some(Duration::from_secs(3600)), now);
+            assert!(
+                matches!(d, Decision::Retry { delay, .. } if delay == Duration::from_secs(want)),
+                "evictions in a row keep doubling: {d:?}"
+            );
+        }
         let op = StreamError::new(ErrorKind::Operational, "operational-disconnect");
         let mut p = ReconnectPolicy::new(no_jitter(), 1);
         let d = p.decide(&op, Some(Duration::from_millis(10)), now);

@@ -62,6 +62,9 @@ pub enum AlertName {
     /// A coverage gap cannot be repaired (likes streams, older than the upstream's
     /// recovery retention, or refused): its activities are missing from the store.
     GapUnrecoverable,
+    /// The pair's coordination bucket cannot be reached: this consumer works alone, with
+    /// a static share of the connect budget and recovery jobs.
+    PairCoordinationLost,
 }
 
 impl AlertName {
@@ -78,6 +81,7 @@ impl AlertName {
             AlertName::DedupHorizonWeakened => "dedup_horizon_weakened",
             AlertName::SinkDown => "sink_down",
             AlertName::GapUnrecoverable => "gap_unrecoverable",
+            AlertName::PairCoordinationLost => "pair_coordination_lost",
         }
     }
 
@@ -93,14 +97,15 @@ impl AlertName {
             | AlertName::ConnectionStale
             | AlertName::UpstreamRateLimited
             | AlertName::StoredRateDrop
-            | AlertName::DedupHorizonWeakened => Severity::Warning,
+            | AlertName::DedupHorizonWeakened
+            | AlertName::PairCoordinationLost => Severity::Warning,
         }
     }
 }
 
 impl AlertName {
     /// Every alert, for registering their series at zero.
-    pub const ALL: [AlertName; 11] = [
+    pub const ALL: [AlertName; 12] = [
         AlertName::PartitionDown,
         AlertName::PartitionImbalance,
         AlertName::ConnectionStale,
@@ -112,6 +117,7 @@ impl AlertName {
         AlertName::DedupHorizonWeakened,
         AlertName::SinkDown,
         AlertName::GapUnrecoverable,
+        AlertName::PairCoordinationLost,
     ];
 }
 

@@ -56,4 +56,8 @@ pub struct MonitorInputs {
     /// The merger's dedup window (a weakened horizon heals after one window without
     /// early evictions).
     pub dedup_window: Duration,
+    /// The pair's coordination, when this consumer is one of a pair: `/status` shows the
+    /// peer's view of each partition, and `pair_coordination_lost` fires while the bucket
+    /// cannot be reached.
+    pub pair: Option<tandem_pair::Pair>,
 }

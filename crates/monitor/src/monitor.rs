@@ -69,10 +69,12 @@ pub fn spawn(cfg: MonitorConfig, inputs: MonitorInputs) -> MonitorHandle {
         conn_events,
         merge_events,
         dedup_window,
+        pair,
     } = inputs;
     let rate_limited_after = cfg.rate_limited_after;
     let monitor = Monitor {
         cfg,
+        pair,
         streams,
         sinks,
         concerns: Concerns {
@@ -95,6 +97,7 @@ pub fn spawn(cfg: MonitorConfig, inputs: MonitorInputs) -> MonitorHandle {
 
 struct Monitor {
     cfg: MonitorConfig,
+    pair: Option<tandem_pair::Pair>,
     streams: Vec<StreamView>,
     sinks: Vec<SinkView>,
     concerns: Concerns,
@@ -189,12 +192,13 @@ impl Monitor {
     /// One tick: judges every stream, then every sink, and publishes the status.
     fn evaluate(&mut self, now: Instant) {
         let now_ms = unix_ms_now();
-        let (cfg, concerns) = (&self.cfg, &mut self.concerns);
+        let (cfg, concerns, pair) = (&self.cfg, &mut self.concerns, self.pair.as_ref());
         let streams = self
             .streams
             .iter()
-            .map(|s| concerns.stream(cfg, s, now, now_ms))
+            .map(|s| concerns.stream(cfg, s, pair, now, now_ms))
             .collect();
+        let pair_coordinated = pair.map(|p| concerns.pair(cfg, p, now));
         let sinks = self.sinks.iter().map(|k| concerns.sink(k, now)).collect();
         let mut status = Status {
             at_ms: now_ms,
@@ -202,6 +206,7 @@ impl Monitor {
             sinks,
             alerts: concerns.alerts.alerts().active(),
             resolved_alerts: concerns.alerts.alerts().recent(),
+            pair_coordinated,
             ..Status::default()
         };
         status.judge_readiness();
@@ -216,10 +221,33 @@ impl Concerns {
         self.events.on_conn_event(&mut self.alerts, ev, now);
     }
 
+    /// `pair_coordination_lost`: the bucket unreachable for longer than a partition may be
+    /// down. Returns whether the pair is coordinated now.
+    fn pair(&mut self, cfg: &MonitorConfig, pair: &tandem_pair::Pair, now: Instant) -> bool {
+        let state = pair.state().borrow().clone();
+        self.alerts.observe(
+            key(
+                AlertName::PairCoordinationLost,
+                pair.consumer_id(),
+                None,
+                None,
+            ),
+            !state.coordinated,
+            Duration::from_secs_f64(cfg.partition_down_pending_secs),
+            || {
+                let why = state.last_error.clone().unwrap_or_default();
+                format!("the pair's coordination bucket cannot be reached: {why}")
+            },
+            now,
+        );
+        state.coordinated
+    }
+
     fn stream(
         &mut self,
         cfg: &MonitorConfig,
         stream: &StreamView,
+        pair: Option<&tandem_pair::Pair>,
         now: Instant,
         now_ms: u64,
     ) -> StreamStatus {
@@ -233,7 +261,9 @@ impl Concerns {
                     now,
                     now_ms,
                 };
-                self.partition(cfg, &tick, stream.configured_per_partition, p)
+                let mut status = self.partition(cfg, &tick, stream.configured_per_partition, p);
+                status.peer = pair.and_then(|pair| peer_status(pair, &stream.name, p.partition));
+                status
             })
             .collect();
         let stored = partitions.iter().map(|p| p.counts.stored).sum();
@@ -290,6 +320,7 @@ impl Concerns {
                 .collect(),
             coverage_gaps,
             repair_gaps,
+            peer: None,
         }
     }
 
@@ -309,4 +340,22 @@ impl Concerns {
             alive,
         }
     }
+}
+
+/// The freshest report of the pair's other consumer on a partition.
+fn peer_status(
+    pair: &tandem_pair::Pair,
+    stream: &Arc<str>,
+    partition: Partition,
+) -> Option<crate::status::PeerStatus> {
+    let id = tandem_pair::PartitionId::new(stream.clone(), partition);
+    let p = pair.peers(&id).into_iter().min_by_key(|p| p.age)?;
+    Some(crate::status::PeerStatus {
+        consumer: p.consumer,
+        latest_ms: p.progress.latest_ms,
+        stored_until_ms: p.progress.stored_until_ms,
+        live_connections: p.progress.live,
+        open_gaps: p.progress.open_gaps,
+        age_secs: p.age.as_secs_f64(),
+    })
 }

@@ -99,6 +99,21 @@ pub struct PartitionStatus {
     pub coverage_gaps: Vec<CoverageGap>,
     /// Gaps beyond backfill and their repair.
     pub repair_gaps: Vec<GapView>,
+    /// The pair's other consumer's latest report of this partition.
+    pub peer: Option<PeerStatus>,
+}
+
+/// What the pair's other consumer reported of a partition.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub consumer: String,
+    /// Content time of its latest activity, and up to which it stored the partition.
+    pub latest_ms: u64,
+    pub stored_until_ms: u64,
+    pub live_connections: usize,
+    pub open_gaps: Vec<(u64, u64)>,
+    /// Seconds since its report arrived.
+    pub age_secs: f64,
 }
 
 /// Status of one stream.
@@ -126,6 +141,8 @@ pub struct Status {
     pub sinks: Vec<SinkStatus>,
     pub alerts: Vec<AlertView>,
     pub resolved_alerts: Vec<Resolved>,
+    /// Whether the pair's coordination bucket is reachable (`None`: not one of a pair).
+    pub pair_coordinated: Option<bool>,
     /// Ready: every partition has a live connection and every sink writes.
     pub ready: bool,
     pub not_ready_because: Vec<String>,

@@ -88,6 +88,7 @@ fn fixture() -> Fixture {
             conn_events: conn_rx,
             merge_events: merge_rx,
             dedup_window: Duration::from_secs(900),
+            pair: None,
         },
     );
     let transitions = handle.transitions.subscribe();

@@ -44,6 +44,7 @@ async fn ticks_continue_after_event_channels_close() {
             conn_events: conn_rx,
             merge_events: merge_rx,
             dedup_window: Duration::from_secs(900),
+            pair: None,
         },
     );
     drop(conn_events);

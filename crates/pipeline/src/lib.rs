@@ -17,9 +17,13 @@
 //! - `sinks`: every routed sink, started from its configuration.
 //! - `streams`: per stream clients and budget; per partition shard, repair, connections.
 //! - `events`: the fan-out of connection events.
+//! - `pair`: the pair's coordination adapted into each stage (shared connect budget,
+//!   leased recovery jobs, the peer's coverage and latest activity) and this consumer's
+//!   progress reports.
 
 mod events;
 mod ledgers;
+mod pair;
 mod sinks;
 mod streams;
 
@@ -122,6 +126,8 @@ impl Pipeline {
         let (conn_events_tx, conn_events_rx) = mpsc::unbounded_channel::<ConnEvent>();
         let (merge_events_tx, merge_events_rx) = mpsc::unbounded_channel::<MergeEvent>();
         let mut running = streams::Running::default();
+        let probes = pair::Probes::default();
+        let pair = start_pair(&config, &sink_tokens, &probes, &shutdown_rx)?;
         let mut wiring = streams::Wiring {
             config: &config,
             auth: &auth,
@@ -133,8 +139,11 @@ impl Pipeline {
             conn_events: conn_events_tx,
             merge_events: merge_events_tx,
             recovery_jobs: HashMap::new(),
+            pair: pair.clone(),
+            probes,
         };
         streams::start(&mut wiring, &mut running)?;
+        running.pair = pair;
         drop(wiring);
         drop(sinks.tx);
         let events = (conn_events_rx, merge_events_rx);
@@ -248,6 +257,7 @@ fn observe(
             conn_events: monitor_rx,
             merge_events,
             dedup_window: Duration::from_secs(config.merge.dedup_window_secs),
+            pair: running.pair.clone(),
         },
     );
     if let Some(url) = &config.monitor.webhook_url {
@@ -324,4 +334,50 @@ impl tandem_repair::StoredIdsSince for StoreIds {
                 .map_err(Into::into)
         })
     }
+}
+
+/// Starts the pair's coordination when the configuration has a `[pair]`: through the
+/// connection of its NATS sink, reporting every partition this consumer reads. The
+/// connections learn the peer's latest activity every beacon.
+fn start_pair(
+    config: &tandem_config::Config,
+    sink_tokens: &std::collections::BTreeMap<String, tandem_core::Secret>,
+    probes: &pair::Probes,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<Option<tandem_pair::Pair>, StartError> {
+    let Some(cfg) = config.pair.clone() else {
+        return Ok(None);
+    };
+    let sink_error = |message: String| StartError::Sink {
+        sink: "pair".to_owned(),
+        message,
+    };
+    let name = tandem_config::pair_sink(config).map_err(sink_error)?;
+    let Some(tandem_config::SinkConfig::Nats(nats)) = config.sinks.get(&name) else {
+        return Err(sink_error(format!("{name:?} is not a NATS sink")));
+    };
+    let partitions = (config.streams.iter())
+        .flat_map(|s| {
+            ledgers::partitions(s)
+                .into_iter()
+                .map(move |p| tandem_pair::PartitionId::new(s.name.as_str(), p))
+        })
+        .collect();
+    let token = sink_tokens.get(&name).map(|t| t.expose().to_owned());
+    let every = Duration::from_millis(cfg.beacon_ms.max(100));
+    let pair = tandem_pair::Pair::start(
+        cfg,
+        nats.clone(),
+        token,
+        partitions,
+        pair::local_progress(probes),
+        shutdown.clone(),
+    );
+    tokio::spawn(pair::relay_peer_latest(
+        pair.clone(),
+        probes.clone(),
+        every,
+        shutdown.clone(),
+    ));
+    Ok(Some(pair))
 }

@@ -35,6 +35,10 @@ pub(crate) struct Wiring<'a> {
     pub merge_events: mpsc::UnboundedSender<MergeEvent>,
     /// The recovery jobs of each account (the upstream runs 2 at once).
     pub recovery_jobs: HashMap<String, Arc<Semaphore>>,
+    /// The pair's coordination, when this consumer is one of a pair.
+    pub pair: Option<tandem_pair::Pair>,
+    /// What each partition reports to the pair.
+    pub probes: crate::pair::Probes,
 }
 
 /// What the streams' tasks are, for the monitor and shutdown.
@@ -47,6 +51,8 @@ pub(crate) struct Running {
     pub repair_events: HashMap<(Arc<str>, Partition), mpsc::UnboundedSender<ConnEvent>>,
     pub views: Vec<StreamView>,
     pub tallies: Vec<(Arc<str>, Partition, Arc<Tally>)>,
+    /// The pair's coordination, for the monitor.
+    pub pair: Option<tandem_pair::Pair>,
 }
 
 /// One stream's shared parts, handed to each of its partitions.
@@ -57,7 +63,7 @@ struct Stream {
     clients: Vec<reqwest::Client>,
     path_names: Vec<Arc<str>>,
     budget: Arc<ConnectBudget>,
-    jobs: Arc<Semaphore>,
+    jobs: Arc<dyn tandem_repair::JobSlots>,
     sink: mpsc::Sender<tandem_core::UniqueBatch>,
 }
 
@@ -117,11 +123,29 @@ fn stream(w: &mut Wiring<'_>, i: usize, s: &StreamConfig) -> Result<Stream, Star
         auth: w.auth[i].clone(),
     };
     let max_jobs = w.config.repair.max_jobs_per_account;
-    let jobs = w
+    let local_jobs = w
         .recovery_jobs
         .entry(endpoint.account())
         .or_insert_with(|| Arc::new(Semaphore::new(max_jobs)))
         .clone();
+    let jobs: Arc<dyn tandem_repair::JobSlots> = match &w.pair {
+        Some(pair) => Arc::new(crate::pair::PairJobs::new(
+            pair.clone(),
+            endpoint.account(),
+            local_jobs,
+            max_jobs,
+        )),
+        None => Arc::new(tandem_repair::LocalJobs(local_jobs)),
+    };
+    let budget = Arc::new(ConnectBudget::new(&s.budget));
+    if let Some(pair) = &w.pair {
+        budget.share_with(Arc::new(crate::pair::PairBudget {
+            pair: pair.clone(),
+            stream: Arc::from(s.name.as_str()),
+            limit: s.budget.requests as usize,
+            window: std::time::Duration::from_millis(s.budget.window_ms),
+        }));
+    }
     let sink = w
         .sinks
         .tx
@@ -138,7 +162,7 @@ fn stream(w: &mut Wiring<'_>, i: usize, s: &StreamConfig) -> Result<Stream, Star
             .iter()
             .map(|p| Arc::<str>::from(p.as_str()))
             .collect(),
-        budget: Arc::new(ConnectBudget::new(&s.budget)),
+        budget,
         jobs,
         sink,
     })
@@ -212,11 +236,27 @@ fn partition(
             control: control_tx,
             recovery,
             stored,
+            peer: w.pair.as_ref().map(|pair| {
+                Arc::new(crate::pair::PairPeer {
+                    pair: pair.clone(),
+                    id: tandem_pair::PartitionId::new(stream.name.clone(), p),
+                    started: Instant::now(),
+                }) as Arc<dyn tandem_repair::PeerCoverage>
+            }),
         },
         events_rx,
         w.shutdown.clone(),
     );
     let gaps = repair.gaps.clone();
+    w.probes.lock().expect("probes lock").insert(
+        tandem_pair::PartitionId::new(stream.name.clone(), p),
+        crate::pair::Probe {
+            liveness: liveness.clone(),
+            stored_until: repair.stored_until.clone(),
+            gaps: gaps.clone(),
+            stored_from_ms: hint.unwrap_or(0),
+        },
+    );
     running.repairs.push(repair);
     let connections = connections(w, running, stream, s, p, (&liveness, &tally), &batch_tx);
     PartitionView {

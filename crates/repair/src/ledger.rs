@@ -16,6 +16,9 @@ pub struct Chunk {
     /// Why the upstream refused it for good, if it did.
     #[serde(default)]
     pub failed: Option<String>,
+    /// Done because the pair's other consumer stored this interval: never requested.
+    #[serde(default)]
+    pub by_peer: bool,
 }
 
 /// A partition coverage gap beyond what backfill reaches.
@@ -164,6 +167,7 @@ pub fn chunks(start_ms: u64, end_ms: u64, chunk_ms: u64) -> Vec<Chunk> {
             end_ms: end,
             done: false,
             failed: None,
+            by_peer: false,
         });
         at = end;
     }

@@ -13,18 +13,23 @@
 //!   stored watermark.
 //! - [`ledger`]: the persisted [`PartitionLedger`] (complete-until, gaps, chunks) and the
 //!   edge id files.
-//! - [`recovery`]: one recovery chunk: request, read, resume, completion.
+//! - [`peer`]: what the pair's other consumer stored ([`PeerCoverage`]): gap repair
+//!   never requests an interval the peer stored.
+//! - [`recovery`]: one recovery chunk: request, read, resume, completion; the account's
+//!   job slots ([`JobSlots`]: local, or leased across the pair).
 //! - [`repairer`]: the per-partition loop ([`spawn`]); with a store shared by two
 //!   consumers ([`StoredIdsSince`]), recovery skips the posts the store already holds.
 
 pub mod config;
 pub mod gate;
 pub mod ledger;
+pub mod peer;
 pub mod recovery;
 pub mod repairer;
 
 pub use config::RepairConfig;
 pub use gate::{CoverageGate, Stored};
 pub use ledger::PartitionLedger;
-pub use recovery::{ChunkOutcome, RecoverySpec};
+pub use peer::{PeerAnswer, PeerCoverage, PeerStored};
+pub use recovery::{ChunkOutcome, JobPermit, JobSlots, LocalJobs, RecoverySpec};
 pub use repairer::{PartitionRepair, ReadBack, ReadBackError, RepairHandle, StoredIdsSince, spawn};

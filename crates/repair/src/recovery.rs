@@ -60,7 +60,46 @@ pub struct RecoverySpec {
     /// at once hand their lines over as one FIFO (see [`tandem_core::tally::Lanes`]).
     pub send_lock: Arc<tokio::sync::Mutex<()>>,
     /// Recovery jobs of the account (the upstream runs 2 at once).
-    pub jobs: Arc<Semaphore>,
+    pub jobs: Arc<dyn JobSlots>,
+}
+
+/// The recovery job slots of an account: a request runs only while it holds one.
+pub trait JobSlots: Send + Sync + std::fmt::Debug {
+    /// Waits for a free slot; `None` once the slots are closed (shutdown).
+    fn acquire(&self) -> std::pin::Pin<Box<dyn Future<Output = Option<JobPermit>> + Send + '_>>;
+}
+
+/// A held job slot; dropping it frees the slot.
+pub struct JobPermit(#[allow(dead_code)] Box<dyn Send + Sync>);
+
+impl JobPermit {
+    /// A permit that holds `guard` (whatever frees the slot when dropped).
+    pub fn new(guard: impl Send + Sync + 'static) -> JobPermit {
+        JobPermit(Box::new(guard))
+    }
+}
+
+impl std::fmt::Debug for JobPermit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JobPermit")
+    }
+}
+
+/// The job slots of one process: a semaphore of `max_jobs_per_account` permits.
+#[derive(Debug, Clone)]
+pub struct LocalJobs(pub Arc<Semaphore>);
+
+impl JobSlots for LocalJobs {
+    fn acquire(&self) -> std::pin::Pin<Box<dyn Future<Output = Option<JobPermit>> + Send + '_>> {
+        Box::pin(async move {
+            self.0
+                .clone()
+                .acquire_owned()
+                .await
+                .ok()
+                .map(JobPermit::new)
+        })
+    }
 }
 
 /// How a chunk ended.
@@ -101,6 +140,7 @@ pub async fn recover(
         policy: ReconnectPolicy::new(spec.retry.clone(), seed),
         from: start_ms,
         latest: None,
+        closes_without_progress: 0,
         activities: 0,
         requests: 0,
         raw: metrics::counter!(m::RAW_ACTIVITIES, &labels),
@@ -122,8 +162,9 @@ pub async fn recover(
             status = error.status, kind = error.kind.label(), error = %error.message,
             resume = %tandem_core::time::rfc3339_ms(chunk.from), "recovery request ended early"
         );
-        if error.kind == ErrorKind::ClientError {
-            // 400 (outside retention, a bad range), 404: the same request cannot succeed.
+        if error.status == Some(400) {
+            // Outside retention, a bad range: the same request cannot succeed. Other
+            // refusals (a wrong recovery URL's 404, credentials) are retried slowly.
             return ChunkOutcome::Unrecoverable(error);
         }
         match chunk.policy.decide(&error, live_for, Instant::now()) {
@@ -134,6 +175,17 @@ pub async fn recover(
             },
         }
     }
+}
+
+/// How near the chunk's end the latest activity must be for a clean close to complete an
+/// X API v2 chunk (activities are streamed in time order).
+pub const CLOSE_END_TOLERANCE_MS: u64 = 5_000;
+
+/// Whether a clean close completes an X API v2 chunk ending at `end_ms`: the latest
+/// activity received reached its end, or two clean closes in a row brought nothing newer
+/// (the range holds no more; one such close could be a server that closed early).
+pub fn complete_by_close(latest: Option<u64>, end_ms: u64, closes_without_progress: u32) -> bool {
+    latest.is_some_and(|l| l + CLOSE_END_TOLERANCE_MS >= end_ms) || closes_without_progress >= 2
 }
 
 /// Whether a line is the upstream's "recovery request completed" message.
@@ -158,6 +210,8 @@ struct Chunk<'a> {
     from: u64,
     /// Content time of the latest activity any request of the chunk delivered.
     latest: Option<u64>,
+    /// Clean closes in a row that brought nothing newer (X API v2).
+    closes_without_progress: u32,
     activities: u64,
     requests: u32,
     raw: metrics::Counter,
@@ -191,9 +245,9 @@ impl Chunk<'_> {
     async fn request(&mut self) -> Read {
         let spec = self.spec;
         let _permit = tokio::select! {
-            p = spec.jobs.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return Read::Shutdown,
+            p = spec.jobs.acquire() => match p {
+                Some(p) => p,
+                None => return Read::Shutdown,
             },
             () = tandem_conn::connection::stopped(&mut self.shutdown) => return Read::Shutdown,
         };
@@ -336,9 +390,8 @@ impl Chunk<'_> {
     }
 
     /// The server closed the stream cleanly. Gnip completes with its message, so a close
-    /// without it is an interruption. X API v2 closes when the range is done: complete
-    /// when no error came first and the latest activity reached the chunk's last minute,
-    /// or when this request brought nothing newer than the ones before it.
+    /// without it is an interruption. X API v2 closes when the range is done: see
+    /// [`complete_by_close`].
     fn closed(&mut self, r: &Response) -> Result<bool, StreamError> {
         let interrupted = |why: String| Err(StreamError::new(ErrorKind::StreamInterrupted, why));
         if self.spec.endpoint.api.signals_recovery_completion() {
@@ -349,12 +402,14 @@ impl Chunk<'_> {
         if let Some(error) = &r.error {
             return interrupted(format!("the server closed the recovery stream: {error}"));
         }
-        let before = self.latest;
-        let reached_end = r
-            .latest
-            .is_some_and(|l| l + RESUME_GRANULARITY_MS >= self.end_ms);
-        let no_progress = r.latest <= before;
-        if reached_end || no_progress {
+        let progressed = r.latest.is_some_and(|l| self.latest.is_none_or(|b| l > b));
+        self.closes_without_progress = if progressed {
+            0
+        } else {
+            self.closes_without_progress + 1
+        };
+        let latest = self.latest.max(r.latest);
+        if complete_by_close(latest, self.end_ms, self.closes_without_progress) {
             Ok(true)
         } else {
             interrupted(format!(
@@ -394,6 +449,30 @@ impl Chunk<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An X API v2 chunk is complete by close when its latest activity reached the end, or
+    /// after two clean closes in a row without anything newer; never on one empty close.
+    #[test]
+    fn v2_completion_by_close() {
+        let end = 1_000_000;
+        assert!(complete_by_close(Some(end - 1), end, 0));
+        assert!(complete_by_close(
+            Some(end - CLOSE_END_TOLERANCE_MS),
+            end,
+            0
+        ));
+        assert!(
+            !complete_by_close(Some(end - 60_000), end, 0),
+            "a minute short"
+        );
+        assert!(
+            !complete_by_close(None, end, 1),
+            "one empty close proves nothing"
+        );
+        assert!(!complete_by_close(Some(end - 60_000), end, 1));
+        assert!(complete_by_close(None, end, 2), "an empty range");
+        assert!(complete_by_close(Some(end - 60_000), end, 2));
+    }
 
     /// The completion message is recognised; an activity mentioning it is not.
     #[test]

@@ -38,6 +38,7 @@ use tracing::Instrument;
 use crate::config::RepairConfig;
 use crate::gate::{CoverageGate, Stored};
 use crate::ledger::{self, Gap, PartitionLedger};
+use crate::peer::{PEER_GRACE, PeerAnswer, PeerCoverage};
 use crate::recovery::{ChunkOutcome, EdgeIds, RecoverySpec, recover};
 
 /// Everything the repair of one partition needs.
@@ -63,6 +64,8 @@ pub struct PartitionRepair {
     /// pair in two zones sharing JetStream): a recovered activity already there (the other
     /// zone stored it while this one was away) is dropped like an edge id.
     pub stored: Option<Arc<dyn StoredIdsSince>>,
+    /// The pair's other consumer: what it stored is never requested from recovery.
+    pub peer: Option<Arc<dyn PeerCoverage>>,
 }
 
 /// Reading back what a shared store holds failed (recovery then relies on the store's
@@ -113,6 +116,9 @@ async fn with_stored(
 pub struct RepairHandle {
     /// The partition's gaps, for `/status`.
     pub gaps: watch::Receiver<Vec<GapView>>,
+    /// Content time up to which the partition is stored (the ledger's complete-until),
+    /// for the pair's other consumer.
+    pub stored_until: watch::Receiver<u64>,
     drained: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -137,9 +143,11 @@ pub fn spawn(
 ) -> RepairHandle {
     let span = tracing::info_span!("repair", stream = %repair.stream, partition = repair.partition);
     let (r, gaps) = Repairer::new(repair, shutdown.clone());
+    let stored_until = r.stored_until.subscribe();
     let (drained, drained_rx) = oneshot::channel();
     RepairHandle {
         gaps,
+        stored_until,
         drained,
         task: tokio::spawn(r.run(events, shutdown, drained_rx).instrument(span)),
     }
@@ -150,6 +158,7 @@ struct Meters {
     open: Gauge,
     by_backfill: Counter,
     by_recovery: Counter,
+    by_peer: Counter,
     unrecoverable: Counter,
     duration: Histogram,
 }
@@ -170,11 +179,13 @@ impl Meters {
             open: metrics::gauge!(m::GAPS_OPEN, &labels),
             by_backfill: with_kind("backfill"),
             by_recovery: with_kind("recovery"),
+            by_peer: with_kind("covered_by_peer"),
             unrecoverable: metrics::counter!(m::GAPS_UNRECOVERABLE, &labels),
             duration: metrics::histogram!(m::GAP_REPAIR_DURATION, &labels),
         };
         meters.by_backfill.increment(0);
         meters.by_recovery.increment(0);
+        meters.by_peer.increment(0);
         meters.unrecoverable.increment(0);
         meters
     }
@@ -189,6 +200,14 @@ impl Meters {
                 tracing::info!(
                     start = %rfc3339_ms(gap.start_ms), end = %rfc3339_ms(gap.end_ms),
                     repair_secs, "coverage gap repaired"
+                );
+            }
+            GapEvent::CoveredByPeer { gap, repair_secs } => {
+                self.by_peer.increment(1);
+                self.duration.record(repair_secs);
+                tracing::info!(
+                    start = %rfc3339_ms(gap.start_ms), end = %rfc3339_ms(gap.end_ms),
+                    repair_secs, "coverage gap closed: the pair's other consumer stored it"
                 );
             }
             GapEvent::Unrecoverable { gap } => {
@@ -208,6 +227,8 @@ enum GapEvent<'a> {
     Backfilled,
     /// Recovery brought it back and the store holds it.
     Recovered { gap: &'a Gap, repair_secs: f64 },
+    /// The pair's other consumer had stored all of it: nothing was requested.
+    CoveredByPeer { gap: &'a Gap, repair_secs: f64 },
     /// It cannot be repaired (likes, past retention, refused).
     Unrecoverable { gap: &'a Gap },
 }
@@ -229,6 +250,7 @@ struct Repairer {
     settling: Vec<(ChunkKey, Stored)>,
     dirty: bool,
     views: watch::Sender<Vec<GapView>>,
+    stored_until: watch::Sender<u64>,
     meters: Meters,
 }
 
@@ -240,7 +262,9 @@ impl Repairer {
     ) -> (Repairer, watch::Receiver<Vec<GapView>>) {
         let (views, gaps) = watch::channel(Vec::new());
         let meters = Meters::new(&r.stream, r.partition);
+        let stored_until = watch::Sender::new(r.ledger.complete_until_ms);
         let repairer = Repairer {
+            stored_until,
             r,
             shutdown,
             running: HashSet::new(),
@@ -464,6 +488,7 @@ impl Repairer {
             return;
         }
         let limit = self.r.config.max_jobs_per_account;
+        let waiting_for_peer = self.leave_to_peer();
         let mut wanted = Vec::new();
         for g in self.r.ledger.open_gaps() {
             for c in &g.chunks {
@@ -472,6 +497,7 @@ impl Repairer {
                     && c.failed.is_none()
                     && !self.running.contains(&key)
                     && !self.settling.iter().any(|(k, _)| *k == key)
+                    && !waiting_for_peer.contains(&key)
                 {
                     wanted.push((key, c.end_ms));
                 }
@@ -502,6 +528,72 @@ impl Repairer {
             self.tasks.insert(handle.id(), key);
             self.running.insert(key);
         }
+    }
+
+    /// Takes from the chunks not yet running what the pair's other consumer stored: a
+    /// chunk it stored whole is done (`by_peer`), one it stored at one end is cut to the
+    /// rest. Returns the chunks to hold back a while: the peer is live and its stored
+    /// coverage has not reached them yet.
+    fn leave_to_peer(&mut self) -> HashSet<ChunkKey> {
+        let mut hold = HashSet::new();
+        let now = unix_ms_now();
+        let peer = match self.r.peer.as_ref().map(|p| p.stored()) {
+            None | Some(PeerAnswer::Alone) => return hold,
+            Some(PeerAnswer::Stored(peer)) => peer,
+            Some(PeerAnswer::NotYet) => {
+                // The coordination is starting: young gaps wait for the peer's report.
+                for g in self.r.ledger.open_gaps() {
+                    if now.saturating_sub(g.found_ms) < PEER_GRACE.as_millis() as u64 {
+                        hold.extend(g.chunks.iter().map(|c| (g.start_ms, c.start_ms)));
+                    }
+                }
+                return hold;
+            }
+        };
+        let mut covered = Vec::new();
+        for g in self
+            .r
+            .ledger
+            .gaps
+            .iter_mut()
+            .filter(|g| g.state == GapState::Open)
+        {
+            let young = now.saturating_sub(g.found_ms) < PEER_GRACE.as_millis() as u64;
+            for c in g
+                .chunks
+                .iter_mut()
+                .filter(|c| !c.done && c.failed.is_none())
+            {
+                let key = (g.start_ms, c.start_ms);
+                if self.running.contains(&key) || self.settling.iter().any(|(k, _)| *k == key) {
+                    continue;
+                }
+                match peer.uncovered(c.start_ms, c.end_ms)[..] {
+                    [] => {
+                        c.by_peer = true;
+                        covered.push(key);
+                    }
+                    [(s, e)] if (s, e) != (c.start_ms, c.end_ms) => {
+                        tracing::info!(
+                            start = %rfc3339_ms(s), end = %rfc3339_ms(e),
+                            "the pair's other consumer stored part of a recovery chunk; the rest is requested"
+                        );
+                        c.start_ms = s;
+                        c.end_ms = e;
+                        self.dirty = true;
+                    }
+                    _ => {}
+                }
+                let key = (g.start_ms, c.start_ms);
+                if !c.by_peer && young && peer.live && peer.until_ms < c.end_ms {
+                    hold.insert(key);
+                }
+            }
+        }
+        for key in covered {
+            self.chunk_settled(key, Ok(()));
+        }
+        hold
     }
 
     fn edge_ids(&mut self, gap_start: u64) -> EdgeIds {
@@ -595,9 +687,16 @@ impl Repairer {
             g.state = GapState::Repaired;
             g.repaired_ms = Some(now);
             let repair_secs = now.saturating_sub(g.found_ms) as f64 / 1000.0;
-            self.meters.emit(GapEvent::Recovered {
-                gap: g,
-                repair_secs,
+            self.meters.emit(if g.chunks.iter().all(|c| c.by_peer) {
+                GapEvent::CoveredByPeer {
+                    gap: g,
+                    repair_secs,
+                }
+            } else {
+                GapEvent::Recovered {
+                    gap: g,
+                    repair_secs,
+                }
             });
         } else if ended {
             g.state = GapState::Unrecoverable;
@@ -623,6 +722,7 @@ impl Repairer {
             // A first run: nothing before its first connect is ours to store, and what
             // it receives from there on must come back if it dies before storing it.
             self.r.ledger.complete_until_ms = origin;
+            self.stored_until.send_replace(origin);
             self.dirty = true;
         }
         let complete = self.r.liveness.complete_until();
@@ -682,6 +782,7 @@ impl Repairer {
             && complete > self.r.ledger.complete_until_ms
         {
             self.r.ledger.complete_until_ms = complete;
+            self.stored_until.send_replace(complete);
             self.dirty = true;
         }
         let mut stored = Vec::new();

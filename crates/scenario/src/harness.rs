@@ -101,6 +101,9 @@ pub struct HarnessConfig {
     pub tls: bool,
     /// The upstream API (Gnip unless set).
     pub api: HarnessApi,
+    /// This consumer's id in a pair coordinated through the NATS sink's server (`[pair]`,
+    /// with beacons every 250 ms and leases of 3 s); `None`: not one of a pair.
+    pub pair_consumer: Option<String>,
 }
 
 impl HarnessConfig {
@@ -139,6 +142,7 @@ impl HarnessConfig {
             resolve_ips: Vec::new(),
             tls: false,
             api: HarnessApi::Gnip,
+            pair_consumer: None,
         }
     }
 
@@ -425,7 +429,7 @@ ledger_dir = "{dir}/ledger"
 margin_secs = {repair_margin}
 chunk_secs = {repair_chunk}
 ledger_flush_ms = 200
-"#,
+{pair}"#,
             sink = self.sink_toml(),
             dedup = self.dedup_window_secs,
             memory = self.max_memory_activities,
@@ -434,7 +438,18 @@ ledger_flush_ms = 200
             pending = self.alert_pending_secs,
             repair_margin = self.repair_margin_secs,
             repair_chunk = self.repair_chunk_secs,
+            pair = self.pair_toml(),
         )
+    }
+
+    /// The `[pair]` section of a consumer of a pair.
+    fn pair_toml(&self) -> String {
+        match &self.pair_consumer {
+            Some(id) => format!(
+                "\n[pair]\nconsumer_id = \"{id}\"\nbeacon_ms = 250\nlease_ttl_ms = 3000\npeer_stale_ms = 2000\n"
+            ),
+            None => String::new(),
+        }
     }
 }
 
@@ -662,6 +677,8 @@ impl Harness {
             run_dir,
             paths,
             monitor_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            // The other consumer of a pair has an id of its own.
+            pair_consumer: (self.cfg.pair_consumer.as_ref()).map(|id| format!("{id}-peer")),
             ..self.cfg.clone()
         };
         start_consumer(&cfg.consumer_toml(&cfg.stream_urls(&self.sim)?)).await

@@ -262,6 +262,8 @@ impl StreamConfig {
             },
             partitions,
             content: Content::V2Posts,
+            // The v2 documents: recovery reaches the last 24 hours.
+            retention_ms: 24 * 3600 * 1000,
             ..StreamConfig::decahose(name, "", "", "")
         }
     }

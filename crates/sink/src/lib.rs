@@ -35,7 +35,7 @@ pub mod store;
 pub use config::SinkConfig;
 pub use driver::{DrainReport, DriverConfig, SinkHandle, spawn};
 pub use file::{FileConfig, FileStore, Repair, StoredFile, recent_ids, stored_files};
-pub use nats::{NatsConfig, NatsStore, StoredIds};
+pub use nats::{NatsConfig, NatsStore, StoredIds, client as nats_client};
 pub use simple::{NullStore, StdoutStore};
 pub use spool::{Spool, SpooledBatch};
 pub use start::{IdsByPartition, SinkContext, SinkStartError, StartedSink, start};

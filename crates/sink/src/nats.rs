@@ -341,7 +341,10 @@ fn options(cfg: &NatsConfig, token: Option<String>) -> async_nats::ConnectOption
 /// so it is a fatal error naming the cause instead of a sink that stays down in silence.
 /// A server that cannot be reached is retried in the background: the sink starts, reports
 /// down and spools until it is reachable.
-async fn client(cfg: &NatsConfig, token: Option<String>) -> Result<async_nats::Client, StoreError> {
+pub async fn client(
+    cfg: &NatsConfig,
+    token: Option<String>,
+) -> Result<async_nats::Client, StoreError> {
     let url = tandem_core::redact_url(&cfg.url);
     let servers: Vec<async_nats::ServerAddr> = cfg
         .url

@@ -132,7 +132,7 @@ fn spec(
         tally: tally.clone(),
         out,
         send_lock: Arc::default(),
-        jobs: slots,
+        jobs: Arc::new(crate::LocalJobs(slots)),
     }
 }
 
@@ -170,6 +170,7 @@ fn parts(
         control: mpsc::unbounded_channel().0,
         recovery,
         stored: None,
+        peer: None,
     };
     let around = Around {
         _dir: dir,
@@ -691,6 +692,7 @@ fn chunk(start_ms: u64, end_ms: u64, done: bool, failed: Option<&str>) -> Chunk 
         end_ms,
         done,
         failed: failed.map(str::to_owned),
+        by_peer: false,
     }
 }
 
@@ -891,4 +893,85 @@ async fn next_merged(times: &mut mpsc::UnboundedReceiver<u64>) -> u64 {
         .await
         .expect("merged within the patience")
         .expect("the merger runs")
+}
+
+/// The pair's other consumer as a test sets it: a fixed report of what it stored.
+#[derive(Debug)]
+struct FixedPeer(std::sync::Mutex<Option<crate::PeerStored>>);
+
+impl crate::PeerCoverage for FixedPeer {
+    fn stored(&self) -> crate::PeerAnswer {
+        match self.0.lock().unwrap().clone() {
+            Some(p) => crate::PeerAnswer::Stored(p),
+            None => crate::PeerAnswer::Alone,
+        }
+    }
+}
+
+/// A gap the pair's other consumer stored whole is closed as `covered_by_peer` without a
+/// single recovery request; one it stored only the start of is requested for the rest.
+#[tokio::test]
+async fn what_the_peer_stored_is_never_requested() {
+    let sim = simulator(|_| {}).await;
+    let s = an_hour_ago();
+    publish(&sim, 1, &[s + 20 * SEC, s + 150 * SEC]);
+    let slots = Arc::new(Semaphore::new(2));
+    let (mut repair, a) = parts(
+        with_jobs(2),
+        PartitionLedger::default(),
+        Upstream::sim(&sim, &slots),
+        1,
+    );
+    let peer = Arc::new(FixedPeer(std::sync::Mutex::new(Some(crate::PeerStored {
+        from_ms: s - 3_600 * SEC,
+        until_ms: s + 120 * SEC,
+        open_gaps: Vec::new(),
+        live: false,
+    }))));
+    repair.peer = Some(peer.clone());
+    let (events, events_rx) = mpsc::unbounded_channel();
+    let handle = spawn(repair, events_rx, a.shutdown.subscribe());
+    let mut gaps = handle.gaps.clone();
+    let Around {
+        merger,
+        tally,
+        shutdown,
+        _dir,
+        ..
+    } = a;
+    let mut times = spawn_merger(merger, tally.clone());
+    let gap = |start_ms, end_ms| ConnEvent::UncoveredBeyondBackfill {
+        stream: STREAM.into(),
+        partition: 1,
+        start_ms,
+        end_ms,
+    };
+    // Inside what the peer stored: closed at once, nothing requested.
+    events.send(gap(s, s + 100 * SEC)).expect("the repair runs");
+    let v = wait_gaps(&mut gaps, |v| {
+        v.first().is_some_and(|g| g.state == GapState::Repaired)
+    })
+    .await;
+    assert_eq!(v[0].chunks_done, v[0].chunks);
+    assert_eq!(
+        sim.stats(STREAM).unwrap().recovery_jobs,
+        0,
+        "nothing requested"
+    );
+    // Past its end (chunks of [+100 s, +210 s) with the margins): the first chunk is cut
+    // to what the peer lacks, [+120 s, +160 s), which brings the line at +150 s; the
+    // second is requested whole.
+    events
+        .send(gap(s + 110 * SEC, s + 200 * SEC))
+        .expect("the repair runs");
+    assert_eq!(next_merged(&mut times).await, s + 150 * SEC);
+    tally.stored_through.store(1, Ordering::SeqCst);
+    let v = wait_gaps(&mut gaps, |v| {
+        v.len() == 2 && v[1].state == GapState::Repaired
+    })
+    .await;
+    assert_eq!(v[1].chunks_done, v[1].chunks);
+    assert_eq!(sim.stats(STREAM).unwrap().recovery_jobs, 2);
+    shutdown.send_replace(true);
+    handle.finish().await;
 }
