@@ -150,7 +150,11 @@ async fn readme_metrics_are_exported_with_their_labels() {
     let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
     let got = scraped(&text);
     let mut missing = Vec::new();
-    for (name, labels) in &documented {
+    // The pair's metrics exist only with `[pair]` (checked below).
+    for (name, labels) in documented
+        .iter()
+        .filter(|(n, _)| !n.starts_with("tandem_pair_"))
+    {
         match got.get(name) {
             None => missing.push(format!("{name} not exported")),
             Some(seen) => {
@@ -181,5 +185,51 @@ async fn readme_metrics_are_exported_with_their_labels() {
         status["streams"][0]["partitions"][0]["connections"][0]["phase"].is_string(),
         "{status}"
     );
+    let _ = h.finish(Duration::from_secs(20)).await;
+}
+
+/// A consumer of a pair (`[pair]`, coordinating through its JetStream server) exports the
+/// pair's metrics the README documents, with their labels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pair_metrics_are_exported_with_their_labels() {
+    let documented: BTreeMap<String, BTreeSet<String>> = documented()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("tandem_pair_"))
+        .collect();
+    assert!(
+        documented.len() >= 2,
+        "the README documents the pair's metrics"
+    );
+    let store = tempfile::tempdir().unwrap();
+    let nats = tandem_scenario::nats::NatsServer::start(store.path())
+        .expect("nats-server (scripts/setup-test-deps installs it)");
+    let url = nats.url();
+    let (h, _dir) = harness(|c| {
+        c.nats_url = Some(url.clone());
+        c.pair_consumer = Some("contract".to_owned());
+    })
+    .await;
+    assert!(
+        h.wait(Duration::from_secs(20), |s| s.pair_coordinated
+            == Some(true))
+            .await,
+        "the pair's bucket answers"
+    );
+    let text = reqwest::get(format!("http://{}/metrics", h.pipeline.http_addr()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let got = scraped(&text);
+    for (name, labels) in &documented {
+        let seen = got
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} not exported:\n{text}"));
+        assert!(
+            labels.is_subset(seen),
+            "{name} lacks labels {labels:?}: {seen:?}"
+        );
+    }
     let _ = h.finish(Duration::from_secs(20)).await;
 }

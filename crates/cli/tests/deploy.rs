@@ -725,6 +725,7 @@ fn zone_configurations_pass_tandem_check() {
     tls_files(dir.path());
     std::fs::write(dir.path().join("token"), format!("{PLANTED}\n")).unwrap();
     let mut connections = 0;
+    let mut ids = std::collections::HashSet::new();
     for zone in ["a", "b"] {
         let mut cfg = zone_config(zone);
         let sink = cfg["sinks"]["jetstream"].as_table_mut().unwrap();
@@ -757,7 +758,14 @@ fn zone_configurations_pass_tandem_check() {
         assert!(printed.contains("TLS"), "the plan says the sink uses TLS");
         let stream = &cfg["stream"][0];
         connections += stream["paths"].as_array().unwrap().len();
-        assert_eq!(stream["budget"]["requests"].as_integer(), Some(5));
+        // The pair shares the upstream's 10 requests and 2 recovery jobs through its
+        // bucket, one consumer id per zone.
+        assert_eq!(stream["budget"]["requests"].as_integer(), Some(10));
+        assert_eq!(cfg["repair"]["max_jobs_per_account"].as_integer(), Some(2));
+        let id = cfg["pair"]["consumer_id"]
+            .as_str()
+            .expect("a [pair] section");
+        assert!(ids.insert(id.to_owned()), "zone consumer ids differ: {id}");
     }
     assert_eq!(
         connections, 2,
