@@ -536,7 +536,7 @@ async fn v2_filtered_one_path_dropped() {
         &mut alerts,
         AlertName::PartitionImbalance,
         1,
-        Duration::from_secs(10),
+        Duration::from_secs(30),
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -25,8 +25,12 @@ struct PathState {
     live: bool,
     /// Content time from which the current (or last) connection delivered continuously.
     covered_from_ms: u64,
-    /// Content time of the latest activity received on it; 0 = none yet.
+    /// Content time up to which its current interval reaches: the latest activity
+    /// received, or where its replay starts until one arrives; 0 = none yet.
     latest_ms: u64,
+    /// Content time of the latest activity actually received on it (never a replay's
+    /// start): what the pair's other consumer is compared with. 0 = none yet.
+    received_ms: u64,
     /// Receive time of the latest activity (tokio clock), for silence judgements.
     last_activity: Option<Instant>,
 }
@@ -146,10 +150,12 @@ impl PartitionLiveness {
             self.origin_ms
                 .store(from_ms, std::sync::atomic::Ordering::SeqCst);
         }
+        let received_ms = st.paths[path].received_ms;
         st.paths[path] = PathState {
             live: true,
             covered_from_ms: from_ms,
             latest_ms: from_ms,
+            received_ms,
             last_activity: None,
         };
         st.settle();
@@ -208,6 +214,7 @@ impl PartitionLiveness {
         let p = &mut st.paths[path];
         if let Some(t) = content_ms {
             p.latest_ms = p.latest_ms.max(t);
+            p.received_ms = p.received_ms.max(t);
         }
         p.last_activity = Some(now);
     }
@@ -241,7 +248,7 @@ impl PartitionLiveness {
     pub fn peer_ahead(&self, path: usize, lead_ms: u64, fresh: std::time::Duration) -> Option<u64> {
         let st = self.state.lock().expect("liveness lock");
         let (peer_ms, at) = st.peer?;
-        let mine = st.paths[path].latest_ms;
+        let mine = st.paths[path].received_ms;
         let lead = peer_ms.saturating_sub(mine);
         (at.elapsed() <= fresh && mine > 0 && lead > lead_ms).then_some(lead)
     }
@@ -249,7 +256,7 @@ impl PartitionLiveness {
     /// The latest activity (content time) any path of this partition received; 0: none.
     pub fn latest_ms(&self) -> u64 {
         let st = self.state.lock().expect("liveness lock");
-        st.paths.iter().map(|p| p.latest_ms).max().unwrap_or(0)
+        st.paths.iter().map(|p| p.received_ms).max().unwrap_or(0)
     }
 
     /// Where a connection of `path` about to connect at `now_ms` must replay from (content
@@ -388,6 +395,12 @@ mod tests {
         );
         p.set_peer_latest(None);
         assert_eq!(p.peer_ahead(0, 1_000, fresh), None);
+        // A reconnect replaying from far back is not an activity received: the path is
+        // compared with what it last received.
+        p.set_live(0, 100);
+        p.set_peer_latest(Some(2_500));
+        assert_eq!(p.peer_ahead(0, 1_000, fresh), None);
+        assert_eq!(p.latest_ms(), 2_000);
     }
 
     /// A silent path is judged against a live sibling that kept delivering.

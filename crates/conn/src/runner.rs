@@ -136,6 +136,13 @@ pub(crate) struct Runner {
     /// reconnects), and the seconds of activity it was measured over.
     rate: f64,
     rate_secs: f64,
+    /// After a connection was closed for rate silence: the partition's latest activity
+    /// (content time) then. Silence is not judged by the rate again until a newer activity
+    /// arrives: the reconnect replays (backfill) whatever the upstream published meanwhile,
+    /// so a new connection that brings nothing newer shows the silence is the upstream's
+    /// own, and judging it again would reconnect every few seconds for as long as the
+    /// partition stays quiet (and soon past what backfill reaches).
+    rate_silence_at_ms: Option<u64>,
 }
 
 /// How long the pair's other consumer's report of a partition counts as current.
@@ -201,6 +208,7 @@ impl Runner {
             connections: 0,
             rate: 0.0,
             rate_secs: 0.0,
+            rate_silence_at_ms: None,
         }
     }
 
@@ -530,6 +538,11 @@ impl Runner {
         Tally::add(&spec.tally.raw, n);
         r.last_activity = now;
         let content_ms = content_time(&lines).map(|t| self.clamp_future(t));
+        if let (Some(at), Some(t)) = (self.rate_silence_at_ms, content_ms)
+            && t > at
+        {
+            self.rate_silence_at_ms = None;
+        }
         let batch = Batch {
             origin: spec.origin,
             connection: r.connection,
@@ -603,6 +616,7 @@ impl Runner {
         if let Some(limit) = self.rate_silence_limit()
             && silent >= limit
         {
+            self.rate_silence_at_ms = Some(self.spec.partition.latest_ms());
             self.stale(StaleReason::RateSilence, silent);
             let why = format!(
                 "no activity for {:.1} s on a partition averaging {:.1} activities/s (rate silence)",
@@ -650,10 +664,14 @@ impl Runner {
     }
 
     /// How long a silence the connection's own rate makes unlikely, when it has no sibling
-    /// path in this process to be judged against and its rate is high enough to judge.
+    /// path in this process to be judged against, its rate is high enough to judge, and
+    /// the silence was not already judged so by the previous connection.
     fn rate_silence_limit(&self) -> Option<Duration> {
         let liveness = &self.spec.liveness;
-        if self.spec.partition.paths() > 1 || self.rate < liveness.silence_min_rate_per_sec {
+        if self.rate_silence_at_ms.is_some()
+            || self.spec.partition.paths() > 1
+            || self.rate < liveness.silence_min_rate_per_sec
+        {
             return None;
         }
         let secs = (liveness.silence_rate_multiple / self.rate)

@@ -118,6 +118,17 @@ impl Pair {
         self.inner.coordinated()
     }
 
+    /// Waits, at most `within`, until coordination is decided: up, or failed at least once
+    /// (or stopped). A consumer that has just started asks this before its first shared
+    /// operation: until its first beacon round ends it is neither coordinated nor lost, and
+    /// falling back to the local share then would spend a restart's requests outside the
+    /// pair's budget.
+    pub async fn decided(&self, within: Duration) {
+        let mut state = self.inner.state.subscribe();
+        let decided = state.wait_for(|s| s.coordinated || s.last_error.is_some());
+        let _ = tokio::time::timeout(within, decided).await;
+    }
+
     /// The freshest beacon of each other consumer for this partition, younger than
     /// `peer_stale_ms`, in the order of their ids.
     pub fn peers(&self, id: &PartitionId) -> Vec<PeerProgress> {

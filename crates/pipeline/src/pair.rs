@@ -113,17 +113,26 @@ impl PeerCoverage for PairPeer {
             };
         }
         // The peer that stored furthest (a pair has one; more would be a larger group).
+        // A peer that has stored nothing yet (a start not connected so far) is still there
+        // and lacks what it did not store: an empty coverage, not `Alone`, so that an
+        // interval both missed is recovered by one of them.
         let best = (peers.into_iter())
             .map(|p| p.progress)
-            .filter(|p| p.stored_from_ms > 0 && p.stored_until_ms > p.stored_from_ms)
             .max_by_key(|p| p.stored_until_ms);
         match best {
-            Some(p) => PeerAnswer::Stored(PeerStored {
-                from_ms: p.stored_from_ms,
-                until_ms: p.stored_until_ms,
-                open_gaps: p.open_gaps,
-                live: p.live > 0,
-            }),
+            Some(p) => {
+                // An unknown start (0) claims nothing before the stored watermark.
+                let from_ms = match p.stored_from_ms {
+                    0 => p.stored_until_ms,
+                    ms => ms,
+                };
+                PeerAnswer::Stored(PeerStored {
+                    from_ms,
+                    until_ms: p.stored_until_ms.max(from_ms),
+                    open_gaps: p.open_gaps,
+                    live: p.live > 0,
+                })
+            }
             None => PeerAnswer::Alone,
         }
     }
@@ -138,9 +147,15 @@ pub(crate) struct PairBudget {
     pub window: Duration,
 }
 
+/// How long a shared operation (a connection request, a recovery job) of a consumer that
+/// has just started waits for the pair's first verdict before it falls back to its local
+/// share: a beacon round or two.
+const FIRST_VERDICT_WAIT: Duration = Duration::from_secs(5);
+
 impl SharedBudget for PairBudget {
     fn take(&self, urgent: bool) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
         Box::pin(async move {
+            self.pair.decided(FIRST_VERDICT_WAIT).await;
             self.pair
                 .connect_token(&self.stream, self.limit, self.window, urgent)
                 .await
@@ -184,6 +199,7 @@ impl JobSlots for PairJobs {
     fn acquire(&self) -> Pin<Box<dyn Future<Output = Option<JobPermit>> + Send + '_>> {
         Box::pin(async move {
             let local = self.local.clone().acquire_owned().await.ok()?;
+            self.pair.decided(FIRST_VERDICT_WAIT).await;
             match self.pair.job_lease(&self.account, self.slots).await {
                 Ok(lease) => Some(JobPermit::new((local, lease))),
                 Err(_) => {

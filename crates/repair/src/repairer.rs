@@ -38,7 +38,7 @@ use tracing::Instrument;
 use crate::config::RepairConfig;
 use crate::gate::{CoverageGate, Stored};
 use crate::ledger::{self, Gap, PartitionLedger};
-use crate::peer::{PEER_GRACE, PeerAnswer, PeerCoverage};
+use crate::peer::{PEER_GRACE, PeerAnswer, PeerCoverage, PeerStored};
 use crate::recovery::{ChunkOutcome, EdgeIds, RecoverySpec, recover};
 
 /// Everything the repair of one partition needs.
@@ -558,7 +558,9 @@ impl Repairer {
             .iter_mut()
             .filter(|g| g.state == GapState::Open)
         {
-            let young = now.saturating_sub(g.found_ms) < PEER_GRACE.as_millis() as u64;
+            let waited_ms = now.saturating_sub(g.found_ms);
+            let young = waited_ms < PEER_GRACE.as_millis() as u64;
+            let gap = (g.start_ms, g.end_ms);
             for c in g
                 .chunks
                 .iter_mut()
@@ -585,7 +587,12 @@ impl Repairer {
                     _ => {}
                 }
                 let key = (g.start_ms, c.start_ms);
-                if !c.by_peer && young && peer.live && peer.until_ms < c.end_ms {
+                if c.by_peer {
+                    continue;
+                }
+                // The peer's stored coverage is moving and has not reached the chunk yet.
+                let catching_up = young && peer.live && peer.until_ms < c.end_ms;
+                if catching_up || peer_recovers(&peer, gap, c, young, waited_ms) {
                     hold.insert(key);
                 }
             }
@@ -814,6 +821,41 @@ impl Repairer {
         let views = self.r.ledger.gaps.iter().map(Gap::view).collect();
         self.views.send_replace(views);
     }
+}
+
+/// How long a gap waits for the peer to recover the same interval (it reports the gap open
+/// while it works on it) before this consumer requests it itself.
+const PEER_RECOVERY_WAIT: Duration = Duration::from_secs(300);
+
+/// Whether the peer, which lacks what the chunk `c` of `gap` still needs too, is the one
+/// to recover it, so that each interval both consumers missed is requested once across the
+/// pair. Each consumer compares its own gap with the peer's open gap over the same
+/// interval, `(start, end)`, and the earlier one recovers: both see the same two gaps, so
+/// exactly one of them holds back (equal gaps: both recover, and the store's duplicate
+/// check removes the copies). A peer that is away over the interval (not live, its coverage
+/// short of it) has not found its gap yet: a young gap waits for its report. A held chunk
+/// closes as `covered_by_peer` once the peer stored it, or is requested here when the peer
+/// goes quiet or after [`PEER_RECOVERY_WAIT`].
+fn peer_recovers(
+    peer: &PeerStored,
+    gap: (u64, u64),
+    c: &ledger::Chunk,
+    young: bool,
+    waited_ms: u64,
+) -> bool {
+    if waited_ms >= PEER_RECOVERY_WAIT.as_millis() as u64 {
+        return false;
+    }
+    let lacking = peer.uncovered(c.start_ms, c.end_ms);
+    !lacking.is_empty()
+        && lacking.iter().all(|&(s, e)| {
+            let goes_first = peer
+                .open_gaps
+                .iter()
+                .any(|&(ps, pe)| ps < e && s < pe && (ps, pe) < gap);
+            let yet_to_find = young && !peer.live && s >= peer.until_ms;
+            s >= peer.from_ms && (goes_first || yet_to_find)
+        })
 }
 
 #[cfg(test)]

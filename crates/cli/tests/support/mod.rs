@@ -1,12 +1,14 @@
-//! What the crash tests share: a run (simulator, configuration, optional NATS server, log),
-//! the `tandem` binary as a child process that can be killed, `/status` and its
-//! conditions, a real tmpfs mount, and the final judgement against the ground truth.
+//! What the process tests share: a run (simulator, optional NATS server, and one consumer's
+//! configuration and log, or two for a pair of zones), the `tandem` binary as a child
+//! process that can be killed, `/status` and `/metrics` and their conditions, a real tmpfs
+//! mount, and the final judgement against the ground truth.
 
 #![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -68,11 +70,28 @@ async fn pinned_binary(dir: &Path) -> PathBuf {
     }
 }
 
-/// Everything one scenario needs, under one temporary directory.
+/// Everything one scenario needs, under one temporary directory. The run is also its
+/// first consumer (it derefs to that [`Zone`]); a pair's second consumer is [`Run::zone`].
 pub(crate) struct Run {
-    pub(crate) cfg: HarnessConfig,
+    first: Zone,
     pub(crate) sim: Simulator,
     pub(crate) nats: Option<NatsServer>,
+    // Last: removed after everything else (a tmpfs guard declared later is unmounted first).
+    pub(crate) dir: tempfile::TempDir,
+}
+
+impl Deref for Run {
+    type Target = Zone;
+
+    fn deref(&self) -> &Zone {
+        &self.first
+    }
+}
+
+/// One consumer of a run: its configuration (and run directory), its log, its monitor, and
+/// the `tandem run` processes started from it.
+pub(crate) struct Zone {
+    pub(crate) cfg: HarnessConfig,
     pub(crate) config: PathBuf,
     pub(crate) log: PathBuf,
     /// This run's own link to the `tandem` test binary.
@@ -80,8 +99,6 @@ pub(crate) struct Run {
     pub(crate) started: Instant,
     starts: std::cell::Cell<u32>,
     client: reqwest::Client,
-    // Last: removed after everything else (a tmpfs guard declared later is unmounted first).
-    pub(crate) dir: tempfile::TempDir,
 }
 
 /// A `tandem run` process. Killed (SIGKILL) if still running when dropped.
@@ -210,49 +227,223 @@ impl Run {
         })
         .await
         .unwrap();
-        let config = dir.path().join("tandem.toml");
-        std::fs::write(&config, cfg.consumer_toml(&cfg.stream_urls(&sim).unwrap())).unwrap();
-        let log = dir.path().join("tandem.log");
         let binary = pinned_binary(dir.path()).await;
+        let first = Zone::new(cfg, &sim, binary, started);
         Run {
-            cfg,
+            first,
             sim,
             nats,
-            config,
-            log,
-            binary,
-            started,
-            starts: std::cell::Cell::new(0),
-            client: http(),
             dir,
         }
+    }
+
+    /// The second consumer of a pair: the first one's configuration with its own run
+    /// directory (`<run>/<id>`: store, spool, ledger), monitor address and `[pair]`
+    /// consumer id `id`, then `tweak` (its paths, how it reaches NATS).
+    pub(crate) fn zone(&self, id: &str, tweak: impl FnOnce(&mut HarnessConfig)) -> Zone {
+        let mut cfg = self.cfg.clone();
+        cfg.run_dir = self.path().join(id);
+        cfg.monitor_listen = loopback_addr();
+        cfg.pair_consumer = Some(id.to_owned());
+        tweak(&mut cfg);
+        std::fs::create_dir_all(&cfg.run_dir).unwrap();
+        Zone::new(cfg, &self.sim, self.binary.clone(), self.started)
     }
 
     pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
 
+    pub(crate) fn nats(&mut self) -> &mut NatsServer {
+        self.nats.as_mut().expect("a run with a NATS server")
+    }
+
+    pub(crate) fn publish(&self, per_sec: f64) {
+        self.sim
+            .set_rate(&self.cfg.stream, RateProfile::Constant { per_sec })
+            .unwrap();
+    }
+
+    /// Activities the simulator published so far (ground truth).
+    pub(crate) fn published(&self) -> usize {
+        (1..=self.cfg.partitions)
+            .map(|p| self.sim.truth(&self.cfg.stream, p).unwrap().len())
+            .sum()
+    }
+
+    /// Stops publishing and waits until the consumer has caught up for 3 s in a row.
+    pub(crate) async fn settle(&self, consumer: &mut Consumer) {
+        self.settle_zones(&mut [(&self.first, consumer)]).await;
+    }
+
+    /// Stops publishing and waits until every zone's consumer has caught up, all at once,
+    /// for 3 s in a row.
+    pub(crate) async fn settle_zones(&self, zones: &mut [(&Zone, &mut Consumer)]) {
+        self.publish(0.0);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut since: Option<Instant> = None;
+        let mut last = None;
+        loop {
+            let mut all = true;
+            for (zone, consumer) in zones.iter_mut() {
+                assert!(
+                    consumer.alive(),
+                    "{} died while catching up\n--- log tail ---\n{}",
+                    consumer.label,
+                    zone.log_tail(80)
+                );
+                match zone.status().await {
+                    Some(s) if zone.caught_up(&s) => {}
+                    other => {
+                        all = false;
+                        last = other.map(|s| (consumer.label.clone(), s)).or(last);
+                    }
+                }
+            }
+            if !all {
+                since = None;
+            } else if since.get_or_insert_with(Instant::now).elapsed() >= Duration::from_secs(3) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let tails: Vec<String> = zones
+                    .iter()
+                    .map(|(z, c)| format!("--- {} log tail ---\n{}", c.label, z.log_tail(80)))
+                    .collect();
+                panic!(
+                    "never caught up; last status not caught up: {last:#?}\n{}",
+                    tails.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// What the store holds.
+    pub(crate) async fn stored(
+        &self,
+    ) -> HashMap<(String, tandem_core::Partition), Vec<tandem_core::ActivityId>> {
+        match &self.nats {
+            Some(n) => tandem_scenario::nats::stored_ids(&n.url(), "TANDEM")
+                .await
+                .expect("the JetStream stream can be read"),
+            None => tandem_scenario::store::stored_ids(&self.path().join("store"))
+                .expect("the file store can be read"),
+        }
+    }
+
+    /// Stops publishing, lets the consumer catch up, stops it with SIGTERM (it must exit
+    /// successfully) and judges the store against the simulator's ground truth:
+    /// published = stored once.
+    pub(crate) async fn finish(&self, consumer: Consumer, name: &str) -> Verdict {
+        self.finish_zones(vec![(&self.first, consumer)], name).await
+    }
+
+    /// [`Run::finish`] for every zone of the run at once: all caught up together, each
+    /// stopped with SIGTERM (each must exit successfully), then the one store judged.
+    pub(crate) async fn finish_zones(
+        &self,
+        mut zones: Vec<(&Zone, Consumer)>,
+        name: &str,
+    ) -> Verdict {
+        {
+            let mut settling: Vec<(&Zone, &mut Consumer)> =
+                zones.iter_mut().map(|(z, c)| (*z, c)).collect();
+            self.settle_zones(&mut settling).await;
+        }
+        for (_, consumer) in &zones {
+            consumer.sigterm();
+        }
+        for (zone, consumer) in &mut zones {
+            let code = consumer.wait_exit(Duration::from_secs(60)).await;
+            let Some(code) = code else {
+                panic!(
+                    "{}: still running 60 s after SIGTERM\n--- log tail ---\n{}",
+                    consumer.label,
+                    zone.log_tail(80)
+                );
+            };
+            assert!(
+                code.success(),
+                "{}: graceful stop: {code:?}\n--- log tail ---\n{}",
+                consumer.label,
+                zone.log_tail(80)
+            );
+        }
+        let stored = self.stored().await;
+        let v = compare(&self.cfg, &self.sim, &stored);
+        println!(
+            "{name}: {} ({:.1} s)",
+            v.line(),
+            self.started.elapsed().as_secs_f64()
+        );
+        if std::env::var_os("TANDEM_TEST_LOG").is_some() {
+            for (zone, consumer) in &zones {
+                println!("--- {} log ---\n{}", consumer.label, zone.log_text());
+            }
+        }
+        if !v.clean() {
+            println!("lost, as published: {:?}", v.lost_detail);
+            for (zone, consumer) in &zones {
+                println!(
+                    "--- {} log tail ---\n{}",
+                    consumer.label,
+                    zone.log_tail(120)
+                );
+            }
+        }
+        assert!(v.published > 0, "{name}: nothing was published");
+        assert!(
+            v.clean(),
+            "{name}: {} lost e.g. {:?}",
+            v.line(),
+            v.lost_examples
+        );
+        v
+    }
+}
+
+impl Zone {
+    /// Writes the consumer's configuration (`tandem.toml`, for `sim`) into its run
+    /// directory; its log is `tandem.log` beside it.
+    fn new(cfg: HarnessConfig, sim: &Simulator, binary: PathBuf, started: Instant) -> Zone {
+        let config = cfg.run_dir.join("tandem.toml");
+        std::fs::write(&config, cfg.consumer_toml(&cfg.stream_urls(sim).unwrap())).unwrap();
+        let log = cfg.run_dir.join("tandem.log");
+        Zone {
+            cfg,
+            config,
+            log,
+            binary,
+            started,
+            starts: std::cell::Cell::new(0),
+            client: http(),
+        }
+    }
+
     /// The sink's spool directory.
     pub(crate) fn spool_dir(&self) -> PathBuf {
-        self.path().join("spool").join("store")
+        self.cfg.run_dir.join("spool").join("store")
     }
 
     pub(crate) fn spool_segments(&self) -> usize {
         segments(&self.spool_dir())
     }
 
-    pub(crate) fn nats(&mut self) -> &mut NatsServer {
-        self.nats.as_mut().expect("a run with a NATS server")
-    }
-
     /// Starts `tandem run`, aborting at `crash_at` (`TANDEM_CRASH_AT`) if given. Its
-    /// stderr goes to the run's log, after a line naming the start.
+    /// stderr goes to the zone's log, after a line naming the start (and the zone's pair
+    /// consumer id, if any).
     pub(crate) fn start(&self, crash_at: Option<&str>) -> Consumer {
         let n = self.starts.get() + 1;
         self.starts.set(n);
+        let zone = self
+            .cfg
+            .pair_consumer
+            .as_ref()
+            .map_or_else(String::new, |id| format!("{id} "));
         let label = match crash_at {
-            Some(at) => format!("start #{n} (TANDEM_CRASH_AT={at})"),
-            None => format!("start #{n}"),
+            Some(at) => format!("{zone}start #{n} (TANDEM_CRASH_AT={at})"),
+            None => format!("{zone}start #{n}"),
         };
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -298,19 +489,6 @@ impl Run {
             .contains(&format!("tandem: crash point {name} reached"))
     }
 
-    pub(crate) fn publish(&self, per_sec: f64) {
-        self.sim
-            .set_rate(&self.cfg.stream, RateProfile::Constant { per_sec })
-            .unwrap();
-    }
-
-    /// Activities the simulator published so far (ground truth).
-    pub(crate) fn published(&self) -> usize {
-        (1..=self.cfg.partitions)
-            .map(|p| self.sim.truth(&self.cfg.stream, p).unwrap().len())
-            .sum()
-    }
-
     /// The consumer's `/status`, once it answers.
     pub(crate) async fn status(&self) -> Option<Value> {
         let url = format!("http://{}/status", self.cfg.monitor_listen);
@@ -323,15 +501,26 @@ impl Run {
         Some(self.client.get(url).send().await.ok()?.status().as_u16())
     }
 
+    /// The consumer's `/metrics` text, once it answers.
+    pub(crate) async fn metrics_text(&self) -> Option<String> {
+        let url = format!("http://{}/metrics", self.cfg.monitor_listen);
+        self.client.get(url).send().await.ok()?.text().await.ok()
+    }
+
     /// A sample's value from `/metrics` (the first series whose name and labels start
     /// with `prefix`).
     pub(crate) async fn metric(&self, prefix: &str) -> Option<f64> {
-        let url = format!("http://{}/metrics", self.cfg.monitor_listen);
-        let text = self.client.get(url).send().await.ok()?.text().await.ok()?;
+        let text = self.metrics_text().await?;
         text.lines()
             .find(|l| l.starts_with(prefix))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
+    }
+
+    /// The sum of every series of the metric `name` from `/metrics` whose labels include
+    /// all of `labels`; `None` if `/metrics` does not answer.
+    pub(crate) async fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        Some(metric_sum(&self.metrics_text().await?, name, labels))
     }
 
     /// Waits until `/status` satisfies `done`; fails the test (with the last status and
@@ -421,96 +610,25 @@ impl Run {
                         .is_none_or(|gaps| gaps.iter().all(|g| g["state"] != "open"))
             })
     }
+}
 
-    /// Stops publishing and waits until the consumer has caught up for 3 s in a row.
-    pub(crate) async fn settle(&self, consumer: &mut Consumer) {
-        self.publish(0.0);
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let mut since: Option<Instant> = None;
-        let mut last = None;
-        loop {
-            assert!(
-                consumer.alive(),
-                "{} died while catching up\n--- log tail ---\n{}",
-                consumer.label,
-                self.log_tail(80)
-            );
-            match self.status().await {
-                Some(s) if self.caught_up(&s) => {
-                    if since.get_or_insert_with(Instant::now).elapsed() >= Duration::from_secs(3) {
-                        return;
-                    }
-                }
-                other => {
-                    since = None;
-                    last = other.or(last);
-                }
+/// The sum of every series of the metric `name` in a `/metrics` text whose labels include
+/// all of `labels` (0 when none does).
+pub(crate) fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (series, value) = rest.rsplit_once(' ')?;
+            if !(series.is_empty() || series.starts_with('{')) {
+                return None;
             }
-            assert!(
-                Instant::now() < deadline,
-                "never caught up; last status: {last:#?}\n--- log tail ---\n{}",
-                self.log_tail(80)
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// What the store holds.
-    pub(crate) async fn stored(
-        &self,
-    ) -> HashMap<(String, tandem_core::Partition), Vec<tandem_core::ActivityId>> {
-        match &self.nats {
-            Some(n) => tandem_scenario::nats::stored_ids(&n.url(), "TANDEM")
-                .await
-                .expect("the JetStream stream can be read"),
-            None => tandem_scenario::store::stored_ids(&self.path().join("store"))
-                .expect("the file store can be read"),
-        }
-    }
-
-    /// Stops publishing, lets the consumer catch up, stops it with SIGTERM (it must exit
-    /// successfully) and judges the store against the simulator's ground truth:
-    /// published = stored once.
-    pub(crate) async fn finish(&self, mut consumer: Consumer, name: &str) -> Verdict {
-        self.settle(&mut consumer).await;
-        consumer.sigterm();
-        let code = consumer.wait_exit(Duration::from_secs(60)).await;
-        let Some(code) = code else {
-            panic!(
-                "{}: still running 60 s after SIGTERM\n--- log tail ---\n{}",
-                consumer.label,
-                self.log_tail(80)
-            );
-        };
-        assert!(
-            code.success(),
-            "{}: graceful stop: {code:?}\n--- log tail ---\n{}",
-            consumer.label,
-            self.log_tail(80)
-        );
-        let stored = self.stored().await;
-        let v = compare(&self.cfg, &self.sim, &stored);
-        println!(
-            "{name}: {} ({:.1} s)",
-            v.line(),
-            self.started.elapsed().as_secs_f64()
-        );
-        if std::env::var_os("TANDEM_TEST_LOG").is_some() {
-            println!("--- log ---\n{}", self.log_text());
-        }
-        if !v.clean() {
-            println!("lost, as published: {:?}", v.lost_detail);
-            println!("--- log tail ---\n{}", self.log_tail(120));
-        }
-        assert!(v.published > 0, "{name}: nothing was published");
-        assert!(
-            v.clean(),
-            "{name}: {} lost e.g. {:?}",
-            v.line(),
-            v.lost_examples
-        );
-        v
-    }
+            labels
+                .iter()
+                .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }
 
 /// A real tmpfs mounted on a directory, unmounted when dropped (also when the test fails).

@@ -975,3 +975,74 @@ async fn what_the_peer_stored_is_never_requested() {
     shutdown.send_replace(true);
     handle.finish().await;
 }
+
+/// An interval both consumers of a pair missed is recovered by one of them: the one whose
+/// gap comes first (start, then end) recovers it while the other holds back for as long as
+/// the peer reports the gap open (within `PEER_RECOVERY_WAIT`); a young gap also waits for
+/// a peer that is away over it and has not found its gap yet; what the peer never had
+/// (before its coverage began) is never left to it.
+#[test]
+fn the_earlier_gap_of_the_pair_recovers_a_shared_interval() {
+    let s = an_hour_ago();
+    let at = |x: u64| s + x * SEC;
+    let c = chunk(at(0), at(60), false, None);
+    let ours = (at(10), at(50));
+    let live_with = |gap: (u64, u64)| PeerStored {
+        from_ms: s - 600 * SEC,
+        until_ms: at(100),
+        open_gaps: vec![gap],
+        live: true,
+    };
+    let recovers = |peer: &PeerStored, young: bool, waited_ms: u64| {
+        peer_recovers(peer, ours, &c, young, waited_ms)
+    };
+    assert!(
+        recovers(&live_with((at(9), at(49))), true, 0),
+        "the peer's starts first"
+    );
+    assert!(
+        recovers(&live_with((at(9), at(49))), false, 60_000),
+        "held while it is open"
+    );
+    assert!(
+        !recovers(&live_with((at(11), at(49))), true, 0),
+        "ours starts first"
+    );
+    assert!(
+        !recovers(&live_with((at(10), at(51))), true, 0),
+        "same start, ours ends first"
+    );
+    let waited = PEER_RECOVERY_WAIT.as_millis() as u64;
+    assert!(
+        !recovers(&live_with((at(9), at(49))), false, waited),
+        "waited long enough"
+    );
+    let stored_all = PeerStored {
+        open_gaps: Vec::new(),
+        ..live_with((0, 0))
+    };
+    assert!(
+        !recovers(&stored_all, true, 0),
+        "nothing lacking: covered, not held"
+    );
+
+    let away = PeerStored {
+        from_ms: s - 600 * SEC,
+        until_ms: at(5),
+        open_gaps: Vec::new(),
+        live: false,
+    };
+    assert!(
+        recovers(&away, true, 0),
+        "a young gap waits for the away peer's report"
+    );
+    assert!(!recovers(&away, false, 30_000), "an old one does not");
+    let started_later = PeerStored {
+        from_ms: at(5),
+        ..live_with((at(5), at(49)))
+    };
+    assert!(
+        !recovers(&started_later, true, 0),
+        "the peer never had what came before its coverage"
+    );
+}
