@@ -281,6 +281,9 @@ struct Pending {
 }
 
 /// The JetStream store.
+/// At most one line this often about unacknowledged publishes.
+const UNACKED_LOG_EVERY: Duration = Duration::from_secs(5);
+
 pub struct NatsStore {
     client: async_nats::Client,
     js: jetstream::Context,
@@ -292,6 +295,10 @@ pub struct NatsStore {
     done: Vec<Ack>,
     /// Acknowledgement failed: to be published again.
     retry: VecDeque<Pending>,
+    /// Unacknowledged publishes not logged yet, and when that was last logged: one line
+    /// per few seconds with a count, not one per activity (a blackholed server fails
+    /// thousands).
+    unacked: (u64, Option<tokio::time::Instant>),
     /// A batch a failed publish interrupted: (stream, partition, first id, items sent).
     partial: Option<(StreamId, Partition, ActivityId, usize)>,
     /// The stream was found (or created) and checked.
@@ -544,6 +551,7 @@ impl NatsStore {
             pending: VecDeque::new(),
             done: Vec::new(),
             retry: VecDeque::new(),
+            unacked: (0, None),
             partial: None,
             ready: false,
         };
@@ -670,7 +678,14 @@ impl NatsStore {
             Ok(ack) => self.record(&p, &ack),
             Err(e) => {
                 // Unknown whether the server stored it: publish again, same Nats-Msg-Id.
-                tracing::warn!(id = %p.id, error = %e, "publish not acknowledged; it will be published again");
+                let (count, last) = &mut self.unacked;
+                *count += 1;
+                let now = tokio::time::Instant::now();
+                if last.is_none_or(|t| now.duration_since(t) >= UNACKED_LOG_EVERY) {
+                    tracing::warn!(publishes = *count, last_id = %p.id, error = %e, "publishes not acknowledged; they will be published again");
+                    *count = 0;
+                    *last = Some(now);
+                }
                 self.retry.push_back(p);
             }
         }
