@@ -662,15 +662,41 @@ fn kubernetes_manifests_parse_and_hang_together() {
             "{what}: grace {grace} s <= drain {drain_ms} ms"
         );
 
-        // Credentials from the Secret, under the variable the config reads.
-        let env = &c["env"][0];
-        let secret = text(env, "valueFrom/secretKeyRef/name", what);
-        let key = text(env, "valueFrom/secretKeyRef/key", what);
+        // The upstream password: a file of a mounted Secret, where the config reads it
+        // (read before every request, so a rotated Secret heals without a restart).
+        let password_file = cfg["stream"][0]["auth"]["password_file"].as_str().unwrap();
+        let password_file = Path::new(password_file);
+        let mount = c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| password_file.starts_with(text(m, "mountPath", what)))
+            .unwrap_or_else(|| panic!("{what}: nothing mounted at {}", password_file.display()));
+        let volume = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap_or_else(|| panic!("{what}: no volume {}", mount["name"]));
+        let secret = text(volume, "secret/secretName", what);
         let defined = named(&all, "Secret", secret)
             .unwrap_or_else(|| panic!("{what}: Secret {secret} is not defined"));
-        assert!(defined["stringData"].get(key).is_some());
-        let password_env = cfg["stream"][0]["auth"]["password_env"].as_str().unwrap();
-        assert_eq!(text(env, "name", what), password_env);
+        let file = password_file.file_name().unwrap().to_str().unwrap();
+        let key = volume["secret"]["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["path"] == file)
+            .map(|i| text(i, "key", what))
+            .unwrap_or_else(|| panic!("{what}: the Secret's items do not hold {file}"));
+        assert!(
+            defined["stringData"].get(key).is_some(),
+            "{what}: Secret {secret} has no {key}"
+        );
+        assert!(
+            c["env"].is_null(),
+            "{what}: no credential in the environment"
+        );
 
         // State (ledger, spool) on a claim that exists, where the config writes it.
         let claim = pod["volumes"]
@@ -724,6 +750,7 @@ fn zone_configurations_pass_tandem_check() {
     let dir = tempfile::tempdir().unwrap();
     tls_files(dir.path());
     std::fs::write(dir.path().join("token"), format!("{PLANTED}\n")).unwrap();
+    std::fs::write(dir.path().join("password"), "planted-upstream-password\n").unwrap();
     let mut connections = 0;
     let mut ids = std::collections::HashSet::new();
     for zone in ["a", "b"] {
@@ -736,6 +763,11 @@ fn zone_configurations_pass_tandem_check() {
             let local = dir.path().join(name).display().to_string();
             sink.insert(field.to_owned(), local.into());
         }
+        let auth = cfg["stream"].as_array_mut().unwrap()[0]["auth"]
+            .as_table_mut()
+            .unwrap();
+        let local = dir.path().join("password").display().to_string();
+        auth.insert("password_file".to_owned(), local.into());
         let path = dir.path().join(format!("zone-{zone}.toml"));
         std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
         let out = succeed(
@@ -752,8 +784,8 @@ fn zone_configurations_pass_tandem_check() {
         );
         println!("{printed}");
         assert!(
-            !printed.contains(PLANTED),
-            "the token is printed: {printed}"
+            !printed.contains(PLANTED) && !printed.contains("planted-upstream-password"),
+            "a credential is printed: {printed}"
         );
         assert!(printed.contains("TLS"), "the plan says the sink uses TLS");
         let stream = &cfg["stream"][0];
