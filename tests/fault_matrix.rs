@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tandem_e2e::{harness, judge, metric_sum, outage};
 use tandem_monitor::{AlertName, Transition};
-use tandem_scenario::{Harness, HarnessApi};
+use tandem_scenario::{Harness, HarnessApi, HarnessConfig};
 use tandem_sim::{Fault, Injection, Target};
 use tokio::time::Instant;
 
@@ -77,27 +77,23 @@ fn fired_so_far(
 /// One path dropped: its sibling covers, the path reconnects, nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_path_dropped() {
-    let (h, _dir) = harness(|_| {}).await;
+    path_dropped("one path dropped", |_| {}, Duration::from_secs(10)).await;
+}
+
+/// The scenario of a dropped path, on the stream `tweak` sets up: partition 1's first path
+/// is dropped and its reconnects refused for a second while its sibling stays connected;
+/// `partition_imbalance` fires and resolves within `within`; nothing is lost.
+async fn path_dropped(name: &str, tweak: impl FnOnce(&mut HarnessConfig), within: Duration) {
+    let (h, _dir) = harness(tweak).await;
     let mut alerts = h.pipeline.alert_transitions();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let at = Instant::now();
-    // The dropped path's reconnects are refused for a second (its sibling stays connected).
     refuse_and_drop_path(&h, 1, 0);
-    let (fired, resolved) = fired_and_resolved(
-        &mut alerts,
-        AlertName::PartitionImbalance,
-        1,
-        Duration::from_secs(10),
-    )
-    .await;
+    let (fired, resolved) =
+        fired_and_resolved(&mut alerts, AlertName::PartitionImbalance, 1, within).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let v = h.finish(SETTLE).await;
-    judge(
-        "one path dropped",
-        &v,
-        Some(fired - at),
-        Some(resolved - at),
-    );
+    judge(name, &v, Some(fired - at), Some(resolved - at));
 }
 
 /// One path silently stalled: detected by data silence against the sibling, reconnected.
@@ -522,31 +518,17 @@ async fn dedup_memory_cap_reached() {
 /// covers, the path reconnects, nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v2_filtered_one_path_dropped() {
-    let (h, _dir) = harness(|c| {
+    let filtered = |c: &mut HarnessConfig| {
         c.api = HarnessApi::V2Filtered;
         c.partitions = 1;
         c.stream = "filtered".to_owned();
-    })
-    .await;
-    let mut alerts = h.pipeline.alert_transitions();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let at = Instant::now();
-    refuse_and_drop_path(&h, 1, 0);
-    let (fired, resolved) = fired_and_resolved(
-        &mut alerts,
-        AlertName::PartitionImbalance,
-        1,
+    };
+    path_dropped(
+        "v2 filtered: path dropped",
+        filtered,
         Duration::from_secs(30),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let v = h.finish(SETTLE).await;
-    judge(
-        "v2 filtered: path dropped",
-        &v,
-        Some(fired - at),
-        Some(resolved - at),
-    );
 }
 
 /// Refuses a partition's reconnects for a second and drops one path's connection.
