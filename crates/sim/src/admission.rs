@@ -89,7 +89,14 @@ pub(crate) fn admit(
         Endpoint::Recovery => true,
         Endpoint::Live => v2 && has_range,
     };
-    let partition_hint = q.partition.as_deref().and_then(|p| p.parse().ok());
+    // An unpartitioned stream serves everything as partition 1: a rejection aimed at
+    // partition 1 applies to it.
+    let partition_hint = match &cfg.api {
+        Api::V2 {
+            partitioned: false, ..
+        } => Some(1),
+        _ => q.partition.as_deref().and_then(|p| p.parse().ok()),
+    };
     if recovery {
         injected_rejection(stream, partition_hint, now_ms)?;
     } else {
