@@ -189,33 +189,13 @@ async fn zone_back_after_the_duplicate_window_stores_nothing_twice() {
         .another_consumer(zone_b_dir, zone_b_paths)
         .await
         .expect("zone b starts again");
-    let repaired = |s: &tandem_monitor::Status| {
-        let gaps: Vec<_> = s
-            .streams
-            .iter()
-            .flat_map(|st| &st.partitions)
-            .flat_map(|p| &p.repair_gaps)
-            .collect();
-        !gaps.is_empty()
-            && gaps
-                .iter()
-                .all(|g| g.state == tandem_core::GapState::Repaired)
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-    while !repaired(&zone_b.status()) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "zone b recovered its gap: {:?}",
-            zone_b
-                .status()
-                .streams
-                .iter()
-                .flat_map(|st| &st.partitions)
-                .map(|p| &p.repair_gaps)
-                .collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    repair_gaps_reach(
+        || zone_b.status(),
+        Duration::from_secs(40),
+        "zone b recovered its gap",
+        |gaps| !gaps.is_empty(),
+    )
+    .await;
     let recovered_skipped: u64 = zone_b
         .tallies()
         .iter()
@@ -286,33 +266,14 @@ async fn pair_zone_away_past_backfill_needs_no_recovery() {
         .another_consumer(zone_b_dir, zone_b_paths)
         .await
         .expect("zone b starts again");
-    let closed = |s: &tandem_monitor::Status| {
-        let gaps: Vec<_> = s
-            .streams
-            .iter()
-            .flat_map(|st| &st.partitions)
-            .flat_map(|p| &p.repair_gaps)
-            .collect();
-        gaps.len() == 2
-            && gaps
-                .iter()
-                .all(|g| g.state == tandem_core::GapState::Repaired)
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !closed(&zone_b.status()) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "zone b closed a gap per partition: {:?}",
-            zone_b
-                .status()
-                .streams
-                .iter()
-                .flat_map(|st| &st.partitions)
-                .map(|p| &p.repair_gaps)
-                .collect::<Vec<_>>()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let what = "zone b closed a gap per partition";
+    repair_gaps_reach(
+        || zone_b.status(),
+        Duration::from_secs(60),
+        what,
+        |gaps| gaps.len() == 2,
+    )
+    .await;
     let stats = h.sim.stats(&h.cfg.stream).unwrap();
     assert_eq!(stats.recovery_jobs, 0, "no recovery request: {stats:?}");
     let by_peer = tandem_e2e::metric_sum(
@@ -327,6 +288,35 @@ async fn pair_zone_away_past_backfill_needs_no_recovery() {
     let all: Vec<ActivityId> = ids.values().flatten().copied().collect();
     let distinct = all.iter().collect::<HashSet<_>>().len();
     assert_eq!(all.len(), distinct, "no message stored twice");
+}
+
+/// Waits until the repair gaps in `status` satisfy `enough` and are all repaired; fails with
+/// `what` and the gaps if they do not within `within`.
+async fn repair_gaps_reach(
+    status: impl Fn() -> std::sync::Arc<tandem_monitor::Status>,
+    within: Duration,
+    what: &str,
+    enough: impl Fn(&[tandem_core::GapView]) -> bool,
+) {
+    let gaps = || -> Vec<tandem_core::GapView> {
+        (status().streams.iter())
+            .flat_map(|st| &st.partitions)
+            .flat_map(|p| p.repair_gaps.clone())
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let now = gaps();
+        if enough(&now)
+            && now
+                .iter()
+                .all(|g| g.state == tandem_core::GapState::Repaired)
+        {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {now:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The read-back gap repair uses: exactly the ids published in the asked interval, of the
