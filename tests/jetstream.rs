@@ -359,7 +359,7 @@ async fn stored_ids_reads_back_an_interval_of_one_partition() {
     publish("tandem.decahose.1", delete).await;
     publish("tandem.decahose.1", ActivityId::Post(4)).await;
 
-    let ids = tandem_sink::StoredIds::connect(&tandem_sink::NatsConfig::new(&url), None)
+    let ids = tandem_sink::JetStreamIds::connect(&tandem_sink::NatsConfig::new(&url), None)
         .await
         .unwrap();
     let all = ids.between("decahose", 1, 0, u64::MAX / 2).await.unwrap();

@@ -63,6 +63,9 @@ pub struct ShardSpec {
     pub tally: Arc<Tally>,
     pub dead_letters: Arc<DeadLetters>,
     pub events: mpsc::UnboundedSender<MergeEvent>,
+    /// The longest line the partition's sink stores (a Kafka record's limit); a longer
+    /// first copy is dead-lettered (`oversize`), never truncated.
+    pub max_line_bytes: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -255,6 +258,16 @@ impl Shard {
                     .record(received.saturating_duration_since(at).as_secs_f64());
             }
             return Copy::Duplicate;
+        }
+        if let Some(max) = self.spec.max_line_bytes
+            && line.len() > max
+        {
+            let why = format!(
+                "{} bytes: over the sink's limit of {max} bytes per line (its max_message_bytes less room for the key and headers)",
+                line.len()
+            );
+            self.dead_letter(path, connection, "oversize", &why, &line);
+            return Copy::Invalid;
         }
         if let Err(e) = validate(&line) {
             self.dead_letter(path, connection, e.label(), &e.to_string(), &line);

@@ -17,6 +17,10 @@ struct Fixture {
 }
 
 fn fixture(config: MergeConfig) -> Fixture {
+    fixture_limited(config, None)
+}
+
+fn fixture_limited(config: MergeConfig, max_line_bytes: Option<usize>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let (events_tx, events) = mpsc::unbounded_channel();
     let tally = Arc::new(Tally::with_lanes(3));
@@ -32,6 +36,7 @@ fn fixture(config: MergeConfig) -> Fixture {
         tally: tally.clone(),
         dead_letters: Arc::new(DeadLetters::open(dir.path()).unwrap()),
         events: events_tx,
+        max_line_bytes,
     };
     Fixture {
         shard: Shard::new(spec, Instant::now()),
@@ -196,6 +201,36 @@ async fn malformed_lines_are_dead_lettered() {
         "non-UTF-8 lines are kept byte for byte"
     );
     assert!(matches!(f.events.try_recv(), Ok(MergeEvent::System { .. })));
+}
+
+/// A line over the sink's record limit is dead-lettered whole with its reason (never cut
+/// to fit), its neighbours stored.
+#[tokio::test(start_paused = true)]
+async fn a_line_over_the_sinks_limit_is_dead_lettered_whole() {
+    let limit = 4_096;
+    let mut f = fixture_limited(MergeConfig::default(), Some(limit));
+    let big = Bytes::from(format!(
+        "{{\"id\":7,\"id_str\":\"7\",\"user\":{{\"id_str\":\"1\"}},\"text\":\"{}\"}}",
+        "x".repeat(limit)
+    ));
+    let mut out = Vec::new();
+    f.shard
+        .process(batch(0, vec![post(6), big.clone(), post(8)]), &mut out);
+    assert_eq!(ids(&out), [ActivityId::Post(6), ActivityId::Post(8)]);
+    let t = f.tally.snapshot();
+    assert_eq!((t.unique, t.dead_lettered), (2, 1));
+    let text = std::fs::read_to_string(f.dir.path().join("dead-letters.ndjson")).unwrap();
+    let record: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(record["reason"], "oversize");
+    assert!(
+        record["detail"].as_str().unwrap().contains("4096"),
+        "{record}"
+    );
+    assert_eq!(
+        record["line"].as_str().unwrap().len(),
+        big.len(),
+        "kept whole"
+    );
 }
 
 /// A corrupted first copy is dead-lettered without remembering its id, so the intact

@@ -96,6 +96,11 @@ pub(crate) fn job(account: &str, slot: usize) -> String {
 }
 
 /// Token `slot` of a connect-budget bucket.
+/// The writer lease of a partition of `sink` (a Kafka topic the pair shares).
+pub(crate) fn writer(sink: &str, stream: &str, partition: u32) -> String {
+    format!("writer.{}.{}.{partition}", escape(sink), escape(stream))
+}
+
 pub(crate) fn token(slot: usize) -> String {
     format!("token.{slot}")
 }

@@ -162,6 +162,12 @@ impl Pair {
         lease::acquire(&self.inner, account, slots).await
     }
 
+    /// The writer lease of `stream`'s `partition` into `sink`: taken as soon as it is free
+    /// and renewed from then on, in a task of its own, until shutdown.
+    pub fn writer_lease(&self, sink: &str, stream: &str, partition: u32) -> crate::WriterLease {
+        crate::writer::start(&self.inner, sink, stream, partition)
+    }
+
     /// One connection request of `stream` within a limit shared by the pair: `limit`
     /// requests per `window` (sliding: each request creates a token key in the bucket
     /// `<bucket>_connects_<stream>`, whose `max_age` is `window`, and tokens are never

@@ -121,13 +121,21 @@ impl Pipeline {
         let since = now
             .saturating_sub(window.as_millis() as u64)
             .min(ledgers.oldest_edge_ms.max(retention));
-        let mut sinks = sinks::start(&config, &names, &tallies, &sink_tokens, since).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let probes = pair::Probes::default();
+        let pair = start_pair(&config, &sink_tokens, &probes, &shutdown_rx)?;
+        let mut sinks = sinks::start(
+            &config,
+            &names,
+            &tallies,
+            &sink_tokens,
+            since,
+            pair.as_ref(),
+        )
+        .await?;
         let (conn_events_tx, conn_events_rx) = mpsc::unbounded_channel::<ConnEvent>();
         let (merge_events_tx, merge_events_rx) = mpsc::unbounded_channel::<MergeEvent>();
         let mut running = streams::Running::default();
-        let probes = pair::Probes::default();
-        let pair = start_pair(&config, &sink_tokens, &probes, &shutdown_rx)?;
         let mut wiring = streams::Wiring {
             config: &config,
             auth: &auth,
@@ -317,7 +325,7 @@ async fn serve(
     Ok((http, http_addr))
 }
 
-/// What a shared store (JetStream) holds for one stream partition, for recovery.
+/// What a shared store (JetStream, Kafka) holds for one stream partition, for recovery.
 #[derive(Debug)]
 pub(crate) struct StoreIds {
     pub ids: tandem_sink::StoredIds,

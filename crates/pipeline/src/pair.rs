@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_conn::{PartitionLiveness, SharedBudget};
-use tandem_core::{GapState, GapView};
+use tandem_core::{GapState, GapView, Partition};
 use tandem_pair::{Pair, PartitionId, Progress};
 use tandem_repair::{JobPermit, JobSlots, PeerAnswer, PeerCoverage, PeerStored};
 use tokio::sync::{Semaphore, watch};
@@ -209,5 +209,46 @@ impl JobSlots for PairJobs {
                 }
             }
         })
+    }
+}
+
+/// Which consumer of the pair writes each partition of a Kafka sink: the holder of the
+/// partition's writer lease.
+#[derive(Debug)]
+pub(crate) struct PairWriters {
+    leases: HashMap<(String, Partition), tandem_pair::WriterLease>,
+    fence: Duration,
+}
+
+impl PairWriters {
+    /// Starts taking the writer leases of `partitions` (stream name, partition) of `sink`.
+    pub(crate) fn start(
+        pair: &tandem_pair::Pair,
+        sink: &str,
+        partitions: impl IntoIterator<Item = (String, Partition)>,
+    ) -> PairWriters {
+        let leases: HashMap<_, _> = partitions
+            .into_iter()
+            .map(|(s, p)| {
+                let lease = pair.writer_lease(sink, &s, p);
+                ((s, p), lease)
+            })
+            .collect();
+        let fence = (leases.values().map(tandem_pair::WriterLease::fence))
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        PairWriters { leases, fence }
+    }
+}
+
+impl tandem_sink::WriterGate for PairWriters {
+    fn writer_since(&self, stream: &str, partition: Partition) -> Option<tokio::time::Instant> {
+        self.leases
+            .get(&(stream.to_owned(), partition))
+            .and_then(tandem_pair::WriterLease::held_since)
+    }
+
+    fn fence(&self) -> Duration {
+        self.fence
     }
 }

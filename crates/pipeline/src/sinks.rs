@@ -27,6 +27,7 @@ pub(crate) async fn start(
     tallies: &HashMap<(StreamId, Partition), Arc<Tally>>,
     tokens: &std::collections::BTreeMap<String, Secret>,
     remember_since_ms: u64,
+    pair: Option<&tandem_pair::Pair>,
 ) -> Result<Sinks, StartError> {
     let mut sinks = Sinks::default();
     for (name, sink) in &config.sinks {
@@ -40,12 +41,26 @@ pub(crate) async fn start(
         }
         let mut delivery = config.delivery.clone();
         delivery.spool_dir = delivery.spool_dir.join(name);
+        // A pair writes a Kafka topic from one consumer per partition at a time.
+        let writer = match (sink, pair) {
+            (tandem_config::SinkConfig::Kafka(_), Some(pair)) => {
+                let partitions = routed
+                    .keys()
+                    .map(|(sid, p)| (names[usize::from(sid.0)].to_string(), *p));
+                Some(
+                    Arc::new(crate::pair::PairWriters::start(pair, name, partitions))
+                        as Arc<dyn tandem_sink::WriterGate>,
+                )
+            }
+            _ => None,
+        };
         let ctx = SinkContext {
             names: names.clone(),
             delivery,
             tallies: routed,
             remember_since_ms,
             token: tokens.get(name).cloned(),
+            writer,
         };
         let started = tandem_sink::start(name, sink, ctx)
             .await

@@ -292,6 +292,7 @@ fn shard(
             tally: tally.clone(),
             dead_letters: w.dead_letters.clone(),
             events: w.merge_events.clone(),
+            max_line_bytes: w.config.sinks.get(&s.sink).and_then(|k| k.max_line_bytes()),
         },
         Instant::now(),
     );

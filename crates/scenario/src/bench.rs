@@ -477,7 +477,7 @@ fn report(
 /// read back, headers only.
 async fn read_back(url: &str) -> String {
     let cfg = tandem_sink::NatsConfig::new(url);
-    let ids = match tandem_sink::StoredIds::connect(&cfg, None).await {
+    let ids = match tandem_sink::JetStreamIds::connect(&cfg, None).await {
         Ok(ids) => ids,
         Err(e) => return format!("jetstream read-back not measured: {e}"),
     };

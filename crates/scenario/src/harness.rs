@@ -70,6 +70,12 @@ pub struct HarnessConfig {
     pub fast_retry: bool,
     /// Store in this NATS JetStream server (stream `TANDEM`) instead of files.
     pub nats_url: Option<String>,
+    /// Store in this Kafka-protocol broker (`host:port`, topic `tandem`, created with 3
+    /// partitions) instead of files. With `pair_consumer`, `nats_url` is then the pair's
+    /// coordination server only.
+    pub kafka_bootstrap: Option<String>,
+    /// Lines added to the Kafka sink's section (`max_message_bytes = …`).
+    pub kafka_extra: String,
     /// Discard instead of storing (benchmarks of the pipeline alone).
     pub null_sink: bool,
     /// Live connections the simulator allows per partition (two zones need four).
@@ -128,6 +134,8 @@ impl HarnessConfig {
             connect_window_ms: 10_000,
             fast_retry: true,
             nats_url: None,
+            kafka_bootstrap: None,
+            kafka_extra: String::new(),
             null_sink: false,
             max_connections_per_partition: 2,
             max_memory_activities: 100_000,
@@ -380,6 +388,20 @@ window_ms = {window}
 
     /// The sink's settings (`kind` and what it takes): null, NATS or files.
     fn sink_toml(&self) -> String {
+        if let Some(bootstrap) = &self.kafka_bootstrap {
+            return format!(
+                "kind = \"kafka\"\nbootstrap_servers = \"{bootstrap}\"\ntopic = \"{KAFKA_TOPIC}\"\ncreate_topic = true\ntopic_partitions = 3\n{}\n{}",
+                self.kafka_extra,
+                match &self.nats_url {
+                    // The pair's coordination server, which no stream stores to.
+                    Some(url) if self.pair_consumer.is_some() => format!(
+                        "\n[sinks.coordination]\nkind = \"nats\"\nurl = \"{url}\"\nstream = \"TANDEM\"\nduplicate_window_secs = {}\n",
+                        self.dedup_window_secs * 2
+                    ),
+                    _ => String::new(),
+                }
+            );
+        }
         match &self.nats_url {
             _ if self.null_sink => "kind = \"null\"".to_owned(),
             Some(url) => format!(
@@ -452,6 +474,9 @@ ledger_flush_ms = 200
         }
     }
 }
+
+/// The topic a harness with `kafka_bootstrap` stores into.
+pub const KAFKA_TOPIC: &str = "tandem";
 
 /// The run could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -731,14 +756,22 @@ impl Harness {
             dead += s.dead_lettered;
         }
         let shutdown = self.pipeline.shutdown().await;
-        let stored = match &self.cfg.nats_url {
-            Some(url) => crate::nats::stored_ids(url, "TANDEM")
+        let stored = match (&self.cfg.kafka_bootstrap, &self.cfg.nats_url) {
+            (Some(bootstrap), _) => crate::kafka::stored_ids(bootstrap, KAFKA_TOPIC)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "cannot read the Kafka topic back");
+                    Default::default()
+                }),
+            (None, Some(url)) => crate::nats::stored_ids(url, "TANDEM")
                 .await
                 .unwrap_or_else(|e| {
                     tracing::error!(error = %e, "cannot read the JetStream stream back");
                     Default::default()
                 }),
-            None => crate::store::stored_ids(&self.cfg.run_dir.join("store")).unwrap_or_default(),
+            (None, None) => {
+                crate::store::stored_ids(&self.cfg.run_dir.join("store")).unwrap_or_default()
+            }
         };
         let mut v = compare(&self.cfg, &self.sim, &stored);
         v.duplicates_removed = dups;

@@ -10,6 +10,7 @@
 //!   the [`Verdict`].
 //! - [`store`]: reading back what the file sink stored.
 //! - [`nats`]: a real `nats-server -js` for tests, and reading back a JetStream stream.
+//! - [`kafka`]: a real Kafka-protocol broker (`tansu`) for tests, and reading back a topic.
 //! - [`demo`]: the embedded demo with its fault schedule and live summary.
 //! - [`free_port`]: an ephemeral loopback port, for every test peer.
 //! - [`mod@bench`]: `tandem bench`, the full pipeline at full speed and the X SDK baseline.
@@ -17,6 +18,7 @@
 pub mod bench;
 pub mod demo;
 pub mod harness;
+pub mod kafka;
 pub mod nats;
 pub mod store;
 

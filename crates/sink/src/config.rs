@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::file::FileConfig;
+use crate::kafka::KafkaConfig;
 use crate::nats::NatsConfig;
 
 /// A sink.
@@ -16,6 +17,9 @@ pub enum SinkConfig {
     File(FileConfig),
     /// NATS JetStream, the shared store of consumers in several zones.
     Nats(NatsConfig),
+    /// A Kafka-protocol service (Apache Kafka, OCI Streaming), one record per activity
+    /// keyed by its id.
+    Kafka(KafkaConfig),
     /// Lines on standard output, for piping.
     Stdout,
     /// Discard everything (benchmarks).
@@ -27,6 +31,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(_) => "file",
             SinkConfig::Nats(_) => "nats",
+            SinkConfig::Kafka(_) => "kafka",
             SinkConfig::Stdout => "stdout",
             SinkConfig::Null => "null",
         }
@@ -37,6 +42,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(f) => f.problems(),
             SinkConfig::Nats(n) => n.problems(dedup_window_secs),
+            SinkConfig::Kafka(k) => k.problems(),
             SinkConfig::Stdout | SinkConfig::Null => Vec::new(),
         }
     }
@@ -46,7 +52,16 @@ impl SinkConfig {
     pub fn token_sources(&self) -> (Option<&str>, Option<&Path>) {
         match self {
             SinkConfig::Nats(n) => (n.token_env.as_deref(), n.token_file.as_deref()),
+            SinkConfig::Kafka(k) => (k.password_env.as_deref(), k.password_file.as_deref()),
             _ => (None, None),
+        }
+    }
+
+    /// The longest line the sink stores; a longer one is dead-lettered by the merger.
+    pub fn max_line_bytes(&self) -> Option<usize> {
+        match self {
+            SinkConfig::Kafka(k) => Some(k.max_line_bytes()),
+            _ => None,
         }
     }
 
@@ -68,6 +83,19 @@ impl SinkConfig {
                     None if n.tls_required() => ", TLS".to_owned(),
                     None => String::new(),
                 }
+            ),
+            // Not the user or the password.
+            SinkConfig::Kafka(k) => format!(
+                "kafka, topic {} at {} ({}{}), acks from all replicas{}",
+                k.topic,
+                k.bootstrap_servers,
+                k.security_protocol.as_str(),
+                if k.security_protocol.sasl() {
+                    format!(" {}", k.sasl_mechanism.as_str())
+                } else {
+                    String::new()
+                },
+                if k.idempotence { ", idempotent" } else { "" }
             ),
             other => other.kind().to_owned(),
         }

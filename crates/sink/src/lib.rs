@@ -20,12 +20,17 @@
 //!   once stored.
 //! - [`mod@file`]: [`FileStore`], NDJSON files per stream, partition and time bucket.
 //! - [`nats`]: [`NatsStore`], NATS JetStream with `Nats-Msg-Id` dedup across zones, and
-//!   [`StoredIds`], what the stream already holds (for gap repair in a pair).
+//!   [`JetStreamIds`], what the stream already holds (for gap repair in a pair).
+//! - [`kafka`]: [`KafkaStore`], a Kafka-protocol service (Apache Kafka, OCI Streaming),
+//!   keyed by activity id, one writer per partition in a pair ([`WriterGate`]), and
+//!   [`TopicIds`], what the topic holds.
+//! - [`StoredIds`]: what a shared store holds, whichever kind it is (for gap repair).
 //! - [`simple`]: [`StdoutStore`] and [`NullStore`].
 
 pub mod config;
 pub mod driver;
 pub mod file;
+pub mod kafka;
 pub mod nats;
 pub mod simple;
 pub mod spool;
@@ -35,8 +40,9 @@ pub mod store;
 pub use config::SinkConfig;
 pub use driver::{DrainReport, DriverConfig, SinkHandle, spawn};
 pub use file::{FileConfig, FileStore, Repair, StoredFile, recent_ids, stored_files};
-pub use nats::{NatsConfig, NatsStore, StoredIds, client as nats_client};
+pub use kafka::{KafkaConfig, KafkaStore, TopicIds, WriterGate};
+pub use nats::{JetStreamIds, NatsConfig, NatsStore, client as nats_client};
 pub use simple::{NullStore, StdoutStore};
 pub use spool::{Spool, SpooledBatch};
-pub use start::{IdsByPartition, SinkContext, SinkStartError, StartedSink, start};
+pub use start::{IdsByPartition, SinkContext, SinkStartError, StartedSink, StoredIds, start};
 pub use store::{Ack, ErrorClass, Store, StoreError, StreamNames};

@@ -12,7 +12,7 @@
 //! publish whose ack fails or times out is published again with the same `Nats-Msg-Id`:
 //! the duplicate window makes that idempotent.
 //!
-//! [`StoredIds`] reads back, headers only, which activity ids the stream holds for a
+//! [`JetStreamIds`] reads back, headers only, which activity ids the stream holds for a
 //! partition over an interval: gap repair skips those, so a zone that recovers an interval
 //! the other zone already stored, longer ago than the duplicate window, stores nothing twice.
 //!
@@ -439,15 +439,18 @@ fn tls_cause<'a>(
 /// same interval stores nothing twice however old it is (the duplicate window only
 /// reaches `duplicate_window_secs` back).
 #[derive(Debug, Clone)]
-pub struct StoredIds {
+pub struct JetStreamIds {
     js: jetstream::Context,
     stream: String,
     prefix: String,
 }
 
-impl StoredIds {
-    pub async fn connect(cfg: &NatsConfig, token: Option<String>) -> Result<StoredIds, StoreError> {
-        Ok(StoredIds {
+impl JetStreamIds {
+    pub async fn connect(
+        cfg: &NatsConfig,
+        token: Option<String>,
+    ) -> Result<JetStreamIds, StoreError> {
+        Ok(JetStreamIds {
             js: jetstream::new(client(cfg, token).await?),
             stream: cfg.stream.clone(),
             prefix: cfg.subject_prefix.clone(),
@@ -523,8 +526,8 @@ impl StoredIds {
 
 impl NatsStore {
     /// Reads what this store's stream holds, over the store's own connection.
-    pub fn stored_ids(&self) -> StoredIds {
-        StoredIds {
+    pub fn stored_ids(&self) -> JetStreamIds {
+        JetStreamIds {
             js: self.js.clone(),
             stream: self.cfg.stream.clone(),
             prefix: self.cfg.subject_prefix.clone(),
@@ -754,7 +757,7 @@ pub(crate) async fn start(
         .map_err(|e| crate::start::SinkStartError::Store(e.to_string()))?;
     let shared = store.stored_ids();
     let mut started = crate::start::with_store(name, store, ctx)?;
-    started.shared = Some(shared);
+    started.shared = Some(crate::StoredIds::Nats(shared));
     Ok(started)
 }
 

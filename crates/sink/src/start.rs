@@ -9,7 +9,8 @@ use tokio::sync::mpsc;
 
 use crate::config::SinkConfig;
 use crate::driver::{DriverConfig, SinkHandle, spawn};
-use crate::nats::StoredIds;
+use crate::kafka::TopicIds;
+use crate::nats::JetStreamIds;
 use crate::simple::{NullStore, StdoutStore};
 use crate::store::StreamNames;
 
@@ -27,8 +28,37 @@ pub struct SinkContext {
     pub tallies: HashMap<(StreamId, Partition), Arc<Tally>>,
     /// Ids stored since then (Unix ms) are remembered by the mergers after a restart.
     pub remember_since_ms: u64,
-    /// The credential the configuration names (`token_env` or `token_file`), resolved.
+    /// The credential the configuration names (`token_env`/`token_file`,
+    /// `password_env`/`password_file`), resolved.
     pub token: Option<Secret>,
+    /// In a pair, who writes each partition to a store that cannot tell copies apart
+    /// (Kafka); `None` for a single consumer.
+    pub writer: Option<std::sync::Arc<dyn crate::kafka::WriterGate>>,
+}
+
+/// What a store that other consumers write to as well holds, for gap repair.
+#[derive(Debug, Clone)]
+pub enum StoredIds {
+    Nats(JetStreamIds),
+    Kafka(TopicIds),
+}
+
+impl StoredIds {
+    /// Ids held on `stream`'s `partition`, written from `since_ms` to `until_ms` (Unix ms).
+    pub async fn between(
+        &self,
+        stream: &str,
+        partition: Partition,
+        since_ms: u64,
+        until_ms: u64,
+    ) -> Result<std::collections::HashSet<ActivityId>, crate::StoreError> {
+        match self {
+            StoredIds::Nats(ids) => ids.between(stream, partition, since_ms, until_ms).await,
+            StoredIds::Kafka(ids) => {
+                crate::kafka::between(ids, stream, partition, since_ms, until_ms).await
+            }
+        }
+    }
 }
 
 /// Ids per (stream name, partition).
@@ -65,6 +95,7 @@ pub async fn start(
     let mut started = match cfg {
         SinkConfig::File(f) => crate::file::start(name, f, ctx)?,
         SinkConfig::Nats(n) => crate::nats::start(name, n, ctx).await?,
+        SinkConfig::Kafka(k) => crate::kafka::start(name, k, ctx)?,
         SinkConfig::Stdout => with_store(name, StdoutStore::default(), ctx)?,
         SinkConfig::Null => with_store(name, NullStore::default(), ctx)?,
     };

@@ -76,6 +76,8 @@ pub(crate) struct Run {
     first: Zone,
     pub(crate) sim: Simulator,
     pub(crate) nats: Option<NatsServer>,
+    /// The Kafka-protocol broker the sink stores to, when the run has one.
+    pub(crate) kafka: Option<tandem_scenario::kafka::KafkaBroker>,
     // Last: removed after everything else (a tmpfs guard declared later is unmounted first).
     pub(crate) dir: tempfile::TempDir,
 }
@@ -209,6 +211,16 @@ impl Run {
     /// the file store) and the consumer's configuration. The sink holds 300 activities in
     /// memory, so that an outage spills to the spool.
     pub(crate) async fn new(nats: bool, tweak: impl FnOnce(&mut HarnessConfig)) -> Run {
+        Run::with_stores(nats, false, tweak).await
+    }
+
+    /// A run whose sink is a Kafka topic on a `tansu` broker started here; with `nats`, a
+    /// NATS server too, for a pair's coordination only.
+    pub(crate) async fn kafka(nats: bool, tweak: impl FnOnce(&mut HarnessConfig)) -> Run {
+        Run::with_stores(nats, true, tweak).await
+    }
+
+    async fn with_stores(nats: bool, kafka: bool, tweak: impl FnOnce(&mut HarnessConfig)) -> Run {
         tandem_conn::install_crypto_provider();
         let started = Instant::now();
         let dir = tempfile::tempdir().unwrap();
@@ -216,10 +228,17 @@ impl Run {
             NatsServer::start(&dir.path().join("nats"))
                 .expect("nats-server (scripts/setup-test-deps installs it)")
         });
+        let kafka = kafka.then(|| {
+            tandem_scenario::kafka::KafkaBroker::start(&dir.path().join("kafka"))
+                .expect("the tansu broker (scripts/setup-test-deps installs it)")
+        });
         let mut cfg = HarnessConfig::fast(dir.path().to_path_buf());
         cfg.monitor_listen = loopback_addr();
         cfg.max_memory_activities = 300;
         cfg.nats_url = nats.as_ref().map(NatsServer::url);
+        cfg.kafka_bootstrap = kafka
+            .as_ref()
+            .map(tandem_scenario::kafka::KafkaBroker::bootstrap);
         tweak(&mut cfg);
         let sim = Simulator::start(SimConfig {
             streams: cfg.sim_streams(),
@@ -233,6 +252,7 @@ impl Run {
             first,
             sim,
             nats,
+            kafka,
             dir,
         }
     }
@@ -323,6 +343,14 @@ impl Run {
     pub(crate) async fn stored(
         &self,
     ) -> HashMap<(String, tandem_core::Partition), Vec<tandem_core::ActivityId>> {
+        if let Some(k) = &self.kafka {
+            return tandem_scenario::kafka::stored_ids(
+                &k.bootstrap(),
+                tandem_scenario::harness::KAFKA_TOPIC,
+            )
+            .await
+            .expect("the Kafka topic can be read");
+        }
         match &self.nats {
             Some(n) => tandem_scenario::nats::stored_ids(&n.url(), "TANDEM")
                 .await
