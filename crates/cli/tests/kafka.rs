@@ -10,7 +10,7 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use support::Run;
+use support::{Run, total};
 
 const ZONE_A: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const ZONE_B: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
@@ -26,6 +26,10 @@ async fn kafka_pair_writer_killed_mid_stream_stores_once() {
     let run = Run::kafka(true, |c| {
         c.paths = vec![Some(IpAddr::V4(ZONE_A))];
         c.pair_consumer = Some("zone-a".to_owned());
+        // The writer's delivery timeout is a third of this: long enough that the broker
+        // under test (tansu) never sees a producer's epoch bumped after timeouts, which
+        // its SQLite store does not survive.
+        c.pair_lease_ttl_ms = 15_000;
     })
     .await;
     let b = run.zone("zone-b", |c| c.paths = vec![Some(IpAddr::V4(ZONE_B))]);
@@ -56,6 +60,11 @@ async fn kafka_pair_writer_killed_mid_stream_stores_once() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(4)).await;
+    let s = b.status().await.expect("zone b's /status");
+    assert!(
+        total(&s, "stored") > 0,
+        "zone b writes once it holds the leases"
+    );
     // Zone a comes back as the standby.
     let ca = run.start(None);
     run.wait_live().await;

@@ -110,6 +110,8 @@ pub struct HarnessConfig {
     /// This consumer's id in a pair coordinated through the NATS sink's server (`[pair]`,
     /// with beacons every 250 ms and leases of 3 s); `None`: not one of a pair.
     pub pair_consumer: Option<String>,
+    /// The pair's `lease_ttl_ms` (3 s unless set).
+    pub pair_lease_ttl_ms: u64,
 }
 
 impl HarnessConfig {
@@ -151,6 +153,7 @@ impl HarnessConfig {
             tls: false,
             api: HarnessApi::Gnip,
             pair_consumer: None,
+            pair_lease_ttl_ms: 3_000,
         }
     }
 
@@ -468,7 +471,8 @@ ledger_flush_ms = 200
     fn pair_toml(&self) -> String {
         match &self.pair_consumer {
             Some(id) => format!(
-                "\n[pair]\nconsumer_id = \"{id}\"\nbeacon_ms = 250\nlease_ttl_ms = 3000\npeer_stale_ms = 2000\n"
+                "\n[pair]\nconsumer_id = \"{id}\"\nbeacon_ms = 250\nlease_ttl_ms = {}\npeer_stale_ms = 2000\n",
+                self.pair_lease_ttl_ms
             ),
             None => String::new(),
         }
