@@ -95,7 +95,8 @@ enum Command {
         /// Working directory (emptied per run).
         #[arg(long, default_value = "./tandem-data/bench")]
         work_dir: PathBuf,
-        /// Pipeline runs, comma-separated: null, file, jetstream.
+        /// Pipeline runs, comma-separated: null, file, jetstream, kafka (kafka starts the
+        /// `tansu` broker that scripts/setup-test-deps installs).
         #[arg(long, default_value = "null,file,jetstream", value_delimiter = ',')]
         sinks: Vec<String>,
         /// Run the X Python SDK baseline.

@@ -959,6 +959,266 @@ fn systemd_credentials_are_where_the_example_reads_them(unit: &str) {
     assert!(!printed.contains("planted-credential-token"), "{printed}");
 }
 
+// ---------------------------------------------------------------------------- Kafka
+
+/// Where the consumers mount the Secret `tandem-kafka` (deploy/README.md).
+const KAFKA_SECRET_MOUNT: &str = "/var/run/secrets/kafka";
+
+/// Every example configuration under deploy/kafka, with its file name.
+fn kafka_examples() -> Vec<(String, toml::Table)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy("kafka"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "the OCI, Apache Kafka and pair examples");
+    files
+        .iter()
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            let text = std::fs::read_to_string(p).unwrap();
+            let cfg = text
+                .parse()
+                .unwrap_or_else(|e| panic!("{name} is not TOML: {e}"));
+            (name, cfg)
+        })
+        .collect()
+}
+
+/// The sinks of `cfg` of one kind, by name.
+fn sinks_of_kind<'a>(cfg: &'a toml::Table, kind: &str) -> Vec<(&'a String, &'a toml::Table)> {
+    cfg["sinks"]
+        .as_table()
+        .unwrap()
+        .iter()
+        .map(|(name, s)| (name, s.as_table().unwrap()))
+        .filter(|(_, s)| s["kind"].as_str() == Some(kind))
+        .collect()
+}
+
+/// The sinks the streams of `cfg` route to.
+fn routed_sinks(cfg: &toml::Table) -> BTreeSet<String> {
+    cfg["stream"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["sink"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Replaces every file `cfg` reads a credential or a CA from by one in `dir`: the CA by
+/// the generated `ca.crt` (a PEM certificate, which the NATS sink requires), each secret by
+/// a planted value of its own. Returns the planted values.
+fn plant_secret_files(cfg: &mut toml::Table, dir: &Path, file: &str) -> Vec<String> {
+    let mut planted = Vec::new();
+    let mut plant = |table: &mut toml::Table, field: &str, what: &str| {
+        if !table.contains_key(field) {
+            return;
+        }
+        let local = if field.ends_with("ca_file") {
+            dir.join("ca.crt")
+        } else {
+            let value = format!("planted-{what}-{}-{field}-3f9b", planted.len());
+            let path = dir.join(format!("{file}-{what}-{field}"));
+            std::fs::write(&path, format!("{value}\n")).unwrap();
+            planted.push(value);
+            path
+        };
+        table.insert(field.to_owned(), local.display().to_string().into());
+    };
+    for stream in cfg["stream"].as_array_mut().unwrap() {
+        let auth = stream["auth"].as_table_mut().unwrap();
+        plant(auth, "password_file", "upstream");
+    }
+    for (name, sink) in cfg["sinks"].as_table_mut().unwrap() {
+        let sink = sink.as_table_mut().unwrap();
+        for field in ["password_file", "token_file", "tls_ca_file"] {
+            plant(sink, field, name);
+        }
+    }
+    planted
+}
+
+/// Each Kafka example passes `tandem check` with the Secrets' files planted where it reads
+/// them, and prints neither a planted password nor the SASL user. Their settings hang
+/// together with the Secret `tandem-kafka` and with what the services take: OCI Streaming's
+/// 1 MiB limit, SASL PLAIN, no idempotent producer, streams made outside tandem; a pair
+/// coordinates through a NATS sink that stores nothing, with a delivery timeout inside the
+/// writer lease.
+#[test]
+fn kafka_examples_pass_tandem_check() {
+    let all = manifests();
+    let secret_keys = secret_keys(&all, "tandem-kafka");
+    let dir = tempfile::tempdir().unwrap();
+    tls_files(dir.path());
+    let mut pairs = 0;
+    for (file, original) in kafka_examples() {
+        let kafka = sinks_of_kind(&original, "kafka");
+        assert_eq!(kafka.len(), 1, "{file}: one Kafka sink");
+        let (name, sink) = kafka[0];
+        assert_eq!(
+            routed_sinks(&original),
+            BTreeSet::from([name.clone()]),
+            "{file}: every stream stores into the Kafka sink"
+        );
+        // The credentials are files of the Secret tandem-kafka, mounted where the sink reads
+        // them.
+        for field in ["password_file", "tls_ca_file"] {
+            let Some(path) = sink.get(field).and_then(|v| v.as_str()) else {
+                continue;
+            };
+            let key = Path::new(path)
+                .strip_prefix(KAFKA_SECRET_MOUNT)
+                .unwrap_or_else(|_| panic!("{file}: {field} {path} not under {KAFKA_SECRET_MOUNT}"))
+                .to_str()
+                .unwrap();
+            assert!(
+                secret_keys.contains(key),
+                "{file}: {field}: the Secret tandem-kafka has no key {key}"
+            );
+        }
+        assert!(
+            sink.contains_key("password_file") && !sink.contains_key("password_env"),
+            "{file}: the SASL password is a mounted file"
+        );
+        let servers = sink["bootstrap_servers"].as_str().unwrap();
+        if servers.contains(".oci.oraclecloud.com") {
+            let what = format!("{file} (OCI Streaming)");
+            assert_eq!(
+                sink["security_protocol"].as_str(),
+                Some("sasl_ssl"),
+                "{what}"
+            );
+            assert_eq!(sink["sasl_mechanism"].as_str(), Some("plain"), "{what}");
+            assert_eq!(sink["idempotence"].as_bool(), Some(false), "{what}");
+            assert_eq!(sink["create_topic"].as_bool(), Some(false), "{what}");
+            let max = sink["max_message_bytes"].as_integer().unwrap();
+            assert!(max <= 1_048_576, "{what}: at most 1 MiB per message");
+            let batch = sink["batch_bytes"].as_integer().unwrap();
+            assert!(batch < 1_048_576, "{what}: a request under 1 MiB");
+            assert!(
+                sink["sasl_username"].as_str().unwrap().split('/').count() == 3,
+                "{what}: <tenancy>/<user>/<stream pool OCID>"
+            );
+        }
+        if let Some(pair) = original.get("pair") {
+            pairs += 1;
+            // Coordination through a NATS sink that no stream routes to.
+            let nats = sinks_of_kind(&original, "nats");
+            let coordination = pair["sink"].as_str().expect("[pair] names its NATS sink");
+            assert!(
+                nats.iter().any(|(n, _)| *n == coordination),
+                "{file}: pair.sink {coordination} is a NATS sink"
+            );
+            assert!(
+                !routed_sinks(&original).contains(coordination),
+                "{file}: the coordination sink stores nothing"
+            );
+            // The delivery timeout written is the one that applies: within the lease's
+            // fence, a third of lease_ttl_ms less 200 ms.
+            let ttl = pair["lease_ttl_ms"].as_integer().unwrap();
+            let timeout = sink["delivery_timeout_ms"].as_integer().unwrap();
+            assert!(
+                timeout <= ttl / 3 - 200,
+                "{file}: delivery_timeout_ms {timeout} over the writer lease's fence"
+            );
+        }
+
+        let mut cfg = original.clone();
+        let stem = file.trim_end_matches(".toml");
+        let planted = plant_secret_files(&mut cfg, dir.path(), stem);
+        assert!(!planted.is_empty(), "{file}: credentials planted");
+        let path = dir.path().join(&file);
+        std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
+        let out = succeed(
+            Command::new(env!("CARGO_BIN_EXE_tandem"))
+                .arg("check")
+                .arg("--config")
+                .arg(&path),
+        );
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("{file}:\n{printed}");
+        for secret in &planted {
+            assert!(
+                !printed.contains(secret),
+                "{file}: a credential is printed: {printed}"
+            );
+        }
+        // OCI's user names the tenancy and the stream pool: the plan leaves it out (a plain
+        // user name like "tandem" would be found in the plan's paths and names anyway).
+        let user = sink["sasl_username"].as_str().unwrap();
+        assert!(
+            !user.contains('/') || !printed.contains(user),
+            "{file}: the SASL user is printed"
+        );
+        assert!(
+            printed.contains(&format!(
+                "sink {name}: kafka, topic {}",
+                sink["topic"].as_str().unwrap()
+            )),
+            "{file}: the plan names the topic: {printed}"
+        );
+    }
+    assert!(pairs >= 1, "an example of a pair storing into Kafka");
+
+    // The image builds librdkafka's TLS against OpenSSL's headers and carries the library
+    // the binary links.
+    let docker = std::fs::read_to_string(deploy("Dockerfile")).unwrap();
+    let stages: Vec<&str> = docker.split("\nFROM ").skip(1).collect();
+    let (build, run) = (stages[0], stages[stages.len() - 1]);
+    assert!(
+        build.contains("libssl-dev"),
+        "the build stage installs libssl-dev"
+    );
+    assert!(
+        run.contains("libssl3"),
+        "the runtime stage installs libssl3"
+    );
+}
+
+/// Without the Secrets' files, `tandem check` fails naming each Kafka sink's credential and
+/// CA by its sink and the mounted path it reads.
+#[test]
+fn kafka_examples_without_the_secret_files_fail_check_by_field() {
+    for (file, cfg) in kafka_examples() {
+        let (name, sink) = sinks_of_kind(&cfg, "kafka")[0];
+        let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .arg("check")
+            .arg("--config")
+            .arg(deploy(&format!("kafka/{file}")))
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{file}: {printed}");
+        // The password's problem is reported under the sink (as `token_file`, the name its
+        // source has for every sink kind).
+        let password = sink["password_file"].as_str().unwrap();
+        let line = printed
+            .lines()
+            .find(|l| l.contains(password))
+            .unwrap_or_else(|| panic!("{file}: nothing about {password}: {printed}"));
+        assert!(line.contains(&format!("sinks.{name}.")), "{file}: {line}");
+        if let Some(ca) = sink.get("tls_ca_file").and_then(|v| v.as_str()) {
+            let field = format!("sinks.{name}.tls_ca_file");
+            assert!(
+                printed
+                    .lines()
+                    .any(|l| l.contains(&field) && l.contains(ca)),
+                "{file}: {field}: {printed}"
+            );
+        }
+        assert!(
+            printed.contains("stream[0].auth.password_file"),
+            "{file}: {printed}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------- dashboards
 
 /// A dashboard query: where it is, and its PromQL with Grafana's variables.

@@ -120,18 +120,19 @@ fn resolve_sink_tokens(
         }
         let (env_name, file) = (env_name.map(str::to_owned), file.map(Path::to_path_buf));
         let at = format!("sinks.{name}");
+        let (env_field, file_field, what) = sink.credential_fields();
         let token = NamedSecret {
-            env_field: "token_env",
+            env_field,
             env_name: &env_name,
-            file_field: "token_file",
+            file_field,
             file: &file,
-            what: "token",
+            what,
         }
         .resolve(&at, env)
         .and_then(|source| {
             source
                 .read()
-                .map_err(|message| problem(format!("{at}.token_file"), message))
+                .map_err(|message| problem(format!("{at}.{file_field}"), message))
         });
         match token {
             Ok(token) => {

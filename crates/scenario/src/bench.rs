@@ -32,7 +32,7 @@ pub struct BenchOptions {
     /// Python interpreter with `xdk` for the baseline (`None`: no baseline).
     pub python: Option<PathBuf>,
     pub xdk_activities: u64,
-    /// Which pipeline runs: any of `null`, `file`, `jetstream`.
+    /// Which pipeline runs: any of `null`, `file`, `jetstream`, `kafka`.
     pub sinks: Vec<String>,
 }
 
@@ -375,6 +375,12 @@ async fn pipeline_runs(
     notes: &mut Vec<String>,
 ) -> Result<Vec<RunResult>, String> {
     let wants = |s: &str| opts.sinks.iter().any(|x| x == s);
+    if let Some(unknown) = (opts.sinks.iter()).find(|s| !SINK_RUNS.contains(&s.as_str())) {
+        return Err(format!(
+            "--sinks: {unknown:?} is not one of {}",
+            SINK_RUNS.join(", ")
+        ));
+    }
     let mut results = Vec::new();
     if wants("null") {
         results.push(pipeline_run(opts, "null sink", |c| c.null_sink = true).await?);
@@ -385,7 +391,76 @@ async fn pipeline_runs(
     if opts.jetstream && wants("jetstream") {
         results.extend(jetstream_run(opts, notes).await?);
     }
+    if wants("kafka") {
+        results.extend(kafka_run(opts, notes).await?);
+    }
     Ok(results)
+}
+
+/// The last `n` lines of `text`, on one line.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
+
+/// The pipeline runs `--sinks` may name.
+const SINK_RUNS: [&str; 4] = ["null", "file", "jetstream", "kafka"];
+
+/// The pipeline into a Kafka-protocol broker of its own (`tansu`, SQLite store; at most
+/// 50 000 activities per partition), then the read-back; `None` when the broker cannot
+/// start.
+async fn kafka_run(
+    opts: &BenchOptions,
+    notes: &mut Vec<String>,
+) -> Result<Option<RunResult>, String> {
+    let store = opts.work_dir.join("kafka-store");
+    let _ = std::fs::remove_dir_all(&store);
+    let broker = match crate::kafka::KafkaBroker::start(&store) {
+        Ok(broker) => broker,
+        Err(e) => {
+            notes.push(format!("kafka run skipped: {e}"));
+            return Ok(None);
+        }
+    };
+    let bootstrap = broker.bootstrap();
+    let kafka_opts = BenchOptions {
+        activities_per_partition: opts.activities_per_partition.min(50_000),
+        ..opts.clone()
+    };
+    // tansu's SQLite store panics on idempotent produce requests at full speed (its
+    // idempotent_message_check): the bench measures the producer without idempotence.
+    let run = pipeline_run(&kafka_opts, "kafka sink", |c| {
+        c.kafka_bootstrap = Some(bootstrap.clone());
+        c.kafka_extra = "compression = \"lz4\"\nidempotence = false".to_owned();
+    })
+    .await;
+    let result = match run {
+        Ok(result) => result,
+        Err(e) => {
+            notes.push(format!(
+                "kafka run failed: {e}; broker log tail: {}",
+                tail(&broker.log(), 3)
+            ));
+            return Ok(None);
+        }
+    };
+    let cfg = tandem_sink::KafkaConfig::new(&bootstrap, crate::harness::KAFKA_TOPIC);
+    let ids = tandem_sink::TopicIds::new(&cfg, None);
+    let start = Instant::now();
+    notes.push(match ids.between(Some(("decahose", 1)), 0, u64::MAX / 2).await {
+        Ok(held) => {
+            let n = held.values().map(std::collections::HashSet::len).sum::<usize>();
+            let secs = start.elapsed().as_secs_f64();
+            format!(
+                "kafka read-back (gap repair, restart): {n} ids of partition 1 in {secs:.2} s, {:.0} ids/s (tansu, librdkafka {})",
+                n as f64 / secs,
+                rdkafka::util::get_rdkafka_version().1
+            )
+        }
+        Err(e) => format!("kafka read-back failed: {e}"),
+    });
+    drop(broker);
+    Ok(Some(result))
 }
 
 /// The pipeline into a `nats-server` of its own (at most 50 000 activities per partition),

@@ -65,6 +65,15 @@ impl SinkConfig {
         }
     }
 
+    /// The names of the credential's two sources and what it is: (environment variable
+    /// field, file field, noun), for messages that name the field.
+    pub fn credential_fields(&self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            SinkConfig::Kafka(_) => ("password_env", "password_file", "password"),
+            _ => ("token_env", "token_file", "token"),
+        }
+    }
+
     /// One line for `tandem check`'s plan.
     pub fn describe(&self) -> String {
         match self {

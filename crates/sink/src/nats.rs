@@ -214,7 +214,7 @@ impl NatsConfig {
 }
 
 /// At least one PEM certificate in the file at `path`.
-fn pem_certificates(path: &Path) -> Result<(), String> {
+pub(crate) fn pem_certificates(path: &Path) -> Result<(), String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()

@@ -117,7 +117,9 @@ impl SecurityProtocol {
 pub enum SaslMechanism {
     #[default]
     Plain,
+    #[serde(rename = "scram_sha_256", alias = "scram_sha256")]
     ScramSha256,
+    #[serde(rename = "scram_sha_512", alias = "scram_sha512")]
     ScramSha512,
 }
 
@@ -283,12 +285,6 @@ impl KafkaConfig {
                 ),
             ));
         }
-        if self.password_env.is_some() && self.password_file.is_some() {
-            out.push((
-                "password_file",
-                "set password_env or password_file, not both".to_owned(),
-            ));
-        }
         if let Some(ca) = &self.tls_ca_file {
             if !self.security_protocol.tls() {
                 out.push((
@@ -298,8 +294,8 @@ impl KafkaConfig {
                         self.security_protocol.as_str()
                     ),
                 ));
-            } else if let Err(e) = std::fs::read(ca) {
-                out.push(("tls_ca_file", format!("cannot read {}: {e}", ca.display())));
+            } else if let Err(message) = crate::nats::pem_certificates(ca) {
+                out.push(("tls_ca_file", message));
             }
         }
         if self.max_message_bytes < 4 * RECORD_OVERHEAD_BYTES {
@@ -328,6 +324,9 @@ impl KafkaConfig {
         let mut c = rdkafka::ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap_servers)
             .set("client.id", "tandem")
+            // A missing topic is an error (or created with the configured partitions and
+            // replicas), never created by the broker with its defaults.
+            .set("allow.auto.create.topics", "false")
             .set("security.protocol", self.security_protocol.as_str())
             .set("log_level", "4");
         if self.security_protocol.sasl() {

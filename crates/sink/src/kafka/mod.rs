@@ -58,6 +58,8 @@ pub trait WriterGate: Send + Sync + std::fmt::Debug {
 
 /// How long what the follower read is kept, at least.
 const MIN_KEEP: Duration = Duration::from_secs(600);
+/// How far back the follower starts reading at most.
+const MAX_FOLLOW: Duration = Duration::from_secs(3_600);
 
 /// Starts a Kafka sink. The brokers may be down: the sink then starts down and spools.
 pub(crate) fn start(
@@ -66,14 +68,18 @@ pub(crate) fn start(
     ctx: crate::start::SinkContext,
 ) -> Result<crate::start::StartedSink, crate::start::SinkStartError> {
     let password = ctx.token.as_ref().map(|t| t.expose().to_owned());
-    let keep =
-        Duration::from_millis(unix_ms_now().saturating_sub(ctx.remember_since_ms)).max(MIN_KEEP);
+    // From the start of the merger's memory on, but never further back than MAX_FOLLOW:
+    // after a long stop the ledger's coverage edge may lie days back, and the follower
+    // holds every id it reads for `keep`.
+    let now = unix_ms_now();
+    let since = (ctx.remember_since_ms).max(now.saturating_sub(MAX_FOLLOW.as_millis() as u64));
+    let keep = Duration::from_millis(now.saturating_sub(since)).max(MIN_KEEP);
     let store = KafkaStore::new(
         cfg.clone(),
         ctx.names.clone(),
         password,
         ctx.writer.clone(),
-        ctx.remember_since_ms,
+        since,
         keep,
     )
     .map_err(|e| crate::start::SinkStartError::Store(e.to_string()))?;

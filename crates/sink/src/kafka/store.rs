@@ -77,6 +77,8 @@ pub struct KafkaStore {
     cfg: KafkaConfig,
     names: StreamNames,
     ids: TopicIds,
+    /// The SASL password, for the clients made later (topic creation).
+    password: Option<String>,
     /// Sent, delivery report not seen yet.
     pending: VecDeque<Pending>,
     /// Delivery failed: looked for in the topic, then sent again.
@@ -128,7 +130,15 @@ impl KafkaStore {
         if let Some(g) = &gate {
             // A record must be delivered or failed before the lease it was sent under can
             // pass to the other consumer.
-            delivery_ms = delivery_ms.min(g.fence().as_millis() as u64).max(1_000);
+            let fence = g.fence().as_millis() as u64;
+            if fence < delivery_ms {
+                tracing::info!(
+                    delivery_timeout_ms = fence,
+                    configured = delivery_ms,
+                    "in a pair, the delivery timeout is capped at a third of pair.lease_ttl_ms"
+                );
+                delivery_ms = fence;
+            }
         }
         let mut c = cfg.client(password.as_deref());
         c.set("acks", "all")
@@ -154,7 +164,14 @@ impl KafkaStore {
         // A single consumer needs the follower only until its own memory of what it stored
         // reaches back as far (`keep` after the start); a pair, all along.
         let stop_after = gate.is_none().then_some(keep);
-        let follower = TopicFollower::start(&cfg, password, follow_since_ms, keep, stop_after);
+        let follower = TopicFollower::start(
+            &cfg,
+            names.clone(),
+            password.clone(),
+            follow_since_ms,
+            keep,
+            stop_after,
+        );
         let standby = gate.map(|gate| Standby {
             gate,
             held: HashMap::new(),
@@ -164,6 +181,7 @@ impl KafkaStore {
             cfg,
             names,
             ids,
+            password,
             pending: VecDeque::new(),
             failed: Vec::new(),
             done: Vec::new(),
@@ -252,7 +270,7 @@ impl KafkaStore {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
         let admin: AdminClient<_> = self
             .cfg
-            .client(None)
+            .client(self.password.as_deref())
             .create()
             .map_err(|e| err(format!("admin client: {e}")))?;
         let new = NewTopic::new(
@@ -510,7 +528,7 @@ impl KafkaStore {
             let mut keep = VecDeque::new();
             while let Some(p) = q.pop_front() {
                 let name = self.name(p.stream).to_owned();
-                if self.follower.holds(&name, p.partition, p.id) {
+                if self.follower.holds(p.stream, p.partition, p.id) {
                     self.record(&p, true);
                 } else if result.is_err()
                     || !keep.is_empty()
@@ -576,7 +594,7 @@ impl Store for KafkaStore {
                 not_before: None,
                 report: None,
             };
-            if self.follower.holds(&name, batch.partition, u.id) {
+            if self.follower.holds(batch.stream, batch.partition, u.id) {
                 // Stored already: by the other consumer of a pair, or before a restart.
                 self.record(&p, true);
                 continue;

@@ -242,11 +242,14 @@ impl TopicIds {
     }
 }
 
+/// An activity of a configured stream, compactly: (stream index, partition, dedup key).
+type SeenKey = (u16, Partition, tandem_core::DedupKey);
+
 /// What a [`TopicFollower`] has read.
 #[derive(Debug, Default)]
 struct Seen {
-    /// Each id read, with its record's timestamp (Unix ms).
-    ids: HashMap<(String, Partition, ActivityId), i64>,
+    /// Each id of a configured stream read, with its record's timestamp (Unix ms).
+    ids: HashMap<SeenKey, i64>,
     /// The latest moment for which everything the topic held then has been read.
     caught_up: Option<Instant>,
 }
@@ -269,9 +272,11 @@ impl Drop for TopicFollower {
 
 impl TopicFollower {
     /// Starts following `cfg.topic` from the records produced at `since_ms` on; stops
-    /// after `stop_after`, if given (and forgets what it read).
+    /// after `stop_after`, if given (and forgets what it read). Records of streams not in
+    /// `names` are skipped.
     pub fn start(
         cfg: &KafkaConfig,
+        names: crate::StreamNames,
         password: Option<String>,
         since_ms: u64,
         keep: Duration,
@@ -284,7 +289,16 @@ impl TopicFollower {
         let spawned = std::thread::Builder::new()
             .name("kafka-follow".into())
             .spawn(move || {
-                follow(&cfg, password.as_deref(), since_ms, keep, until, &s, &st);
+                follow(
+                    &cfg,
+                    &names,
+                    password.as_deref(),
+                    since_ms,
+                    keep,
+                    until,
+                    &s,
+                    &st,
+                );
                 let mut seen = s.lock().expect("seen lock");
                 seen.ids = HashMap::new();
                 if !st.load(Ordering::Relaxed) {
@@ -300,9 +314,15 @@ impl TopicFollower {
 
     /// Whether the topic holds a record of this activity (read since the follower began,
     /// within `keep`).
-    pub fn holds(&self, stream: &str, partition: Partition, id: ActivityId) -> bool {
+    pub fn holds(
+        &self,
+        stream: tandem_core::StreamId,
+        partition: Partition,
+        id: ActivityId,
+    ) -> bool {
         let seen = self.seen.lock().expect("seen lock");
-        seen.ids.contains_key(&(stream.to_owned(), partition, id))
+        seen.ids
+            .contains_key(&(stream.0, partition, id.dedup_key()))
     }
 
     /// The latest moment for which everything the topic held then has been read; for a
@@ -313,8 +333,10 @@ impl TopicFollower {
 }
 
 /// The follower's thread: (re)connects, reads, prunes, and checks how far it has caught up.
+#[allow(clippy::too_many_arguments)]
 fn follow(
     cfg: &KafkaConfig,
+    names: &crate::StreamNames,
     password: Option<&str>,
     since_ms: u64,
     keep: Duration,
@@ -366,8 +388,11 @@ fn follow(
             match consumer.poll(Duration::from_millis(50)) {
                 Some(Ok(m)) => {
                     next.insert(m.partition(), m.offset() + 1);
-                    if let Some(key) = identify(&m) {
+                    if let Some((stream, partition, id)) = identify(&m)
+                        && let Some(index) = names.iter().position(|n| **n == *stream)
+                    {
                         let at = m.timestamp().to_millis().unwrap_or(0);
+                        let key = (index as u16, partition, id.dedup_key());
                         seen.lock().expect("seen lock").ids.insert(key, at);
                     }
                 }
