@@ -397,6 +397,67 @@ async fn pipeline_runs(
     Ok(results)
 }
 
+/// Records the bare producer puts to measure what the broker takes.
+const KAFKA_CEILING_RECORDS: usize = 20_000;
+/// Activities per partition of the Kafka run: the broker under test is the bound.
+const KAFKA_ACTIVITIES: u64 = 10_000;
+
+/// What the broker accepts from a bare producer: the corpus's posts, acknowledged by every
+/// replica, into a topic of their own; (records/s, MB/s).
+async fn broker_ceiling(bootstrap: &str, n: usize) -> Result<(f64, f64), String> {
+    use rdkafka::ClientConfig;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("enable.idempotence", "false")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "5")
+        .set("allow.auto.create.topics", "false");
+    let admin: AdminClient<_> = c.create().map_err(|e| e.to_string())?;
+    let topic = NewTopic::new("ceiling", 3, TopicReplication::Fixed(1));
+    admin
+        .create_topics([&topic], &AdminOptions::new())
+        .await
+        .map_err(|e| e.to_string())?;
+    let producer: FutureProducer = c.create().map_err(|e| e.to_string())?;
+    let posts: Vec<&str> = NATIVE_POSTS.lines().filter(|l| !l.is_empty()).collect();
+    let start = Instant::now();
+    let (mut reports, mut bytes) = (Vec::with_capacity(n), 0usize);
+    for i in 0..n {
+        let (key, post) = (i.to_string(), posts[i % posts.len()]);
+        loop {
+            match producer.send_result(FutureRecord::to("ceiling").key(&key).payload(post)) {
+                Ok(report) => {
+                    reports.push(report);
+                    bytes += post.len();
+                    break;
+                }
+                Err((e, _))
+                    if e.rdkafka_error_code()
+                        == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(e.to_string()),
+            }
+        }
+    }
+    for report in reports {
+        match report.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(e.to_string()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok((n as f64 / secs, bytes as f64 / secs / 1e6))
+}
+
+/// The posts of the corpus, for the bare producer.
+const NATIVE_POSTS: &str = include_str!("../../../samples/native-posts.ndjson");
+
 /// The last `n` lines of `text`, on one line.
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -423,8 +484,14 @@ async fn kafka_run(
         }
     };
     let bootstrap = broker.bootstrap();
+    match broker_ceiling(&bootstrap, KAFKA_CEILING_RECORDS).await {
+        Ok((per_sec, mb_per_sec)) => notes.push(format!(
+            "kafka broker alone (tansu, SQLite store): a bare librdkafka producer (acks=all, lz4) puts {KAFKA_CEILING_RECORDS} of the corpus's posts at {per_sec:.0} records/s, {mb_per_sec:.1} MB/s"
+        )),
+        Err(e) => notes.push(format!("kafka broker ceiling not measured: {e}")),
+    }
     let kafka_opts = BenchOptions {
-        activities_per_partition: opts.activities_per_partition.min(50_000),
+        activities_per_partition: opts.activities_per_partition.min(KAFKA_ACTIVITIES),
         ..opts.clone()
     };
     // tansu's SQLite store panics on idempotent produce requests at full speed (its

@@ -14,7 +14,7 @@ use tandem_core::time::unix_ms_now;
 use tandem_core::{ActivityId, Partition, StreamId, UniqueBatch};
 
 use super::topic::{
-    HEADER_PARTITION, HEADER_PATH, HEADER_RECEIVED, HEADER_STREAM, TopicFollower, TopicIds,
+    HEADER_PARTITION, HEADER_PATH, HEADER_RECEIVED, HEADER_STREAM, HeldIds, TopicFollower, TopicIds,
 };
 use super::{KafkaConfig, WriterGate};
 use crate::store::{Ack, Store, StoreError, StreamNames};
@@ -28,6 +28,9 @@ const WAIT_OLDEST: Duration = Duration::from_secs(5);
 /// A record whose delivery failed is looked for in the topic from this long before it was
 /// sent (clocks of this host and the brokers).
 const READ_BACK_SLACK_MS: u64 = 60_000;
+
+/// A read-back running beside the driver.
+type ReadBack = tokio::task::JoinHandle<Result<HeldIds, StoreError>>;
 
 /// One activity on its way.
 struct Pending {
@@ -83,6 +86,8 @@ pub struct KafkaStore {
     pending: VecDeque<Pending>,
     /// Delivery failed: looked for in the topic, then sent again.
     failed: Vec<Pending>,
+    /// Failed deliveries being looked for in the topic, and the read-back doing it.
+    checking: Option<(Vec<Pending>, ReadBack)>,
     /// Delivered (or found in the topic), not reported yet.
     done: Vec<Ack>,
     /// A batch a full window interrupted: (stream, partition, first id, items taken).
@@ -161,9 +166,10 @@ impl KafkaStore {
             .create()
             .map_err(|e| StoreError::fatal("kafka", format!("producer: {e}")))?;
         let ids = TopicIds::new(&cfg, password.clone());
-        // A single consumer needs the follower only until its own memory of what it stored
-        // reaches back as far (`keep` after the start); a pair, all along.
-        let stop_after = gate.is_none().then_some(keep);
+        // A single consumer reads the topic once, as it is at the start (what a spool or an
+        // upstream replay repeats is then recognised, for `keep`); a pair follows it all
+        // along, to learn what the other consumer writes.
+        let stop_after = gate.is_none().then_some(Duration::ZERO);
         let follower = TopicFollower::start(
             &cfg,
             names.clone(),
@@ -184,6 +190,7 @@ impl KafkaStore {
             password,
             pending: VecDeque::new(),
             failed: Vec::new(),
+            checking: None,
             done: Vec::new(),
             partial: None,
             ready: false,
@@ -461,7 +468,7 @@ impl KafkaStore {
     /// Looks for the failed deliveries in the topic: those there are stored, the others are
     /// sent again. Never sends blind: a delivery can fail after the brokers stored it.
     async fn resend_failed(&mut self) -> Result<(), StoreError> {
-        if self.failed.is_empty() {
+        if self.failed.is_empty() && self.checking.is_none() {
             return Ok(());
         }
         if let Some(sb) = &mut self.standby {
@@ -477,18 +484,40 @@ impl KafkaStore {
             }
             return Ok(());
         }
-        let since = (self.failed.iter().map(|p| p.sent_ms).min()).unwrap_or(0);
-        let held = self
-            .ids
-            .between(
-                None,
-                since.saturating_sub(READ_BACK_SLACK_MS),
-                unix_ms_now() + READ_BACK_SLACK_MS,
-            )
-            .await?;
-        let failed = std::mem::take(&mut self.failed);
+        // The read-back runs beside the driver (a slow broker must not hold up the
+        // acknowledgements of everything else); its answer is taken at a later collection.
+        let Some((_, task)) = &self.checking else {
+            let failed = std::mem::take(&mut self.failed);
+            let since = (failed.iter().map(|p| p.sent_ms).min()).unwrap_or(0);
+            let ids = self.ids.clone();
+            let task = tokio::spawn(async move {
+                ids.between(
+                    None,
+                    since.saturating_sub(READ_BACK_SLACK_MS),
+                    unix_ms_now() + READ_BACK_SLACK_MS,
+                )
+                .await
+            });
+            self.checking = Some((failed, task));
+            return Ok(());
+        };
+        if !task.is_finished() {
+            return Ok(());
+        }
+        let (checked, task) = self.checking.take().expect("a read-back under way");
+        let held = match task.await {
+            Ok(Ok(held)) => held,
+            Ok(Err(e)) => {
+                self.failed.splice(0..0, checked);
+                return Err(e);
+            }
+            Err(e) => {
+                self.failed.splice(0..0, checked);
+                return Err(err(format!("read-back task: {e}")));
+            }
+        };
         let mut again = VecDeque::new();
-        for p in failed {
+        for p in checked {
             let name = self.name(p.stream).to_owned();
             if held
                 .get(&(name, p.partition))

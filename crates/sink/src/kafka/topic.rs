@@ -30,6 +30,9 @@ pub const HEADER_PATH: &str = "tandem-path";
 /// Header with the time the stored copy was received, Unix ms in decimal.
 pub const HEADER_RECEIVED: &str = "tandem-received-ms";
 
+/// How often a follower asks where the topic ends.
+const TARGET_EVERY: Duration = Duration::from_millis(500);
+
 /// How long one metadata or offset request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -198,9 +201,9 @@ impl TopicIds {
         let from = ranges.iter().map(|(p, (s, _))| (*p, *s)).collect();
         assign(&consumer, topic, &from)?;
         let records: i64 = ranges.values().map(|(s, h)| h - s).sum();
-        // Generous: a slow broker serves thousands of records a second.
+        // Generous: any broker serves a hundred records a second.
         let deadline =
-            Instant::now() + Duration::from_secs(30) + Duration::from_millis(records as u64);
+            Instant::now() + Duration::from_secs(30) + Duration::from_millis(10 * records as u64);
         let mut last_error = None;
         while !open.is_empty() {
             if Instant::now() > deadline {
@@ -271,9 +274,10 @@ impl Drop for TopicFollower {
 }
 
 impl TopicFollower {
-    /// Starts following `cfg.topic` from the records produced at `since_ms` on; stops
-    /// after `stop_after`, if given (and forgets what it read). Records of streams not in
-    /// `names` are skipped.
+    /// Starts following `cfg.topic` from the records produced at `since_ms` on. With
+    /// `stop_after`, it stops reading once that has passed and it has read the topic as of
+    /// its start (what it read is still answered until older than `keep`). Records of
+    /// streams not in `names` are skipped.
     pub fn start(
         cfg: &KafkaConfig,
         names: crate::StreamNames,
@@ -299,12 +303,23 @@ impl TopicFollower {
                     &s,
                     &st,
                 );
-                let mut seen = s.lock().expect("seen lock");
-                seen.ids = HashMap::new();
-                if !st.load(Ordering::Relaxed) {
-                    // Stopped by its own deadline: nothing waits on it any more.
-                    seen.caught_up = Some(Instant::now());
+                // Stopped by its deadline: what it read is still asked until it is older
+                // than `keep`; pruned here until nothing is left (or the store is gone).
+                while !st.load(Ordering::Relaxed) {
+                    let oldest = tandem_core::time::unix_ms_now()
+                        .saturating_sub(keep.as_millis() as u64)
+                        as i64;
+                    let mut seen = s.lock().expect("seen lock");
+                    seen.ids.retain(|_, at| *at >= oldest);
+                    if seen.ids.is_empty() {
+                        break;
+                    }
+                    drop(seen);
+                    // The follower's own thread, never a runtime worker.
+                    #[allow(clippy::disallowed_methods)]
+                    std::thread::sleep(Duration::from_secs(1));
                 }
+                s.lock().expect("seen lock").ids = HashMap::new();
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start following the topic");
@@ -383,6 +398,9 @@ fn follow(
         };
         // The ends to reach, and when they were asked: reached, that moment is caught up.
         let mut target: Option<(Instant, HashMap<i32, i64>)> = None;
+        let mut asked = Instant::now()
+            .checked_sub(TARGET_EVERY)
+            .unwrap_or_else(Instant::now);
         let mut pruned = Instant::now();
         while !stop() {
             match consumer.poll(Duration::from_millis(50)) {
@@ -413,7 +431,10 @@ fn follow(
                 seen.lock().expect("seen lock").caught_up = Some(*at);
                 target = None;
             }
-            if target.is_none() {
+            // The ends are asked at most every TARGET_EVERY: each is a request per topic
+            // partition, and a broker is asked for them by every follower all along.
+            if target.is_none() && asked.elapsed() >= TARGET_EVERY {
+                asked = Instant::now();
                 let at = Instant::now();
                 let ends: Result<HashMap<i32, i64>, _> = (parts.iter())
                     .map(|p| {
