@@ -76,6 +76,9 @@ pub struct HarnessConfig {
     pub kafka_bootstrap: Option<String>,
     /// Lines added to the Kafka sink's section (`max_message_bytes = …`).
     pub kafka_extra: String,
+    /// librdkafka settings the final read-back of the topic adds to `bootstrap.servers`
+    /// (`crate::kafka::sasl_ssl_settings`), for a broker that requires them.
+    pub kafka_read_back: Vec<(String, String)>,
     /// Discard instead of storing (benchmarks of the pipeline alone).
     pub null_sink: bool,
     /// Live connections the simulator allows per partition (two zones need four).
@@ -138,6 +141,7 @@ impl HarnessConfig {
             nats_url: None,
             kafka_bootstrap: None,
             kafka_extra: String::new(),
+            kafka_read_back: Vec::new(),
             null_sink: false,
             max_connections_per_partition: 2,
             max_memory_activities: 100_000,
@@ -761,12 +765,14 @@ impl Harness {
         }
         let shutdown = self.pipeline.shutdown().await;
         let stored = match (&self.cfg.kafka_bootstrap, &self.cfg.nats_url) {
-            (Some(bootstrap), _) => crate::kafka::stored_ids(bootstrap, KAFKA_TOPIC)
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "cannot read the Kafka topic back");
-                    Default::default()
-                }),
+            (Some(bootstrap), _) => {
+                crate::kafka::stored_ids_with(bootstrap, &self.cfg.kafka_read_back, KAFKA_TOPIC)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "cannot read the Kafka topic back");
+                        Default::default()
+                    })
+            }
             (None, Some(url)) => crate::nats::stored_ids(url, "TANDEM")
                 .await
                 .unwrap_or_else(|e| {
