@@ -139,7 +139,7 @@ fn secured_broker(dir: &std::path::Path) -> (KafkaBroker, TestCertificates) {
 /// The sink section's lines for SCRAM-SHA-512 over TLS, the password in `password_file`.
 fn sasl_ssl_toml(password_file: &std::path::Path, ca: &std::path::Path) -> String {
     format!(
-        "security_protocol = \"sasl_plaintext\"\nsasl_mechanism = \"scram_sha_512\"\nsasl_username = \"{USER}\"\npassword_file = \"{}\"\n# {}",
+        "security_protocol = \"sasl_ssl\"\nsasl_mechanism = \"scram_sha_512\"\nsasl_username = \"{USER}\"\npassword_file = \"{}\"\ntls_ca_file = \"{}\"",
         password_file.display(),
         ca.display()
     )
