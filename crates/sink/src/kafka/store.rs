@@ -504,7 +504,9 @@ impl KafkaStore {
         if !task.is_finished() {
             return Ok(());
         }
-        let (checked, task) = self.checking.take().expect("a read-back under way");
+        let Some((checked, task)) = self.checking.take() else {
+            return Ok(());
+        };
         let held = match task.await {
             Ok(Ok(held)) => held,
             Ok(Err(e)) => {

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -309,7 +309,7 @@ impl TopicFollower {
                     let oldest = tandem_core::time::unix_ms_now()
                         .saturating_sub(keep.as_millis() as u64)
                         as i64;
-                    let mut seen = s.lock().expect("seen lock");
+                    let mut seen = s.lock().unwrap_or_else(PoisonError::into_inner);
                     seen.ids.retain(|_, at| *at >= oldest);
                     if seen.ids.is_empty() {
                         break;
@@ -319,7 +319,7 @@ impl TopicFollower {
                     #[allow(clippy::disallowed_methods)]
                     std::thread::sleep(Duration::from_secs(1));
                 }
-                s.lock().expect("seen lock").ids = HashMap::new();
+                s.lock().unwrap_or_else(PoisonError::into_inner).ids = HashMap::new();
             });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start following the topic");
@@ -335,7 +335,7 @@ impl TopicFollower {
         partition: Partition,
         id: ActivityId,
     ) -> bool {
-        let seen = self.seen.lock().expect("seen lock");
+        let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         seen.ids
             .contains_key(&(stream.0, partition, id.dedup_key()))
     }
@@ -343,7 +343,10 @@ impl TopicFollower {
     /// The latest moment for which everything the topic held then has been read; for a
     /// follower that stopped, the moment it stopped (it is no longer asked).
     pub fn caught_up(&self) -> Option<Instant> {
-        self.seen.lock().expect("seen lock").caught_up
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .caught_up
     }
 }
 
@@ -364,7 +367,11 @@ fn follow(
     let stop = || {
         stop.load(Ordering::Relaxed)
             || (until.is_some_and(|u| Instant::now() >= u)
-                && seen.lock().expect("seen lock").caught_up.is_some())
+                && seen
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .caught_up
+                    .is_some())
     };
     let topic = &cfg.topic;
     // Where each partition is read from next; survives a reconnection.
@@ -411,7 +418,10 @@ fn follow(
                     {
                         let at = m.timestamp().to_millis().unwrap_or(0);
                         let key = (index as u16, partition, id.dedup_key());
-                        seen.lock().expect("seen lock").ids.insert(key, at);
+                        seen.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .ids
+                            .insert(key, at);
                     }
                 }
                 Some(Err(e))
@@ -428,7 +438,9 @@ fn follow(
                     .iter()
                     .all(|(p, end)| next.get(p).is_some_and(|n| n >= end))
             {
-                seen.lock().expect("seen lock").caught_up = Some(*at);
+                seen.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .caught_up = Some(*at);
                 target = None;
             }
             // The ends are asked at most every TARGET_EVERY: each is a request per topic
@@ -455,7 +467,7 @@ fn follow(
                 let oldest =
                     tandem_core::time::unix_ms_now().saturating_sub(keep.as_millis() as u64);
                 seen.lock()
-                    .expect("seen lock")
+                    .unwrap_or_else(PoisonError::into_inner)
                     .ids
                     .retain(|_, at| *at >= oldest as i64);
                 pruned = Instant::now();
