@@ -5,8 +5,8 @@
 //! speaking TLS ([`BrokerTls`]); and reading back every record of a topic.
 //!
 //! TLS: tansu 0.6.0 cannot serve it itself. Its `--cert` and `--key` share a clap group
-//! that lets only one of them be given ("the argument '--cert <CERT>' cannot be used with
-//! '--key <KEY>'"), and its listener loop never uses the `TlsAcceptor` it builds
+//! that lets only one of them be given ("the argument `--cert <CERT>` cannot be used with
+//! `--key <KEY>`"), and its listener loop never uses the `TlsAcceptor` it builds
 //! (`tansu-broker` 0.6.0 `broker.rs`: `let _acceptor = …`, then `service.serve(c, stream)`
 //! on the plain TCP stream). So `socat` (also installed by `scripts/setup-test-deps`)
 //! terminates TLS on the clients' port and forwards each connection to tansu on a loopback
