@@ -467,9 +467,9 @@ fn tail(text: &str, n: usize) -> String {
 /// The pipeline runs `--sinks` may name.
 const SINK_RUNS: [&str; 4] = ["null", "file", "jetstream", "kafka"];
 
-/// The pipeline into a Kafka-protocol broker of its own (`tansu`, SQLite store; at most
-/// 50 000 activities per partition), then the read-back; `None` when the broker cannot
-/// start.
+/// What the broker takes from a bare producer, then the pipeline into it (`tansu`, SQLite
+/// store; at most `KAFKA_ACTIVITIES` per partition), then the read-back; `None` when the
+/// broker cannot start.
 async fn kafka_run(
     opts: &BenchOptions,
     notes: &mut Vec<String>,
