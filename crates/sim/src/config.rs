@@ -197,6 +197,12 @@ impl RateProfile {
 pub struct CorpusConfig {
     /// Activities each connection sends per partition before going idle (heartbeats only).
     pub activities_per_partition: u64,
+    /// Activities per second each connection sends (a fixed offered rate, for latency);
+    /// none: as fast as the client reads. The corpus goes in chunks of about 14
+    /// activities, each when its first activity is due, with no heartbeat in between: keep
+    /// a chunk's interval under the heartbeat interval.
+    #[serde(default)]
+    pub rate_per_sec: Option<f64>,
 }
 
 impl StreamConfig {

@@ -30,6 +30,8 @@ pub(crate) struct Corpus {
     partitions: u64,
     per_partition: u64,
     created_ms: u64,
+    /// Activities per second per connection; `None`: full speed.
+    rate_per_sec: Option<f64>,
 }
 
 impl Corpus {
@@ -40,6 +42,7 @@ impl Corpus {
         partitions: u32,
         per_partition: u64,
         base: u64,
+        rate_per_sec: Option<f64>,
     ) -> Corpus {
         let templates = Templates::for_content(content);
         let created_ms = unix_ms_now();
@@ -83,6 +86,7 @@ impl Corpus {
             partitions,
             per_partition,
             created_ms,
+            rate_per_sec,
         }
     }
 
@@ -111,6 +115,13 @@ impl Corpus {
     pub(crate) fn per_partition(&self) -> u64 {
         self.per_partition
     }
+
+    /// When activity `k` is due on a connection that started at `start` (the offered
+    /// rate), or `None` at full speed.
+    pub(crate) fn due(&self, start: tokio::time::Instant, k: u64) -> Option<tokio::time::Instant> {
+        self.rate_per_sec
+            .map(|rate| start + std::time::Duration::from_secs_f64(k as f64 / rate))
+    }
 }
 
 fn render(templates: &Templates, k: u64, id: u64, created_ms: u64, out: &mut Vec<u8>) {
@@ -126,11 +137,28 @@ mod tests {
     use std::io::Read;
     use tandem_core::{ActivityId, LineKind, identify, validate};
 
+    /// At a rate, activity `k` is due `k / rate` seconds after the connection started;
+    /// without one, never waited for.
+    #[test]
+    fn activities_fall_due_at_the_rate() {
+        let start = tokio::time::Instant::now();
+        let paced = Corpus::build(Content::Posts, 1, 20, 1, Some(100.0));
+        assert_eq!(paced.due(start, 0), Some(start));
+        assert_eq!(
+            paced.due(start, 150),
+            Some(start + std::time::Duration::from_millis(1_500))
+        );
+        assert_eq!(
+            Corpus::build(Content::Posts, 1, 20, 1, None).due(start, 150),
+            None
+        );
+    }
+
     /// The chunks inflate, as one gzip stream, to exactly the plain lines, each with a fresh id.
     #[test]
     fn chunks_inflate_to_the_plain_lines() {
         for content in [Content::Posts, Content::V2Posts] {
-            let corpus = Corpus::build(content, 2, 300, 1_000_000);
+            let corpus = Corpus::build(content, 2, 300, 1_000_000, None);
             for partition in [1u32, 2] {
                 let mut gz = GZIP_HEADER.to_vec();
                 for c in corpus.chunks(partition) {

@@ -49,6 +49,16 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use config::{Api, Content, CorpusConfig, RateProfile, SimConfig, StreamConfig, TlsConfig};
+
+/// The gzip body a benchmark corpus stream sends for `activities` posts of one partition
+/// (the header, then the deflate chunks, each ending with a sync flush): what `tandem
+/// bench` inflates alone to measure the floor under the pipeline.
+pub fn corpus_body(activities: u64) -> Vec<bytes::Bytes> {
+    let corpus = corpus::Corpus::build(Content::Posts, 1, activities, 1 << 40, None);
+    std::iter::once(bytes::Bytes::from_static(&encode::GZIP_HEADER))
+        .chain(corpus.chunks(1).iter().cloned())
+        .collect()
+}
 pub use fault::{Fault, Injection, Target};
 pub use log::TruthRecord;
 pub use state::{ConnectionInfo, ConnectionKind, StreamStats};

@@ -124,6 +124,7 @@ impl Shared {
                         cfg.partitions,
                         c.activities_per_partition,
                         corpus_base,
+                        c.rate_per_sec.filter(|r| *r > 0.0),
                     ))
                 });
                 Arc::new(StreamState {

@@ -380,8 +380,10 @@ impl Writer {
         tracing::info!(stream = %stream.cfg.name, partition = self.entry.partition, sent, "recovery request completed");
     }
 
-    /// Streams the pre-encoded corpus at full speed, then idles with heartbeats.
+    /// Streams the pre-encoded corpus (at full speed, or a chunk whenever its first
+    /// activity is due at the corpus's rate), then idles with heartbeats.
     pub(crate) async fn run_corpus(mut self, corpus: Arc<Corpus>) {
+        let start = Instant::now();
         let stream = self.stream.clone();
         let partition_no = self.entry.partition;
         let mut header = Vec::new();
@@ -398,6 +400,9 @@ impl Writer {
             for chunk in chunks {
                 if self.obey_orders().await == Flow::Stop {
                     return;
+                }
+                if let Some(due) = corpus.due(start, sent) {
+                    sleep_until(due).await;
                 }
                 let n = per_chunk.min(corpus.per_partition() - sent);
                 sent += n;

@@ -800,6 +800,7 @@ async fn corpus_mode() {
     let mut cfg = fast_gnip("c", 0.0);
     cfg.corpus = Some(tandem_sim::CorpusConfig {
         activities_per_partition: 300,
+        rate_per_sec: None,
     });
     let sim = start(vec![cfg]).await;
     let u = url(&sim, "c", "partition=2");
@@ -812,4 +813,22 @@ async fn corpus_mode() {
     assert_eq!(la[0], ActivityId::Post(sim.corpus_id("c", 2, 0).unwrap()));
     assert_eq!(la.iter().collect::<HashSet<_>>().len(), 300);
     assert_eq!(a.next(WAIT).await, Event::Heartbeat);
+}
+
+/// At a fixed rate, the corpus goes out a chunk at a time as it falls due: the first chunk
+/// at once, the rest (30 s of it at 10 activities/s) not yet.
+#[tokio::test]
+async fn corpus_mode_at_a_fixed_rate() {
+    let mut cfg = fast_gnip("c", 0.0);
+    cfg.corpus = Some(tandem_sim::CorpusConfig {
+        activities_per_partition: 300,
+        rate_per_sec: Some(10.0),
+    });
+    let sim = start(vec![cfg]).await;
+    let u = url(&sim, "c", "partition=1");
+    let mut a = Stream::open(&u, Auth::Basic(USER, PASS), true).await;
+    let first = a.lines(1, WAIT).await;
+    assert_eq!(first.len(), 1);
+    let sent: u64 = sim.connections().iter().map(|c| c.activities_sent).sum();
+    assert!(sent > 0 && sent < 300, "sent {sent} of 300 at 10/s");
 }
