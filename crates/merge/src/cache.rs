@@ -101,18 +101,27 @@ impl<K: Hash + Eq + Copy> GenerationalSet<K> {
 
     /// Remembers `key` from `now`; returns false if it was already remembered.
     pub fn insert(&mut self, key: K, now: Instant) -> bool {
-        self.rotate(now);
         if self.contains(&key) {
             return false;
         }
-        self.gens
+        self.insert_absent(key, now);
+        true
+    }
+
+    /// Remembers `key` from `now` when the caller has just seen `contains` say no (the hot
+    /// path: a first copy costs one probe per generation, then one insert). Rotating
+    /// only adds an empty generation and drops old ones, so the key is still absent.
+    pub fn insert_absent(&mut self, key: K, now: Instant) {
+        self.rotate(now);
+        let added = self
+            .gens
             .back_mut()
             .expect("always one generation")
             .ids
             .insert(key);
-        self.len += 1;
+        debug_assert!(added, "insert_absent of a remembered key");
+        self.len += usize::from(added);
         self.trim(now);
-        true
     }
 
     /// Remembers `key` as if it had been inserted at `at` (restart rebuild): it goes into
@@ -185,6 +194,15 @@ impl DedupCache {
         match key {
             DedupKey::Narrow(k) => self.narrow.insert(k, now),
             DedupKey::Wide(k) => self.wide.insert(k, now),
+        }
+    }
+
+    /// Remembers a key `contains` has just said is absent (see
+    /// [`GenerationalSet::insert_absent`]).
+    pub fn insert_absent(&mut self, key: DedupKey, now: Instant) {
+        match key {
+            DedupKey::Narrow(k) => self.narrow.insert_absent(k, now),
+            DedupKey::Wide(k) => self.wide.insert_absent(k, now),
         }
     }
 

@@ -273,7 +273,7 @@ impl Shard {
             self.dead_letter(path, connection, e.label(), &e.to_string(), &line);
             return Copy::Invalid;
         }
-        self.cache.insert(key, received);
+        self.cache.insert_absent(key, received);
         if sampled {
             self.lag
                 .entry(key_hash(&key))
