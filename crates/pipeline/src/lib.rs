@@ -202,6 +202,14 @@ impl Pipeline {
             .collect()
     }
 
+    /// Time from first receipt to the store's acknowledgement, per sink.
+    pub fn ack_latency(&self) -> Vec<(Arc<str>, Arc<tandem_core::latency::LatencyHistogram>)> {
+        self.sinks
+            .iter()
+            .map(|s| (s.name.clone(), s.acked.clone()))
+            .collect()
+    }
+
     /// Connection lifecycle events.
     pub fn connection_events(&self) -> tokio::sync::broadcast::Receiver<ConnEvent> {
         self.conn_events.subscribe()

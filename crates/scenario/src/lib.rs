@@ -10,12 +10,14 @@
 //!   the [`Verdict`].
 //! - [`store`]: reading back what the file sink stored.
 //! - [`nats`]: a real `nats-server -js` for tests, and reading back a JetStream stream.
+//! - [`ceiling`]: what a NATS server accepts from a bare JetStream producer.
 //! - [`kafka`]: a real Kafka-protocol broker (`tansu`) for tests, and reading back a topic.
 //! - [`demo`]: the embedded demo with its fault schedule and live summary.
 //! - [`free_port`]: an ephemeral loopback port, for every test peer.
 //! - [`mod@bench`]: `tandem bench`, the full pipeline at full speed and the X SDK baseline.
 
 pub mod bench;
+pub mod ceiling;
 pub mod demo;
 pub mod harness;
 pub mod kafka;

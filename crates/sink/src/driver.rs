@@ -8,9 +8,23 @@
 //! store stays retained until every activity in it is behind the watermark. When the store
 //! says it lost what it had not acknowledged (a failed fsync), the driver puts it again;
 //! at shutdown, whatever is unacknowledged goes to the spool. A spool that cannot be
-//! written (a full disk) keeps batches in memory up to a second `max_memory_activities`,
-//! then stops taking batches (backpressure up to the connections) and reports the sink
-//! down until the disk takes writes again.
+//! written (a full disk) keeps batches in memory up to a second `max_memory_activities`
+//! and `max_memory_bytes`, then stops taking batches (backpressure up to the connections)
+//! and reports the sink down until the disk takes writes again.
+//!
+//! # Memory
+//! What the driver holds in memory is bounded twice: by activities (`max_memory_activities`,
+//! the queue waiting for the store) and by bytes (`max_memory_bytes`, the queue *and*
+//! what was put but is not acknowledged yet, the store's in-flight window included).
+//! Activities are a poor measure on their own: they range from a few hundred bytes to
+//! tens of kilobytes, and a slow store keeps everything it was handed until it
+//! acknowledges it. So that unacknowledged writes never crowd the queue out, the stores
+//! acknowledge early (the JetStream store keeps at most a quarter of the bytes in flight,
+//! the file store fsyncs every quarter written), and once they hold half the bytes the
+//! driver collects acknowledgements at once, forcing them (waiting) if that is not
+//! enough. A batch read back from the spool is read only while the held bytes are under
+//! the budget, so they can pass it by that one batch (`merge.max_batch` activities) at
+//! most; a batch larger than the whole budget is delivered alone.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -41,6 +55,15 @@ pub struct DriverConfig {
     /// many again wait in memory, then the sink stops taking activities (backpressure).
     #[serde(default = "default_memory")]
     pub max_memory_activities: usize,
+    /// Bytes of activities held in memory (their lines plus about 100 bytes each):
+    /// waiting for the store, and put to it but not yet acknowledged. Past this, as past
+    /// `max_memory_activities`, activities are spooled to disk; while the spool cannot be
+    /// written, up to as many bytes again wait in memory, then the sink stops taking
+    /// activities (backpressure). Stores acknowledge early to stay within it: JetStream
+    /// keeps at most a quarter in flight, the file sink fsyncs every quarter written, and
+    /// at half unacknowledged the sink waits for acknowledgements.
+    #[serde(default = "default_memory_bytes")]
+    pub max_memory_bytes: u64,
     /// Directory of the spool.
     #[serde(default = "default_spool_dir")]
     pub spool_dir: PathBuf,
@@ -50,7 +73,15 @@ pub struct DriverConfig {
     /// Longest delay between store retries.
     #[serde(default = "default_retry_max_ms")]
     pub retry_max_ms: u64,
-    /// How often acknowledgements are collected.
+    /// While memory is full and the store is up, how long it may go without acknowledging
+    /// anything before activities overflow to the spool. Until then the input waits
+    /// (backpressure up to the connections): a store slower than the stream gains nothing
+    /// from a spool that writes and reads the same activities again; a stalled one (a hung
+    /// disk, a server that takes publishes and never acknowledges) does.
+    #[serde(default = "default_stall_ms")]
+    pub stall_ms: u64,
+    /// How often acknowledgements are collected: a store's acknowledgement counts as
+    /// stored (and the stored watermark moves) at most this much later.
     #[serde(default = "default_ack_interval_ms")]
     pub ack_interval_ms: u64,
     /// At shutdown, how long to keep delivering before what is left is spooled for the
@@ -62,6 +93,9 @@ pub struct DriverConfig {
 fn default_memory() -> usize {
     100_000
 }
+fn default_memory_bytes() -> u64 {
+    32 * 1024 * 1024
+}
 fn default_spool_dir() -> PathBuf {
     PathBuf::from("./tandem-data/spool")
 }
@@ -71,8 +105,11 @@ fn default_retry_initial_ms() -> u64 {
 fn default_retry_max_ms() -> u64 {
     10_000
 }
+fn default_stall_ms() -> u64 {
+    5_000
+}
 fn default_ack_interval_ms() -> u64 {
-    100
+    10
 }
 fn default_drain_ms() -> u64 {
     30_000
@@ -82,9 +119,11 @@ impl Default for DriverConfig {
     fn default() -> Self {
         DriverConfig {
             max_memory_activities: default_memory(),
+            max_memory_bytes: default_memory_bytes(),
             spool_dir: default_spool_dir(),
             retry_initial_ms: default_retry_initial_ms(),
             retry_max_ms: default_retry_max_ms(),
+            stall_ms: default_stall_ms(),
             ack_interval_ms: default_ack_interval_ms(),
             drain_deadline_ms: default_drain_ms(),
         }
@@ -101,6 +140,10 @@ pub struct DrainReport {
     /// Activities stored over the sink's life.
     pub stored_total: u64,
     pub elapsed: Duration,
+    /// The most bytes of activities held in memory at once over the sink's life (waiting
+    /// for the store or the spool, or put and unacknowledged), as `max_memory_bytes`
+    /// counts them.
+    pub peak_memory_bytes: u64,
 }
 
 /// A running sink.
@@ -113,6 +156,9 @@ pub struct SinkHandle {
     pub alive: Arc<AtomicBool>,
     /// Time from first receipt to handoff to the store, over the sink's life.
     pub handoff: Arc<tandem_core::latency::LatencyHistogram>,
+    /// Time from first receipt to the store's acknowledgement (the stored watermark
+    /// passing the activity's batch), over the sink's life.
+    pub acked: Arc<tandem_core::latency::LatencyHistogram>,
     /// Ids waiting in the spool an earlier run left, per (stream name, partition): the
     /// merger remembers them, so that the replay a restart asks upstream for does not
     /// store them a second time.
@@ -216,11 +262,16 @@ struct Driver<S: Store> {
     /// Oldest first: memory, then the spool, then `overflow` (waiting to be spooled).
     memory: VecDeque<UniqueBatch>,
     memory_items: usize,
+    memory_bytes: u64,
     spool: Spool,
     overflow: VecDeque<UniqueBatch>,
     overflow_items: usize,
+    overflow_bytes: u64,
     /// Put to the store, not yet entirely behind the watermark.
     retained: HashMap<Key, VecDeque<UniqueBatch>>,
+    retained_bytes: u64,
+    /// The most `memory_bytes + overflow_bytes + retained_bytes` held at once.
+    peak_bytes: u64,
     marks: HashMap<Key, Watermark>,
     /// Numbers reserved for the spool of an earlier run: the next one to give, per
     /// partition.
@@ -231,6 +282,9 @@ struct Driver<S: Store> {
     held: HashMap<Key, Held>,
     stored_total: u64,
     store_up: bool,
+    /// The last time the store acknowledged something, or activities began to wait for
+    /// it when nothing did.
+    last_progress: Instant,
     spool_ok: bool,
     /// The store refused for good (a configuration it cannot work with): nothing more is
     /// put to it; everything waits in memory and the spool for a restart.
@@ -240,6 +294,7 @@ struct Driver<S: Store> {
     up: Arc<AtomicBool>,
     handoff: Arc<tandem_core::latency::LatencyHistogram>,
     handoff_metric: metrics::Histogram,
+    acked: Arc<tandem_core::latency::LatencyHistogram>,
 }
 
 /// Sets `alive` to false when the sink's task ends, however it ends.
@@ -285,10 +340,14 @@ pub fn spawn<S: Store>(
         tallies,
         memory: VecDeque::new(),
         memory_items: 0,
+        memory_bytes: 0,
         spool,
         overflow: VecDeque::new(),
         overflow_items: 0,
+        overflow_bytes: 0,
         retained: HashMap::new(),
+        retained_bytes: 0,
+        peak_bytes: 0,
         marks: HashMap::new(),
         replay_seq: HashMap::new(),
         already_stored: Box::new(already_stored),
@@ -296,6 +355,7 @@ pub fn spawn<S: Store>(
         held: HashMap::new(),
         stored_total: 0,
         store_up: true,
+        last_progress: Instant::now(),
         spool_ok: true,
         fatal: None,
         backoff,
@@ -307,13 +367,18 @@ pub fn spawn<S: Store>(
         up: Arc::new(AtomicBool::new(true)),
         handoff: Arc::new(tandem_core::latency::LatencyHistogram::default()),
         handoff_metric: metrics::histogram!(m::HANDOFF_LATENCY, m::SINK => name.to_owned()),
+        acked: Arc::new(tandem_core::latency::LatencyHistogram::default()),
     };
     driver.reserve_replay(&found.waiting);
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let alive = Arc::new(AtomicBool::new(true));
     let guard = AliveGuard(alive.clone());
     let (report, done) = tokio::sync::oneshot::channel();
-    let (up, handoff) = (driver.up.clone(), driver.handoff.clone());
+    let (up, handoff, acked) = (
+        driver.up.clone(),
+        driver.handoff.clone(),
+        driver.acked.clone(),
+    );
     let span = tracing::info_span!("sink", sink = name);
     // A thread and a runtime of its own: the spool's and the store's file I/O can block
     // (a hung or full disk) without taking a worker from the connections' runtime; the
@@ -339,6 +404,7 @@ pub fn spawn<S: Store>(
         up,
         alive,
         handoff,
+        acked,
         waiting: found.waiting,
         done,
     };
@@ -387,12 +453,28 @@ impl DriverConfig {
         if self.max_memory_activities == 0 {
             out.push(("max_memory_activities", "must be positive".to_owned()));
         }
+        if self.max_memory_bytes == 0 {
+            out.push(("max_memory_bytes", "must be positive".to_owned()));
+        }
         if self.spool_dir.exists() && !self.spool_dir.is_dir() {
             let dir = self.spool_dir.display();
             out.push(("spool_dir", format!("{dir} exists and is not a directory")));
         }
         out
     }
+}
+
+/// What an activity held in memory costs beside its line (its id, numbers and the line's
+/// handle).
+const ITEM_BYTES: u64 = std::mem::size_of::<Unique>() as u64;
+
+/// The bytes `max_memory_bytes` counts for a batch.
+fn bytes_of(batch: &UniqueBatch) -> u64 {
+    batch
+        .items
+        .iter()
+        .map(|u| u.line.len() as u64 + ITEM_BYTES)
+        .sum()
 }
 
 /// How the put of one batch went.
@@ -464,19 +546,49 @@ impl<S: Store> Driver<S> {
     fn accept(&mut self, batch: UniqueBatch) {
         let key = (batch.stream, batch.partition);
         let n = batch.items.len();
-        if self.spool.is_empty()
-            && self.overflow.is_empty()
-            && self.memory_items + n <= self.cfg.max_memory_activities
-        {
+        let bytes = bytes_of(&batch);
+        if self.memory.is_empty() && self.retained_bytes == 0 {
+            // Nothing was waiting for the store: its stall clock starts now.
+            self.last_progress = Instant::now();
+        }
+        // While the store keeps up, `can_take` stopped intake at the budget: this batch,
+        // taken below it, stays in memory even if it passes the budget a little.
+        let room = self.memory_items + n <= self.cfg.max_memory_activities
+            && self.memory_bytes + self.retained_bytes + bytes <= self.cfg.max_memory_bytes;
+        if self.spool.is_empty() && self.overflow.is_empty() && (room || self.keeping_up()) {
             self.memory_items += n;
+            self.memory_bytes += bytes;
             self.memory.push_back(batch);
             self.held(key, |h| h.memory += n as u64);
+            self.note_peak();
             return;
         }
         self.overflow_items += n;
+        self.overflow_bytes += bytes;
         self.overflow.push_back(batch);
         self.held(key, |h| h.memory += n as u64);
         self.flush_overflow();
+        self.note_peak();
+    }
+
+    fn note_peak(&mut self) {
+        let held = self.memory_bytes + self.overflow_bytes + self.retained_bytes;
+        self.peak_bytes = self.peak_bytes.max(held);
+    }
+
+    /// Whether the next batch may be put now. One from memory is held already; one read
+    /// back from the spool (or waiting for it) needs room under the byte budget, or
+    /// nothing else held, so that a batch larger than the budget still goes, alone.
+    fn room_to_put(&self) -> bool {
+        !self.memory.is_empty()
+            || self.retained_bytes == 0
+            || self.retained_bytes + self.memory_bytes < self.cfg.max_memory_bytes
+    }
+
+    /// Whether what was put and is not acknowledged holds half the byte budget: then
+    /// acknowledgements are asked for at once, so that they do not crowd out the queue.
+    fn unacknowledged_heavy(&self) -> bool {
+        self.retained_bytes.saturating_mul(2) >= self.cfg.max_memory_bytes
     }
 
     /// Moves waiting batches into the spool, oldest first, until the disk refuses.
@@ -493,7 +605,9 @@ impl<S: Store> Driver<S> {
                 self.set_up(None, Some(false));
                 break;
             }
-            self.overflow.pop_front();
+            if let Some(b) = self.overflow.pop_front() {
+                self.overflow_bytes -= bytes_of(&b);
+            }
             self.overflow_items -= n as usize;
             self.held(key, |h| {
                 h.memory -= n;
@@ -508,9 +622,32 @@ impl<S: Store> Driver<S> {
     }
 
     /// Whether the mergers may hand over more: not while batches that could not be
-    /// spooled fill a second memory's worth.
+    /// spooled fill a second memory's worth (of activities or of bytes).
     fn can_take(&self) -> bool {
         self.overflow_items < self.cfg.max_memory_activities.max(1)
+            && self.overflow_bytes < self.cfg.max_memory_bytes.max(1)
+            && !(self.keeping_up() && self.memory_full())
+    }
+
+    /// Whether the store is up and moving (it acknowledged something within `stall_ms`)
+    /// with nothing spooled: then a full memory means the input is faster than the store,
+    /// and the driver waits for room (backpressure up to the connections, which do not
+    /// count that wait as silence) instead of spooling, which would only add the spool's
+    /// writes and reads to a store already at its limit. The spool is for a store that is
+    /// down or stalled.
+    fn keeping_up(&self) -> bool {
+        self.store_up
+            && self.fatal.is_none()
+            && self.spool.is_empty()
+            && self.overflow.is_empty()
+            && self.last_progress.elapsed() < Duration::from_millis(self.cfg.stall_ms)
+    }
+
+    /// Whether memory holds its budget of activities or bytes (the queue and what was put
+    /// and is not acknowledged).
+    fn memory_full(&self) -> bool {
+        self.memory_items >= self.cfg.max_memory_activities
+            || self.memory_bytes + self.retained_bytes >= self.cfg.max_memory_bytes
     }
 
     /// The next batch to store, oldest first.
@@ -518,6 +655,7 @@ impl<S: Store> Driver<S> {
         if let Some(b) = self.memory.pop_front() {
             let n = b.items.len() as u64;
             self.memory_items -= b.items.len();
+            self.memory_bytes -= bytes_of(&b);
             self.held((b.stream, b.partition), |h| h.memory -= n);
             return Some(b);
         }
@@ -549,6 +687,7 @@ impl<S: Store> Driver<S> {
         let b = self.overflow.pop_front()?;
         let n = b.items.len() as u64;
         self.overflow_items -= b.items.len();
+        self.overflow_bytes -= bytes_of(&b);
         self.held((b.stream, b.partition), |h| h.memory -= n);
         Some(b)
     }
@@ -643,6 +782,9 @@ impl<S: Store> Driver<S> {
     }
 
     fn apply(&mut self, acks: Vec<Ack>) -> u64 {
+        if !acks.is_empty() {
+            self.last_progress = Instant::now();
+        }
         let mut total = 0;
         let mut touched = Vec::new();
         for ack in acks {
@@ -697,7 +839,13 @@ impl<S: Store> Driver<S> {
             .front()
             .is_some_and(|b| b.items.iter().all(|u| mark.acked(u.seq)))
         {
-            q.pop_front();
+            if let Some(b) = q.pop_front() {
+                self.retained_bytes -= bytes_of(&b);
+                let now = Instant::now();
+                for u in &b.items {
+                    self.acked.record(now.saturating_duration_since(u.received));
+                }
+            }
         }
     }
 
@@ -713,11 +861,13 @@ impl<S: Store> Driver<S> {
                 }
             }
         }
+        self.retained_bytes = 0;
         let mut n_again = 0;
         for b in again.into_iter().rev() {
             let (key, n) = ((b.stream, b.partition), b.items.len() as u64);
             n_again += n;
             self.memory_items += b.items.len();
+            self.memory_bytes += bytes_of(&b);
             self.memory.push_front(b);
             self.held(key, |h| {
                 h.unacknowledged = h.unacknowledged.saturating_sub(n);
@@ -770,6 +920,7 @@ impl<S: Store> Driver<S> {
             return Put::Nothing;
         };
         let (key, n) = ((batch.stream, batch.partition), batch.items.len() as u64);
+        let bytes = bytes_of(&batch);
         // Added latency: first receipt to handoff, for every activity; the exported
         // histogram takes the batch's oldest (its worst) only.
         let handed = Instant::now();
@@ -787,6 +938,8 @@ impl<S: Store> Driver<S> {
         match self.store.put(&batch).await {
             Ok(()) => {
                 self.held(key, |h| h.unacknowledged += n);
+                self.retained_bytes += bytes;
+                self.note_peak();
                 self.retained.entry(key).or_default().push_back(batch);
                 if !self.store_up {
                     tracing::info!("store is back");
@@ -799,6 +952,8 @@ impl<S: Store> Driver<S> {
                 // Back to the front: order is kept and nothing is lost (what the store
                 // lost, if it did, goes in front of it).
                 self.memory_items += batch.items.len();
+                self.memory_bytes += bytes;
+                self.note_peak();
                 self.memory.push_front(batch);
                 self.held(key, |h| h.memory += n);
                 self.failed(&e, "store write failed; retrying");
@@ -843,6 +998,7 @@ impl<S: Store> Driver<S> {
             }
             let ready = self.fatal.is_none()
                 && self.pending()
+                && self.room_to_put()
                 && retry_at.is_none_or(|t| Instant::now() >= t);
             if ready {
                 // Take what arrived meanwhile first, so the store sees batches in order.
@@ -855,6 +1011,13 @@ impl<S: Store> Driver<S> {
                     Put::Done => {
                         retry_at = None;
                         self.backoff.reset();
+                        if self.unacknowledged_heavy() {
+                            self.collect(false).await;
+                            if self.unacknowledged_heavy() {
+                                self.collect(true).await;
+                            }
+                            next_ack = Instant::now() + ack_every;
+                        }
                     }
                     // Nothing came although something waits: the spool could not be read.
                     Put::Failed | Put::Nothing if self.pending() => {
@@ -942,6 +1105,7 @@ impl<S: Store> Driver<S> {
             left_in_spool: left,
             stored_total: self.stored_total,
             elapsed: since.elapsed(),
+            peak_memory_bytes: self.peak_bytes,
         };
         tracing::info!(
             drained = report.drained,
@@ -971,6 +1135,285 @@ mod tests {
         assert!(w.above.is_empty());
         w.ack(3);
         assert_eq!(w.through, 7, "an old ack changes nothing");
+    }
+
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use tandem_core::PathId;
+
+    /// A store that takes every write and acknowledges only while `open` (or, with
+    /// `on_force`, whenever it is forced, as the file store fsyncs), recording what it
+    /// acknowledged, in order, and how often it was forced.
+    #[derive(Default)]
+    struct Gated {
+        held: Vec<UniqueBatch>,
+        open: Arc<AtomicBool>,
+        on_force: bool,
+        forced: Arc<std::sync::atomic::AtomicUsize>,
+        acked: Arc<Mutex<Vec<ActivityId>>>,
+    }
+
+    impl Store for Gated {
+        fn kind(&self) -> &'static str {
+            "gated"
+        }
+        async fn put(&mut self, batch: &UniqueBatch) -> Result<(), StoreError> {
+            self.held.push(batch.clone());
+            Ok(())
+        }
+        async fn acks(&mut self, force: bool) -> Result<Vec<Ack>, StoreError> {
+            if force {
+                self.forced.fetch_add(1, Ordering::SeqCst);
+            }
+            if !(self.open.load(Ordering::SeqCst) || force && self.on_force) {
+                return Ok(Vec::new());
+            }
+            let mut acked = self.acked.lock().unwrap();
+            Ok(self
+                .held
+                .drain(..)
+                .map(|b| {
+                    acked.extend(b.items.iter().map(|u| u.id));
+                    Ack::of(&b)
+                })
+                .collect())
+        }
+        fn unacknowledged(&self) -> usize {
+            self.held.iter().map(|b| b.items.len()).sum()
+        }
+    }
+
+    /// Big activities: `per` lines of `line_bytes` each, numbered from `first`.
+    fn big_batch(first: u64, per: u64, line_bytes: usize) -> UniqueBatch {
+        UniqueBatch {
+            stream: StreamId(0),
+            partition: 1,
+            items: (first..first + per)
+                .map(|i| Unique {
+                    seq: i + 1,
+                    id: ActivityId::Post(i),
+                    line: Bytes::from(vec![b'x'; line_bytes]),
+                    path: PathId(0),
+                    received: Instant::now(),
+                })
+                .collect(),
+        }
+    }
+
+    fn spool_files(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir).map_or(0, |d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".spool"))
+            })
+            .count()
+        })
+    }
+
+    fn small_budget(dir: &std::path::Path, bytes: u64) -> DriverConfig {
+        DriverConfig {
+            max_memory_bytes: bytes,
+            spool_dir: dir.join("spool"),
+            retry_initial_ms: 20,
+            retry_max_ms: 100,
+            ack_interval_ms: 20,
+            stall_ms: 50,
+            ..DriverConfig::default()
+        }
+    }
+
+    fn names() -> StreamNames {
+        Arc::new(vec!["decahose".into()])
+    }
+
+    /// Activities far below the count bound but large: the bytes held in memory (queued
+    /// and put unacknowledged) stay within the byte budget (plus one batch read back), the
+    /// rest is spooled, and once the store acknowledges everything is stored once, in
+    /// order.
+    #[tokio::test]
+    async fn big_activities_are_bounded_by_bytes_and_spooled() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = 256 * 1024;
+        let one = bytes_of(&big_batch(0, 4, 8 * 1024));
+        let store = Gated::default();
+        let (open, acked) = (store.open.clone(), store.acked.clone());
+        let cfg = small_budget(dir.path(), budget);
+        let (tx, handle) =
+            spawn("test", store, cfg, names(), HashMap::new(), |_, _| false, 4).unwrap();
+        for i in 0..40 {
+            tokio::time::timeout(
+                Duration::from_millis(500),
+                tx.send(big_batch(i * 4, 4, 8 * 1024)),
+            )
+            .await
+            .expect("the spool takes what memory cannot hold: sending never blocks long")
+            .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            spool_files(&dir.path().join("spool")) > 0,
+            "40 batches of {one} B overflow a budget of {budget} B to the spool"
+        );
+        open.store(true, Ordering::SeqCst);
+        drop(tx);
+        let report = handle.finish().await;
+        assert_eq!((report.stored_total, report.left_in_spool), (160, 0));
+        assert_eq!(
+            *acked.lock().unwrap(),
+            (0..160).map(ActivityId::Post).collect::<Vec<_>>(),
+            "stored once each, in order"
+        );
+        assert!(
+            report.peak_memory_bytes <= budget + one,
+            "held {} B in memory; the budget is {budget} B (+ one batch of {one} B)",
+            report.peak_memory_bytes
+        );
+    }
+
+    /// A store that is up and acknowledging, only slower than the input: a full memory
+    /// holds the input back (sending waits) instead of spooling; memory stays within the
+    /// byte budget, no spool segment is ever written, and everything is stored once, in
+    /// order.
+    #[tokio::test]
+    async fn a_store_that_keeps_up_pushes_back_instead_of_spooling() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = 128 * 1024;
+        let one = bytes_of(&big_batch(0, 4, 8 * 1024));
+        // Acknowledges only when asked to at once (as the file store fsyncs early).
+        let store = Gated {
+            on_force: true,
+            ..Gated::default()
+        };
+        let acked = store.acked.clone();
+        let cfg = DriverConfig {
+            stall_ms: 600_000,
+            ..small_budget(dir.path(), budget)
+        };
+        let spool = cfg.spool_dir.clone();
+        let (tx, handle) =
+            spawn("test", store, cfg, names(), HashMap::new(), |_, _| false, 4).unwrap();
+        for i in 0..40 {
+            tx.send(big_batch(i * 4, 4, 8 * 1024)).await.unwrap();
+            assert_eq!(spool_files(&spool), 0, "batch {i}: nothing spooled");
+        }
+        drop(tx);
+        let report = handle.finish().await;
+        assert_eq!((report.stored_total, report.left_in_spool), (160, 0));
+        assert_eq!(
+            *acked.lock().unwrap(),
+            (0..160).map(ActivityId::Post).collect::<Vec<_>>(),
+            "stored once each, in order"
+        );
+        assert!(
+            report.peak_memory_bytes <= budget + one,
+            "held {} B in memory; the budget is {budget} B (+ one batch of {one} B)",
+            report.peak_memory_bytes
+        );
+    }
+
+    /// While the spool cannot be written, memory holds up to a second byte budget, then
+    /// the sink takes no more (backpressure); once the disk takes writes again, everything
+    /// is stored once, in order.
+    #[tokio::test]
+    async fn an_unwritable_spool_holds_a_second_byte_budget_then_pushes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = 128 * 1024;
+        let one = bytes_of(&big_batch(0, 4, 8 * 1024));
+        let store = Gated::default();
+        let (open, acked) = (store.open.clone(), store.acked.clone());
+        let cfg = small_budget(dir.path(), budget);
+        let spool = cfg.spool_dir.clone();
+        let capacity = 4;
+        let (tx, handle) = spawn(
+            "test",
+            store,
+            cfg,
+            names(),
+            HashMap::new(),
+            |_, _| false,
+            capacity,
+        )
+        .unwrap();
+        // No segment can be created: the disk is "full".
+        std::fs::remove_dir_all(&spool).unwrap();
+        let mut sent = 0;
+        while sent < 40 {
+            let b = big_batch(sent * 4, 4, 8 * 1024);
+            if tokio::time::timeout(Duration::from_millis(300), tx.send(b))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        // Memory and the store's unacknowledged (one budget), waiting for the spool (a
+        // second), the batch over each, the channel's and the one in hand.
+        let most = (2 * budget / one) + 2 + capacity as u64 + 1;
+        assert!(
+            sent < 40 && sent <= most,
+            "the sink took {sent} batches of {one} B with a budget of {budget} B (at most {most})"
+        );
+        assert!(
+            !handle.up.load(Ordering::SeqCst),
+            "down while the spool is full"
+        );
+        std::fs::create_dir_all(&spool).unwrap();
+        open.store(true, Ordering::SeqCst);
+        for i in sent..40 {
+            tx.send(big_batch(i * 4, 4, 8 * 1024)).await.unwrap();
+        }
+        drop(tx);
+        let report = handle.finish().await;
+        assert_eq!((report.stored_total, report.left_in_spool), (160, 0));
+        assert_eq!(
+            *acked.lock().unwrap(),
+            (0..160).map(ActivityId::Post).collect::<Vec<_>>()
+        );
+        assert!(
+            report.peak_memory_bytes <= 2 * (budget + one),
+            "held {} B with a budget of {budget} B",
+            report.peak_memory_bytes
+        );
+    }
+
+    /// A store that acknowledges only when forced (a file store with a long fsync
+    /// interval) is forced once half the budget is unacknowledged: the queue keeps its
+    /// room and nothing is spooled while the store keeps up.
+    #[tokio::test]
+    async fn unacknowledged_writes_are_forced_before_they_crowd_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = 256 * 1024;
+        let store = Gated {
+            on_force: true,
+            ..Gated::default()
+        };
+        let (forced, acked) = (store.forced.clone(), store.acked.clone());
+        let mut cfg = small_budget(dir.path(), budget);
+        // Acknowledgements are not collected on the interval during the test.
+        cfg.ack_interval_ms = 60_000;
+        let spool = cfg.spool_dir.clone();
+        let (tx, handle) =
+            spawn("test", store, cfg, names(), HashMap::new(), |_, _| false, 1).unwrap();
+        for i in 0..40 {
+            tx.send(big_batch(i * 4, 4, 8 * 1024)).await.unwrap();
+            // The driver keeps up with the sender, as with a store that keeps up.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(spool_files(&spool), 0, "nothing was spooled");
+        assert!(forced.load(Ordering::SeqCst) > 0, "the store was forced");
+        let one = bytes_of(&big_batch(0, 4, 8 * 1024));
+        let unacknowledged = 160 - acked.lock().unwrap().len() as u64;
+        assert!(
+            unacknowledged * one / 4 < budget / 2,
+            "{unacknowledged} activities are still unacknowledged"
+        );
+        drop(tx);
+        let report = handle.finish().await;
+        assert_eq!((report.stored_total, report.left_in_spool), (160, 0));
+        assert!(report.peak_memory_bytes <= budget);
     }
 
     use proptest::prelude::*;

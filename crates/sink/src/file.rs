@@ -4,8 +4,10 @@
 //! `….tmp` while the bucket is open and renamed when it closes (atomic rotation). Each
 //! write appends a whole batch or nothing: a failed write is truncated back, so a retry
 //! never duplicates. With gzip each write is its own gzip member, so the file is a valid
-//! gzip stream after every write. Activities are acknowledged once fsynced (on an interval
-//! and at rotation). The interval's fsync runs on duplicated file handles beside the
+//! gzip stream after every write. Activities are acknowledged once fsynced (on an interval,
+//! at rotation, and early once a quarter of the driver's memory budget is written
+//! unacknowledged, so that unacknowledged writes never fill the budget while the disk
+//! keeps up). The fsync runs on duplicated file handles beside the
 //! writes, so a slow fsync (seconds, with a lot of dirty data) delays acknowledgements,
 //! never the writes behind it.
 //!
@@ -49,7 +51,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub gzip: bool,
     /// Writes are made durable (fsync) and acknowledged at most this long after they
-    /// happen; rotation always fsyncs.
+    /// happen; rotation always fsyncs, and so does writing a quarter of
+    /// `delivery.max_memory_bytes` (what is unacknowledged is held in memory).
     #[serde(default = "default_fsync_ms")]
     pub fsync_interval_ms: u64,
 }
@@ -146,6 +149,9 @@ pub struct FileStore {
     fsync_interval: Duration,
     last_sync: Instant,
     unacked: usize,
+    /// Line bytes written since the last fsync began, and how many start one early.
+    unsynced_bytes: u64,
+    sync_after_bytes: u64,
     /// At most one fsync at a time; writes go on while it runs.
     syncing: Option<SyncJob>,
     /// Durable, not reported yet.
@@ -190,11 +196,21 @@ impl FileStore {
             fsync_interval,
             last_sync: Instant::now(),
             unacked: 0,
+            unsynced_bytes: 0,
+            sync_after_bytes: u64::MAX,
             syncing: None,
             ready: Vec::new(),
             lost: None,
         };
         Ok((store, repair))
+    }
+
+    /// Starts an fsync early once a quarter of the driver's memory budget is written
+    /// unacknowledged: the driver holds what is unacknowledged, and asks for (and waits
+    /// for) acknowledgements once it is half of its budget.
+    pub fn with_memory_budget(mut self, max_memory_bytes: u64) -> FileStore {
+        self.sync_after_bytes = (max_memory_bytes / 4).max(1);
+        self
     }
 
     async fn blocking<T: Send + 'static>(
@@ -264,10 +280,13 @@ impl FileStore {
         {
             return;
         }
-        let due =
-            self.syncing.is_none() && (force || self.last_sync.elapsed() >= self.fsync_interval);
+        let due = self.syncing.is_none()
+            && (force
+                || self.last_sync.elapsed() >= self.fsync_interval
+                || self.unsynced_bytes >= self.sync_after_bytes);
         if due {
             self.last_sync = Instant::now();
+            self.unsynced_bytes = 0;
         }
         let step = self
             .blocking(move |inner| {
@@ -541,9 +560,18 @@ impl Store for FileStore {
         }
         let batch = batch.clone();
         let n = batch.items.len();
+        let bytes: u64 = batch.items.iter().map(|u| u.line.len() as u64).sum();
         self.blocking(move |inner| inner.put(&batch, unix_ms_now()))
             .await?;
         self.unacked += n;
+        self.unsynced_bytes += bytes;
+        if self.unsynced_bytes >= self.sync_after_bytes
+            && self.lost.is_none()
+            && self.syncing.as_ref().is_none_or(|job| job.is_finished())
+        {
+            // Started now, beside the writes; the driver's next call collects it.
+            self.collect(false).await;
+        }
         Ok(())
     }
 
@@ -573,6 +601,7 @@ pub(crate) fn start(
     use crate::start::SinkStartError;
     let (store, _repair) = FileStore::open(cfg.clone(), ctx.names.clone())
         .map_err(|e| SinkStartError::Store(format!("{}: {e}", cfg.dir.display())))?;
+    let store = store.with_memory_budget(ctx.delivery.max_memory_bytes);
     let recent = recent_ids(&cfg.dir, ctx.remember_since_ms, cfg.bucket_secs)
         .map_err(|e| SinkStartError::Store(format!("reading recent ids: {e}")))?;
     crate::start::with_known(name, store, ctx, recent)
@@ -861,6 +890,43 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// With an fsync interval far away, writing a quarter of the driver's memory budget
+    /// starts an fsync at once: its activities are acknowledged without waiting for the
+    /// interval (the driver holds them until then).
+    #[tokio::test]
+    async fn a_quarter_of_the_memory_budget_written_is_fsynced_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = FileConfig {
+            dir: dir.path().to_path_buf(),
+            fsync_interval_ms: 600_000,
+            ..FileConfig::default()
+        };
+        let names: StreamNames = Arc::new(vec!["d".into()]);
+        let (store, _) = FileStore::open(cfg, names).unwrap();
+        // A quarter: 1 KiB; each batch's lines are about 15 B each.
+        let mut store = store.with_memory_budget(4 * 1024);
+        store.put(&batch(0..10)).await.unwrap();
+        assert!(
+            store.acks(false).await.unwrap().is_empty(),
+            "under a quarter"
+        );
+        store.put(&batch(10..100)).await.unwrap();
+        let mut acked = 0;
+        for _ in 0..200 {
+            acked += (store.acks(false).await.unwrap().iter())
+                .map(|a| a.ids.len())
+                .sum::<usize>();
+            if acked == 100 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            acked, 100,
+            "acknowledged long before the 10-minute interval"
+        );
     }
 
     /// A failed fsync is never retried into an acknowledgement: what it covered is

@@ -6,11 +6,14 @@
 //! an ack marked duplicate also counts as stored (the server holds it) and is counted
 //! separately: that is cross-zone dedup at work.
 //!
-//! Publishes are pipelined with a bounded number awaiting their ack. A batch interrupted
-//! by a failed publish is resumed on the driver's retry (the prefix already published is
-//! not sent again), which keeps `put` all-or-nothing from the driver's point of view. A
-//! publish whose ack fails or times out is published again with the same `Nats-Msg-Id`:
-//! the duplicate window makes that idempotent.
+//! Publishes are pipelined with a bounded number, and bounded bytes, awaiting their ack
+//! (the in-flight window). A batch interrupted by a failed publish is resumed on the
+//! driver's retry (the prefix already published is not sent again), which keeps `put`
+//! all-or-nothing from the driver's point of view. A publish whose ack fails or times out
+//! is published again with the same `Nats-Msg-Id`: the duplicate window makes that
+//! idempotent. Those wait outside the window until the next collection republishes them;
+//! every unacknowledged publish, in the window or not, is also held by the driver, whose
+//! byte budget bounds them all.
 //!
 //! [`JetStreamIds`] reads back, headers only, which activity ids the stream holds for a
 //! partition over an interval: gap repair skips those, so a zone that recovers an interval
@@ -66,6 +69,12 @@ pub struct NatsConfig {
     /// Publishes awaiting their acknowledgement at most.
     #[serde(default = "default_in_flight")]
     pub max_in_flight: usize,
+    /// Payload bytes of publishes awaiting their acknowledgement at most (besides
+    /// `max_in_flight`), and never more than a quarter of `delivery.max_memory_bytes`:
+    /// they are part of what the sink holds in memory, and the rest of that budget stays
+    /// for the activities queued behind them.
+    #[serde(default = "default_in_flight_bytes")]
+    pub max_in_flight_bytes: u64,
     /// How long to wait for a publish acknowledgement before publishing again.
     #[serde(default = "default_ack_timeout_ms")]
     pub ack_timeout_ms: u64,
@@ -108,6 +117,9 @@ fn yes() -> bool {
 fn default_in_flight() -> usize {
     4_096
 }
+fn default_in_flight_bytes() -> u64 {
+    8 * 1024 * 1024
+}
 fn default_ack_timeout_ms() -> u64 {
     5_000
 }
@@ -124,6 +136,7 @@ impl NatsConfig {
             max_age_secs: 0,
             create_stream: true,
             max_in_flight: default_in_flight(),
+            max_in_flight_bytes: default_in_flight_bytes(),
             ack_timeout_ms: default_ack_timeout_ms(),
             token_env: None,
             token_file: None,
@@ -173,6 +186,9 @@ impl NatsConfig {
         }
         if self.max_in_flight == 0 {
             out.push(("max_in_flight", "must be positive".to_owned()));
+        }
+        if self.max_in_flight_bytes == 0 {
+            out.push(("max_in_flight_bytes", "must be positive".to_owned()));
         }
         out.extend(self.tls_problems());
         out
@@ -291,6 +307,11 @@ pub struct NatsStore {
     names: StreamNames,
     /// Published, acknowledgement not seen yet (the in-flight window).
     pending: VecDeque<Pending>,
+    /// The payload bytes of `pending`.
+    pending_bytes: u64,
+    /// The window's bound in bytes: `max_in_flight_bytes`, or less under the driver's
+    /// memory budget ([`NatsStore::with_memory_budget`]).
+    window_bytes: u64,
     /// Acknowledged, not reported yet.
     done: Vec<Ack>,
     /// Acknowledgement failed: to be published again.
@@ -541,6 +562,7 @@ impl NatsStore {
         token: Option<String>,
     ) -> Result<NatsStore, StoreError> {
         let client = client(&cfg, token).await?;
+        let window_bytes = cfg.max_in_flight_bytes.max(1);
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_millis(cfg.ack_timeout_ms))
             .max_ack_inflight(cfg.max_in_flight.max(1) * 2)
@@ -552,6 +574,8 @@ impl NatsStore {
             cfg,
             names,
             pending: VecDeque::new(),
+            pending_bytes: 0,
+            window_bytes,
             done: Vec::new(),
             retry: VecDeque::new(),
             unacked: (0, None),
@@ -694,21 +718,54 @@ impl NatsStore {
         }
     }
 
+    /// Bounds the in-flight window's bytes by the driver's memory budget as well: the
+    /// window is part of what the driver holds, and a quarter of its budget leaves the
+    /// driver's queue its room (it asks for acknowledgements at half).
+    pub fn with_memory_budget(mut self, max_memory_bytes: u64) -> NatsStore {
+        self.window_bytes = self.window_bytes.min(max_memory_bytes / 4).max(1);
+        self
+    }
+
+    /// Whether the window has no room for a publish of `len` bytes (an empty window
+    /// always has).
+    fn window_full(&self, len: usize) -> bool {
+        !self.pending.is_empty()
+            && (self.pending.len() >= self.cfg.max_in_flight
+                || self.pending_bytes + len as u64 > self.window_bytes)
+    }
+
+    fn push_pending(&mut self, p: Pending) {
+        self.pending_bytes += p.line.len() as u64;
+        self.pending.push_back(p);
+    }
+
+    fn pop_pending(&mut self) -> Option<Pending> {
+        let p = self.pending.pop_front()?;
+        self.pending_bytes -= p.line.len() as u64;
+        Some(p)
+    }
+
     /// Moves every finished acknowledgement out of the window, without waiting.
+    ///
+    /// Each poll is unconstrained: tokio's cooperative budget (128 polls of its resources
+    /// per task turn) would otherwise make every acknowledgement after the 128th look
+    /// unfinished, and a window of thousands would drain 128 per collection.
     fn harvest(&mut self) {
         let mut still = VecDeque::with_capacity(self.pending.len());
-        while let Some(mut p) = self.pending.pop_front() {
-            match (&mut p.ack).now_or_never() {
+        while let Some(mut p) = self.pop_pending() {
+            match tokio::task::unconstrained(&mut p.ack).now_or_never() {
                 Some(result) => self.settle(p, result),
                 None => still.push_back(p),
             }
         }
-        self.pending = still;
+        for p in still {
+            self.push_pending(p);
+        }
     }
 
     /// Waits for the oldest acknowledgement (bounded by the ack timeout).
     async fn wait_oldest(&mut self) -> Result<(), StoreError> {
-        let Some(mut p) = self.pending.pop_front() else {
+        let Some(mut p) = self.pop_pending() else {
             return Ok(());
         };
         match tokio::time::timeout(self.timeout(), &mut p.ack).await {
@@ -717,6 +774,7 @@ impl NatsStore {
                 Ok(())
             }
             Err(_) => {
+                self.pending_bytes += p.line.len() as u64;
                 self.pending.push_front(p);
                 Err(err("publish acknowledgements are not arriving"))
             }
@@ -733,7 +791,7 @@ impl NatsStore {
             match publish(&self.js, &p.subject, &p.id, &p.line, self.timeout()).await {
                 Ok(ack) => {
                     p.ack = ack;
-                    self.pending.push_back(p);
+                    self.push_pending(p);
                 }
                 Err(e) => {
                     self.retry.push_front(p);
@@ -754,7 +812,8 @@ pub(crate) async fn start(
     let token = ctx.token.as_ref().map(|t| t.expose().to_owned());
     let store = NatsStore::connect(cfg.clone(), ctx.names.clone(), token)
         .await
-        .map_err(|e| crate::start::SinkStartError::Store(e.to_string()))?;
+        .map_err(|e| crate::start::SinkStartError::Store(e.to_string()))?
+        .with_memory_budget(ctx.delivery.max_memory_bytes);
     let shared = store.stored_ids();
     let mut started = crate::start::with_store(name, store, ctx)?;
     started.shared = Some(crate::StoredIds::Nats(shared));
@@ -783,19 +842,19 @@ impl Store for NatsStore {
         self.partial = None;
         let subject = self.subject(batch.stream, batch.partition);
         for (i, item) in batch.items.iter().enumerate().skip(skip) {
-            if self.pending.len() >= self.cfg.max_in_flight {
+            let Unique { seq, id, line, .. } = item;
+            if self.window_full(line.len()) {
                 self.harvest();
-                if self.pending.len() >= self.cfg.max_in_flight
-                    && let Err(e) = self.wait_oldest().await
-                {
-                    self.partial =
-                        (i > 0).then(|| (batch.stream, batch.partition, batch.items[0].id, i));
-                    return Err(e);
+                while self.window_full(line.len()) {
+                    if let Err(e) = self.wait_oldest().await {
+                        self.partial =
+                            (i > 0).then(|| (batch.stream, batch.partition, batch.items[0].id, i));
+                        return Err(e);
+                    }
                 }
             }
-            let Unique { seq, id, line, .. } = item;
             match publish(&self.js, &subject, id, line, self.timeout()).await {
-                Ok(ack) => self.pending.push_back(Pending {
+                Ok(ack) => self.push_pending(Pending {
                     stream: batch.stream,
                     partition: batch.partition,
                     seq: *seq,
@@ -833,5 +892,165 @@ impl Store for NatsStore {
 
     fn unacknowledged(&self) -> usize {
         self.pending.len() + self.retry.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `nats-server -js` on a free loopback port (installed by `scripts/setup-test-deps`;
+    /// missing is a failure), killed on drop.
+    struct Server {
+        child: std::process::Child,
+        port: u16,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Server {
+        async fn start() -> Server {
+            let binary = std::env::var_os("PATH")
+                .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+                .unwrap_or_default()
+                .into_iter()
+                .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"].map(PathBuf::from))
+                .map(|d| d.join("nats-server"))
+                .find(|p| p.is_file())
+                .expect("nats-server not found: run scripts/setup-test-deps");
+            let dir = tempfile::tempdir().unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let server = Server {
+                child: std::process::Command::new(binary)
+                    .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+                    .arg(dir.path())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("nats-server starts"),
+                port,
+                _dir: dir,
+            };
+            // Up to 30 s: a loaded machine starts it slowly.
+            for _ in 0..600 {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return server;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("nats-server did not open port {port}");
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn big_batch(n: u64, line_bytes: usize) -> UniqueBatch {
+        UniqueBatch {
+            stream: StreamId(0),
+            partition: 1,
+            items: (0..n)
+                .map(|i| Unique {
+                    seq: i + 1,
+                    id: ActivityId::Post(i),
+                    line: bytes::Bytes::from(vec![b'x'; line_bytes]),
+                    path: tandem_core::PathId(0),
+                    received: tokio::time::Instant::now(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Big activities far below `max_in_flight`: the publishes awaiting their ack never
+    /// hold more than `max_in_flight_bytes` (nor a quarter of the driver's budget), and
+    /// every one is acknowledged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_in_flight_window_is_bounded_by_bytes() {
+        let server = Server::start().await;
+        let mut cfg = NatsConfig::new(&format!("nats://127.0.0.1:{}", server.port));
+        cfg.duplicate_window_secs = 120;
+        cfg.max_in_flight_bytes = 64 * 1024;
+        let names: StreamNames = std::sync::Arc::new(vec!["decahose".into()]);
+        let mut store = NatsStore::connect(cfg.clone(), names.clone(), None)
+            .await
+            .unwrap();
+        let line = 16 * 1024;
+        store.put(&big_batch(64, line)).await.unwrap();
+        assert!(
+            store.pending_bytes <= 64 * 1024,
+            "{} B await their ack; the bound is 64 KiB",
+            store.pending_bytes
+        );
+        let acked: usize = (store.acks(true).await.unwrap().iter())
+            .map(|a| a.ids.len())
+            .sum();
+        assert_eq!(acked, 64);
+        assert_eq!(store.pending_bytes, 0);
+        // A driver budget of 128 KiB leaves the window a quarter of it.
+        let mut store = NatsStore::connect(cfg, names, None)
+            .await
+            .unwrap()
+            .with_memory_budget(128 * 1024);
+        let mut batch = big_batch(64, line);
+        for u in &mut batch.items {
+            u.id = ActivityId::Post(u.seq + 1_000);
+        }
+        store.put(&batch).await.unwrap();
+        assert!(store.pending_bytes <= 32 * 1024, "{}", store.pending_bytes);
+        let acked: usize = (store.acks(true).await.unwrap().iter())
+            .map(|a| a.ids.len())
+            .sum();
+        assert_eq!(acked, 64);
+    }
+
+    /// A thousand publishes acknowledged meanwhile are all reported by one collection
+    /// (tokio's cooperative budget once made it 128, so the tail of a burst trickled in
+    /// at 128 per `ack_interval_ms`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_collection_reports_every_arrived_acknowledgement() {
+        let server = Server::start().await;
+        let url = format!("nats://127.0.0.1:{}", server.port);
+        let mut cfg = NatsConfig::new(&url);
+        cfg.duplicate_window_secs = 120;
+        let names: StreamNames = std::sync::Arc::new(vec!["decahose".into()]);
+        let mut store = NatsStore::connect(cfg.clone(), names, None).await.unwrap();
+        let batch = UniqueBatch {
+            stream: StreamId(0),
+            partition: 1,
+            items: (0..1_000u64)
+                .map(|i| Unique {
+                    seq: i + 1,
+                    id: ActivityId::Post(i),
+                    line: bytes::Bytes::from_static(b"{}"),
+                    path: tandem_core::PathId(0),
+                    received: tokio::time::Instant::now(),
+                })
+                .collect(),
+        };
+        store.put(&batch).await.unwrap();
+        // Every publish stored, then a moment for the last acknowledgements to arrive.
+        let js = jetstream::new(async_nats::connect(&url).await.unwrap());
+        let mut stream = js.get_stream(&cfg.stream).await.unwrap();
+        for _ in 0..200 {
+            if stream.info().await.unwrap().state.messages == 1_000 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let acked: usize = (store.acks(false).await.unwrap().iter())
+            .map(|a| a.ids.len())
+            .sum();
+        assert_eq!(acked, 1_000);
     }
 }
