@@ -80,29 +80,10 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DemoApiArg::Gnip)]
         api: DemoApiArg,
     },
-    /// Measure the full pipeline at full speed against the simulator (null, file and
-    /// JetStream sinks) and the official X Python SDK as a baseline.
-    Bench {
-        /// Activities per partition each path streams.
-        #[arg(long, default_value_t = 500_000)]
-        activities: u64,
-        /// Also run into JetStream (starts a nats-server).
-        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-        jetstream: bool,
-        /// Activities the X SDK baseline reads.
-        #[arg(long, default_value_t = 20_000)]
-        xdk_activities: u64,
-        /// Working directory (emptied per run).
-        #[arg(long, default_value = "./tandem-data/bench")]
-        work_dir: PathBuf,
-        /// Pipeline runs, comma-separated: null, file, jetstream, kafka (kafka starts the
-        /// `tansu` broker that scripts/setup-test-deps installs).
-        #[arg(long, default_value = "null,file,jetstream", value_delimiter = ',')]
-        sinks: Vec<String>,
-        /// Run the X Python SDK baseline.
-        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-        xdk: bool,
-    },
+    /// Measure the full pipeline against the simulator (null, file and JetStream sinks),
+    /// at full speed or at a fixed offered rate, beside the inflate floor and the official
+    /// X Python SDK as a baseline.
+    Bench(BenchArgs),
     /// Run the upstream simulator as a standalone server.
     Sim {
         /// Simulator configuration (TOML); default: one Decahose stream.
@@ -112,6 +93,35 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+}
+
+/// The settings of `tandem bench`.
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Activities per partition each path streams (default: 500 000 at full speed,
+    /// 30 seconds' worth at a fixed `--rate`).
+    #[arg(long)]
+    activities: Option<u64>,
+    /// Hold a fixed offered rate of raw activities per second (over 2 partitions x 2
+    /// paths) and report hand-off and acknowledgement latency percentiles.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Also run into JetStream (starts a nats-server).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    jetstream: bool,
+    /// Activities the X SDK baseline reads.
+    #[arg(long, default_value_t = 20_000)]
+    xdk_activities: u64,
+    /// Working directory (emptied per run).
+    #[arg(long, default_value = "./tandem-data/bench")]
+    work_dir: PathBuf,
+    /// Pipeline runs, comma-separated: null, file, jetstream, kafka (kafka starts the
+    /// `tansu` broker that scripts/setup-test-deps installs).
+    #[arg(long, default_value = "null,file,jetstream", value_delimiter = ',')]
+    sinks: Vec<String>,
+    /// Run the X Python SDK baseline.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    xdk: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -206,25 +216,7 @@ fn main() -> ExitCode {
             Command::Sim { config, listen } => {
                 sim(config.as_deref(), listen, cli.log_format, &cli.log).await
             }
-            Command::Bench {
-                activities,
-                jetstream,
-                xdk_activities,
-                work_dir,
-                sinks,
-                xdk,
-            } => {
-                bench(
-                    activities,
-                    jetstream,
-                    xdk_activities,
-                    work_dir,
-                    sinks,
-                    xdk,
-                    cli.log_format,
-                )
-                .await
-            }
+            Command::Bench(args) => bench(args, cli.log_format).await,
         }
     });
     match result {
@@ -319,31 +311,32 @@ async fn demo(
     })
 }
 
-async fn bench(
-    activities: u64,
-    jetstream: bool,
-    xdk_activities: u64,
-    work_dir: PathBuf,
-    sinks: Vec<String>,
-    xdk: bool,
-    format: LogFormat,
-) -> anyhow::Result<ExitCode> {
+async fn bench(args: BenchArgs, format: LogFormat) -> anyhow::Result<ExitCode> {
     start_tracing(format, "warn,async_nats=error", None)?;
+    if args.rate.is_some_and(|r| !(r.is_finite() && r >= 100.0)) {
+        anyhow::bail!("--rate: at least 100 raw activities per second");
+    }
     // The baseline uses the project's virtualenv (scripts/python-env creates it).
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let python = std::process::Command::new(root.join("scripts/python-env"))
         .output()
         .ok()
-        .filter(|o| xdk && o.status.success())
+        .filter(|o| args.xdk && o.status.success())
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    // At a fixed rate, 30 seconds of it (each of the 4 connections sends a quarter).
+    let activities = args.activities.unwrap_or_else(|| {
+        args.rate
+            .map_or(500_000, |r| (r / 4.0 * 30.0).ceil() as u64)
+    });
     let opts = tandem_scenario::bench::BenchOptions {
         exe: std::env::current_exe().context("locating the tandem executable")?,
-        work_dir,
+        work_dir: args.work_dir,
         activities_per_partition: activities,
-        jetstream,
+        jetstream: args.jetstream,
         python,
-        xdk_activities,
-        sinks,
+        xdk_activities: args.xdk_activities,
+        sinks: args.sinks,
+        rate: args.rate,
     };
     let report = tandem_scenario::bench::run(opts)
         .await

@@ -1,10 +1,19 @@
 //! `tandem bench`: the full pipeline against the simulator streaming a pre-encoded corpus
-//! at full speed, over 2 partitions × 2 paths on loopback, into the null sink, the file
+//! at full speed (or a fixed rate), over 2 partitions × 2 paths on loopback, into the null sink, the file
 //! sink and JetStream; then the official X Python SDK against the same simulator as the
 //! baseline a user would otherwise start from.
 //!
 //! The simulator runs as a separate process (`tandem sim`), so the CPU figures are the
-//! consumer's alone. CPU time and peak RSS come from `/proc/self` (Linux).
+//! consumer's alone. CPU time and peak RSS come from `/proc/self` (Linux); the peak is the
+//! process's high-water mark since the run began, which includes what earlier runs in the
+//! same process left allocated (run one sink alone for its own figure).
+//!
+//! Every figure comes with one it is judged against, measured in the same run, so that a
+//! slower or busier machine moves both: the inflate floor (the same gzip body inflated and
+//! cut into lines by the connection reader alone, one thread), the X SDK's CPU per post,
+//! and each store's own ceiling (the disk, `nats-server` or the Kafka broker taking the
+//! same lines from a bare client). `--rate` holds a fixed offered rate instead of full
+//! speed and reports latency percentiles to hand-off and to acknowledgement.
 // A benchmark measures wall-clock time on purpose, outside any paused clock.
 #![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
@@ -15,6 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tandem_config::Loaded;
+use tandem_core::latency::LatencyHistogram;
 use tandem_pipeline::Pipeline;
 
 use crate::harness::{HarnessConfig, load_consumer};
@@ -34,6 +44,9 @@ pub struct BenchOptions {
     pub xdk_activities: u64,
     /// Which pipeline runs: any of `null`, `file`, `jetstream`, `kafka`.
     pub sinks: Vec<String>,
+    /// A fixed offered rate in raw activities per second (over 2 partitions x 2 paths)
+    /// instead of full speed: the runs report latency where people run.
+    pub rate: Option<f64>,
 }
 
 /// One pipeline run.
@@ -44,12 +57,36 @@ pub struct RunResult {
     pub unique: u64,
     pub secs: f64,
     pub cpu_secs: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
+    /// First receipt to store hand-off.
+    pub handoff: Quantiles,
+    /// First receipt to the store's acknowledgement.
+    pub acked: Quantiles,
     pub peak_rss_mb: f64,
     pub bytes_per_id: f64,
     /// CPU the simulator process used meanwhile (taken from the same cores).
     pub sim_cpu_secs: f64,
+    /// Activities per second the store takes from a bare client in the same run (the
+    /// disk, the NATS server, the broker), where one is measured.
+    pub store_ceiling: Option<f64>,
+}
+
+/// The median, 99th and 99.9th percentiles of a latency, in milliseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Quantiles {
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+}
+
+impl Quantiles {
+    fn of(h: &LatencyHistogram) -> Quantiles {
+        let ms = |q| h.quantile(q).unwrap_or_default().as_secs_f64() * 1000.0;
+        Quantiles {
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+        }
+    }
 }
 
 /// CPU seconds (user + system) of this process.
@@ -134,7 +171,13 @@ fn start_sim(exe: &Path, dir: &Path, stream_toml: &str) -> std::io::Result<SimPr
     Err(std::io::Error::other("the simulator did not open its port"))
 }
 
-fn gnip_corpus(n: u64) -> String {
+/// Connections of a bench run: 2 partitions x 2 paths.
+const CONNECTIONS: f64 = 4.0;
+
+/// A Decahose stream of `n` pre-encoded activities per partition, sent at
+/// `rate_per_conn` activities/s per connection, or at full speed.
+fn gnip_corpus(n: u64, rate_per_conn: Option<f64>) -> String {
+    let rate = rate_per_conn.map_or(String::new(), |r| format!("rate_per_sec = {r}\n"));
     format!(
         r#"[[stream]]
 name = "decahose"
@@ -151,7 +194,7 @@ username = "demo@example.com"
 password = "demo-password"
 [stream.corpus]
 activities_per_partition = {n}
-"#
+{rate}"#
     )
 }
 
@@ -164,14 +207,15 @@ async fn pipeline_run(
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let n = opts.activities_per_partition;
-    let sim = start_sim(&opts.exe, &dir, &gnip_corpus(n)).map_err(|e| format!("simulator: {e}"))?;
+    let stream = gnip_corpus(n, opts.rate.map(|r| r / CONNECTIONS));
+    let sim = start_sim(&opts.exe, &dir, &stream).map_err(|e| format!("simulator: {e}"))?;
     let loaded = consumer_config(&dir, &sim, tweak)?;
     let meter = Meter::start(&sim);
     let pipeline = Pipeline::start(loaded).await.map_err(|e| e.to_string())?;
     let deadline = meter.t0 + Duration::from_secs(600);
     let (raw, unique) = wait_stored(&pipeline, 2 * n, deadline, label).await?;
     let usage = meter.read();
-    let (p50, p99) = handoff_quantiles(&pipeline);
+    let (handoff, acked) = latencies(&pipeline);
     let report = pipeline.shutdown().await;
     drop(sim);
     let _ = std::fs::remove_dir_all(&dir);
@@ -181,11 +225,12 @@ async fn pipeline_run(
         unique,
         secs: usage.secs,
         cpu_secs: usage.cpu_secs,
-        p50_ms: p50.as_secs_f64() * 1000.0,
-        p99_ms: p99.as_secs_f64() * 1000.0,
+        handoff,
+        acked,
         peak_rss_mb: usage.peak_rss_mb,
         bytes_per_id: report.dedup_bytes as f64 / report.dedup_ids.max(1) as f64,
         sim_cpu_secs: usage.sim_cpu_secs,
+        store_ceiling: None,
     })
 }
 
@@ -283,18 +328,113 @@ async fn wait_stored(
     }
 }
 
-/// The median and 99th percentile of the hand-off latency (the first histogram).
-fn handoff_quantiles(pipeline: &Pipeline) -> (Duration, Duration) {
-    pipeline
-        .handoff_latency()
-        .first()
-        .map(|(_, h)| {
-            (
-                h.quantile(0.5).unwrap_or_default(),
-                h.quantile(0.99).unwrap_or_default(),
-            )
-        })
-        .unwrap_or_default()
+/// The hand-off and acknowledgement latencies of the (first) sink.
+fn latencies(pipeline: &Pipeline) -> (Quantiles, Quantiles) {
+    type Histograms = Vec<(std::sync::Arc<str>, std::sync::Arc<LatencyHistogram>)>;
+    let first = |hs: Histograms| {
+        hs.first()
+            .map(|(_, h)| Quantiles::of(h))
+            .unwrap_or_default()
+    };
+    (
+        first(pipeline.handoff_latency()),
+        first(pipeline.ack_latency()),
+    )
+}
+
+/// Most activities the floor run inflates (as many as a run's partition, at least 1000).
+const FLOOR_ACTIVITIES: u64 = 100_000;
+
+/// Lines of the corpus the disk ceiling writes over and over.
+const SAMPLE_LINES: usize = 1_024;
+
+/// The floor under the pipeline: the gzip body the simulator sends a connection (the same
+/// corpus, one partition) inflated and cut into lines by the connection reader alone, on
+/// one thread, with nothing else to do; the best of three, in µs per activity, and the
+/// first [`SAMPLE_LINES`] lines (copied, so the rest is freed as it goes).
+fn inflate_floor(activities: u64) -> Result<(f64, Vec<Vec<u8>>), String> {
+    let want = activities.clamp(1_000, FLOOR_ACTIVITIES);
+    let body = tandem_sim::corpus_body(want);
+    let read = tandem_conn::config::ReadConfig::default();
+    let (mut best, mut sample) = (f64::INFINITY, Vec::with_capacity(SAMPLE_LINES));
+    for _ in 0..3 {
+        let mut reader =
+            tandem_conn::reader::LineReader::new(true, read.chunk_size_bytes, read.max_line_bytes);
+        let (mut frames, mut lines) = (Vec::with_capacity(1024), 0usize);
+        let start = Instant::now();
+        for chunk in &body {
+            reader
+                .feed_all(chunk, &mut frames)
+                .map_err(|e| format!("inflate floor: {e}"))?;
+            for frame in frames.drain(..) {
+                if let tandem_conn::reader::Frame::Line(line) = frame {
+                    lines += 1;
+                    if sample.len() < SAMPLE_LINES {
+                        sample.push(line.to_vec());
+                    }
+                }
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        if lines as u64 != want {
+            return Err(format!("inflate floor: {lines} lines of {want}"));
+        }
+        best = best.min(secs * 1e6 / lines as f64);
+    }
+    Ok((best, sample))
+}
+
+/// Most bytes the disk ceiling writes.
+const DISK_CEILING_BYTES: usize = 1_500_000_000;
+
+/// What the disk under `dir` takes, as the file sink would give it: the corpus's lines
+/// (the first thousand, over and over, each with its newline) appended in batches of 256
+/// to one file, as many bytes as the file run of `activities` per partition stored,
+/// made durable by an fsync every 200 ms on a duplicated handle beside the writes (the
+/// bench's file sink setting) and once at the end; lines/s and MB/s.
+fn disk_ceiling(dir: &Path, lines: &[Vec<u8>], activities: u64) -> Result<(f64, f64), String> {
+    use std::io::Write as _;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let path = dir.join("disk-ceiling");
+    let mut file = std::fs::File::create(&path).map_err(|e| format!("disk ceiling: {e}"))?;
+    let syncer = file.try_clone().map_err(|e| format!("disk ceiling: {e}"))?;
+    let done = AtomicBool::new(false);
+    // As much as the file run stored (both partitions), at most DISK_CEILING_BYTES.
+    let mean = lines.iter().map(|l| l.len() + 1).sum::<usize>() / lines.len().max(1);
+    let limit = (2 * activities as usize * mean).min(DISK_CEILING_BYTES);
+    let (mut written, mut count, mut buf) = (0usize, 0u64, Vec::with_capacity(2 << 20));
+    let start = Instant::now();
+    std::thread::scope(|scope| -> Result<(), String> {
+        scope.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(200));
+                let _ = syncer.sync_data();
+            }
+        });
+        let result = (|| {
+            for batch in lines.chunks(256).cycle() {
+                buf.clear();
+                for l in batch {
+                    buf.extend_from_slice(l);
+                    buf.push(b'\n');
+                }
+                file.write_all(&buf)
+                    .map_err(|e| format!("disk ceiling: {e}"))?;
+                written += buf.len();
+                count += batch.len() as u64;
+                if written >= limit {
+                    break;
+                }
+            }
+            file.sync_data().map_err(|e| format!("disk ceiling: {e}"))
+        })();
+        done.store(true, Ordering::SeqCst);
+        result
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    Ok((count as f64 / secs, written as f64 / secs / 1e6))
 }
 
 /// The X SDK baseline: one connection to the simulator's corpus of the same native posts
@@ -363,15 +503,17 @@ print(n, time.perf_counter() - t0, time.process_time() - c0)
 pub async fn run(opts: BenchOptions) -> Result<String, String> {
     std::fs::create_dir_all(&opts.work_dir).map_err(|e| e.to_string())?;
     let mut notes = Vec::new();
-    let results = pipeline_runs(&opts, &mut notes).await?;
+    let (floor, lines) = inflate_floor(opts.activities_per_partition)?;
+    let results = pipeline_runs(&opts, &lines, &mut notes).await?;
     let xdk = opts.python.as_ref().map(|py| xdk_run(&opts, py));
-    Ok(report(&opts, &results, xdk, notes))
+    Ok(report(&opts, floor, &results, xdk, notes))
 }
 
 /// The pipeline runs `opts.sinks` names, in the order null, file, JetStream; what the
 /// JetStream run adds (the read-back, or why it was skipped) goes to `notes`.
 async fn pipeline_runs(
     opts: &BenchOptions,
+    lines: &[Vec<u8>],
     notes: &mut Vec<String>,
 ) -> Result<Vec<RunResult>, String> {
     let wants = |s: &str| opts.sinks.iter().any(|x| x == s);
@@ -386,10 +528,20 @@ async fn pipeline_runs(
         results.push(pipeline_run(opts, "null sink", |c| c.null_sink = true).await?);
     }
     if wants("file") {
-        results.push(pipeline_run(opts, "file sink", |_| {}).await?);
+        let mut run = pipeline_run(opts, "file sink", |_| {}).await?;
+        match disk_ceiling(&opts.work_dir, lines, opts.activities_per_partition) {
+            Ok((per_sec, mb_per_sec)) => {
+                run.store_ceiling = Some(per_sec);
+                notes.push(format!(
+                    "disk alone (the work directory): the corpus's lines appended in batches of 256 with an fsync every 200 ms beside the writes: {per_sec:.0} lines/s, {mb_per_sec:.0} MB/s"
+                ));
+            }
+            Err(e) => notes.push(format!("disk ceiling not measured: {e}")),
+        }
+        results.push(run);
     }
     if opts.jetstream && wants("jetstream") {
-        results.extend(jetstream_run(opts, notes).await?);
+        results.extend(jetstream_run(opts, lines, notes).await?);
     }
     if wants("kafka") {
         results.extend(kafka_run(opts, notes).await?);
@@ -484,12 +636,18 @@ async fn kafka_run(
         }
     };
     let bootstrap = broker.bootstrap();
-    match broker_ceiling(&bootstrap, KAFKA_CEILING_RECORDS).await {
-        Ok((per_sec, mb_per_sec)) => notes.push(format!(
-            "kafka broker alone (tansu, SQLite store): a bare librdkafka producer (acks=all, lz4) puts {KAFKA_CEILING_RECORDS} of the corpus's posts at {per_sec:.0} records/s, {mb_per_sec:.1} MB/s"
-        )),
-        Err(e) => notes.push(format!("kafka broker ceiling not measured: {e}")),
-    }
+    let ceiling = match broker_ceiling(&bootstrap, KAFKA_CEILING_RECORDS).await {
+        Ok((per_sec, mb_per_sec)) => {
+            notes.push(format!(
+                "kafka broker alone (tansu, SQLite store): a bare librdkafka producer (acks=all, lz4) puts {KAFKA_CEILING_RECORDS} of the corpus's posts at {per_sec:.0} records/s, {mb_per_sec:.1} MB/s"
+            ));
+            Some(per_sec)
+        }
+        Err(e) => {
+            notes.push(format!("kafka broker ceiling not measured: {e}"));
+            None
+        }
+    };
     let kafka_opts = BenchOptions {
         activities_per_partition: opts.activities_per_partition.min(KAFKA_ACTIVITIES),
         ..opts.clone()
@@ -502,7 +660,10 @@ async fn kafka_run(
     })
     .await;
     let result = match run {
-        Ok(result) => result,
+        Ok(result) => RunResult {
+            store_ceiling: ceiling,
+            ..result
+        },
         Err(e) => {
             notes.push(format!(
                 "kafka run failed: {e}; broker log tail: {}",
@@ -530,10 +691,12 @@ async fn kafka_run(
     Ok(Some(result))
 }
 
-/// The pipeline into a `nats-server` of its own (at most 50 000 activities per partition),
-/// then the read-back; `None` when the server cannot start.
+/// What the NATS server takes from a bare producer (the corpus's lines, as many as the run
+/// stores), then the pipeline into the same `nats-server` (at most 50 000 activities per
+/// partition), then the read-back; `None` when the server cannot start.
 async fn jetstream_run(
     opts: &BenchOptions,
+    lines: &[Vec<u8>],
     notes: &mut Vec<String>,
 ) -> Result<Option<RunResult>, String> {
     let store = opts.work_dir.join("nats-store");
@@ -550,57 +713,146 @@ async fn jetstream_run(
         activities_per_partition: opts.activities_per_partition.min(50_000),
         ..opts.clone()
     };
+    let texts: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| std::str::from_utf8(l).ok())
+        .collect();
+    let n = 2 * js_opts.activities_per_partition as usize;
+    let ceiling = match crate::ceiling::jetstream_ceiling(&url, &texts, n).await {
+        Ok((per_sec, mb_per_sec)) => {
+            notes.push(format!(
+                "nats-server alone (JetStream, file storage, the sink's stream settings): a bare async-nats producer with message ids puts {n} of the corpus's lines at {per_sec:.0} messages/s, {mb_per_sec:.0} MB/s"
+            ));
+            Some(per_sec)
+        }
+        Err(e) => {
+            notes.push(format!("jetstream ceiling not measured: {e}"));
+            None
+        }
+    };
     let result = pipeline_run(&js_opts, "jetstream sink", |c| {
         c.nats_url = Some(url.clone())
     })
     .await?;
+    let result = RunResult {
+        store_ceiling: ceiling,
+        ..result
+    };
     notes.push(read_back(&url).await);
     Ok(Some(result))
 }
 
-/// The table: a header, a row per pipeline run, the X SDK baseline, then the notes.
+/// Decahose's peak rate of unique posts, for the dedup window's memory.
+const DECAHOSE_PEAK_PER_SEC: f64 = 14_000.0;
+
+/// The table: a header, the floor, a row per pipeline run, the X SDK baseline, then the
+/// notes. Every ratio is to figures of the same run, so a slower machine moves both sides.
 fn report(
     opts: &BenchOptions,
+    floor_us: f64,
     results: &[RunResult],
     xdk: Option<Result<(u64, f64, f64), String>>,
     mut notes: Vec<String>,
 ) -> String {
     let mut out = String::new();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let offered = opts.rate.map_or("full speed".to_owned(), |r| {
+        format!(
+            "offered {r:.0} raw/s ({:.0} per connection)",
+            r / CONNECTIONS
+        )
+    });
     let _ = writeln!(
         out,
-        "tandem bench: {} activities per partition, 2 partitions x 2 paths over loopback, gzip, {} CPUs; simulator in its own process",
-        opts.activities_per_partition, cpus
+        "tandem bench: {} activities per partition, 2 partitions x 2 paths over loopback, gzip, {offered}, {cpus} CPUs; simulator in its own process",
+        opts.activities_per_partition,
     );
     let _ = writeln!(
         out,
-        "{:<16} {:>10} {:>10} {:>11} {:>9} {:>9} {:>10} {:>6} {:>9}",
-        "run", "raw/s", "unique/s", "CPU-µs/raw", "p50 ms", "p99 ms", "peak RSS", "B/id", "sim CPU"
+        "inflate floor: {floor_us:.2} µs per activity (the same gzip body inflated and cut into lines by the connection reader alone, one thread)"
     );
-    for r in results {
+    let xdk_cpu_us = match &xdk {
+        Some(Ok((n, _, cpu))) => Some(cpu * 1e6 / (*n).max(1) as f64),
+        _ => None,
+    };
+    let cpu_us = |r: &RunResult| r.cpu_secs * 1e6 / r.raw.max(1) as f64;
+    let vs_xdk =
+        |r: &RunResult| xdk_cpu_us.map_or("-".to_owned(), |x| format!("{:.1}", x / cpu_us(r)));
+    if opts.rate.is_none() {
         let _ = writeln!(
             out,
-            "{:<16} {:>10.0} {:>10.0} {:>11.2} {:>9.2} {:>9.2} {:>7.0} MB {:>6.1} {:>8.0}%",
-            r.label,
-            r.raw as f64 / r.secs,
-            r.unique as f64 / r.secs,
-            r.cpu_secs * 1e6 / r.raw.max(1) as f64,
-            r.p50_ms,
-            r.p99_ms,
-            r.peak_rss_mb,
-            r.bytes_per_id,
-            r.sim_cpu_secs / r.secs * 100.0
+            "{:<16} {:>9} {:>9} {:>7} {:>10} {:>6} {:>6} {:>8} {:>8} {:>9} {:>6} {:>7}",
+            "run",
+            "raw/s",
+            "unique/s",
+            "store%",
+            "CPU-µs/raw",
+            "floor×",
+            "xdk÷",
+            "p50 ms",
+            "p99 ms",
+            "peak RSS",
+            "B/id",
+            "sim CPU"
         );
+        for r in results {
+            let _ = writeln!(
+                out,
+                "{:<16} {:>9.0} {:>9.0} {:>7} {:>10.2} {:>6.2} {:>6} {:>8.2} {:>8.2} {:>6.0} MB {:>6.1} {:>6.0}%",
+                r.label,
+                r.raw as f64 / r.secs,
+                r.unique as f64 / r.secs,
+                r.store_ceiling.map_or("-".to_owned(), |c| format!(
+                    "{:.0}%",
+                    r.unique as f64 / r.secs / c * 100.0
+                )),
+                cpu_us(r),
+                cpu_us(r) / floor_us,
+                vs_xdk(r),
+                r.handoff.p50_ms,
+                r.handoff.p99_ms,
+                r.peak_rss_mb,
+                r.bytes_per_id,
+                r.sim_cpu_secs / r.secs * 100.0
+            );
+        }
+    } else {
+        let _ = writeln!(
+            out,
+            "{:<16} {:>9} {:>10} {:>6} {:>29} {:>29} {:>9}",
+            "run",
+            "raw/s",
+            "CPU-µs/raw",
+            "floor×",
+            "hand-off ms p50/p99/p999",
+            "acknowledged ms p50/p99/p999",
+            "peak RSS"
+        );
+        for r in results {
+            let q = |q: &Quantiles| format!("{:.2} / {:.2} / {:.2}", q.p50_ms, q.p99_ms, q.p999_ms);
+            let _ = writeln!(
+                out,
+                "{:<16} {:>9.0} {:>10.2} {:>6.2} {:>29} {:>29} {:>6.0} MB",
+                r.label,
+                r.raw as f64 / r.secs,
+                cpu_us(r),
+                cpu_us(r) / floor_us,
+                q(&r.handoff),
+                q(&r.acked),
+                r.peak_rss_mb,
+            );
+        }
     }
     match xdk {
         Some(Ok((n, secs, cpu))) => {
             let _ = writeln!(
                 out,
-                "{:<16} {:>10.0} {:>10} {:>11.2}   (official X Python SDK, the same posts gzipped on one connection, no dedup: {n} in {secs:.1} s)",
+                "{:<16} {:>9.0} {:>9} {:>10.2} {:>6.2}   (official X Python SDK, the same posts gzipped on one connection, no dedup: {n} in {secs:.1} s; xdk÷ above: its CPU per post over the run's CPU per raw activity)",
                 "xdk baseline",
                 n as f64 / secs,
                 "-",
-                cpu * 1e6 / n.max(1) as f64
+                cpu * 1e6 / n.max(1) as f64,
+                cpu * 1e6 / n.max(1) as f64 / floor_us,
             );
         }
         Some(Err(e)) => notes.push(format!("xdk baseline failed: {e}")),
@@ -608,6 +860,16 @@ fn report(
             "xdk baseline not run (no Python interpreter with xdk; scripts/python-env makes one)"
                 .to_owned(),
         ),
+    }
+    if let Some(r) = results.iter().find(|r| r.bytes_per_id > 0.0) {
+        let ids = DECAHOSE_PEAK_PER_SEC * 900.0;
+        notes.push(format!(
+            "dedup window: 15 minutes of Decahose at its peak ({DECAHOSE_PEAK_PER_SEC:.0} posts/s) is {:.1} M ids, {:.0} MB at the {} run's {:.1} B/id",
+            ids / 1e6,
+            ids * r.bytes_per_id / 1e6,
+            r.label,
+            r.bytes_per_id
+        ));
     }
     for n in notes {
         let _ = writeln!(out, "note: {n}");
