@@ -847,9 +847,10 @@ fn report(
         Some(Ok((n, secs, cpu))) => {
             let _ = writeln!(
                 out,
-                "{:<16} {:>9.0} {:>9} {:>10.2} {:>6.2}   (official X Python SDK, the same posts gzipped on one connection, no dedup: {n} in {secs:.1} s; xdk÷ above: its CPU per post over the run's CPU per raw activity)",
+                "{:<16} {:>9.0} {:>9} {:>7} {:>10.2} {:>6.2}   (official X Python SDK, the same posts gzipped on one connection, no dedup: {n} in {secs:.1} s; xdk÷ above: its CPU per post over the run's CPU per raw activity)",
                 "xdk baseline",
                 n as f64 / secs,
+                "-",
                 "-",
                 cpu * 1e6 / n.max(1) as f64,
                 cpu * 1e6 / n.max(1) as f64 / floor_us,
