@@ -14,7 +14,8 @@
 //! - [`kafka`]: a real Kafka-protocol broker (`tansu`) for tests, and reading back a topic.
 //! - [`demo`]: the embedded demo with its fault schedule and live summary.
 //! - [`free_port`]: an ephemeral loopback port, for every test peer.
-//! - [`mod@bench`]: `tandem bench`, the full pipeline at full speed and the X SDK baseline.
+//! - [`mod@bench`]: `tandem bench`, the full pipeline at full speed or a fixed rate, beside
+//!   the inflate floor, each store's own ceiling and the X SDK baseline.
 
 pub mod bench;
 pub mod ceiling;

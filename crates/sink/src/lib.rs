@@ -3,8 +3,9 @@
 //!
 //! A [`Store`] takes whole batches and acknowledges them once durable. The driver
 //! ([`driver::spawn`]) sits between the mergers and a store: it keeps batches in order
-//! (memory, then the disk [`Spool`]), retries with backoff while the store is down (so
-//! the connections never stall on it), turns acknowledgements into a contiguous stored
+//! (memory, bounded by activities and by bytes, then the disk [`Spool`]), retries with
+//! backoff while the store is down or stalled (so the connections never stall on it), holds
+//! the input back while the store acknowledges but is slower than it, turns acknowledgements into a contiguous stored
 //! watermark per partition (what gap repair waits on), keeps every batch until it is
 //! acknowledged (a store that lost writes gets them again; at shutdown the rest is
 //! spooled), and drains at shutdown.
