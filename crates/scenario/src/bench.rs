@@ -342,7 +342,8 @@ fn latencies(pipeline: &Pipeline) -> (Quantiles, Quantiles) {
     )
 }
 
-/// Most activities the floor run inflates (as many as a run's partition, at least 1000).
+/// Most activities the floor run inflates (as many as a run's partition, at least 1000;
+/// the first call, for the sample lines, inflates only those).
 const FLOOR_ACTIVITIES: u64 = 100_000;
 
 /// Lines of the corpus the disk ceiling writes over and over.
@@ -353,7 +354,7 @@ const SAMPLE_LINES: usize = 1_024;
 /// one thread, with nothing else to do; the best of three, in µs per activity, and the
 /// first [`SAMPLE_LINES`] lines (copied, so the rest is freed as it goes).
 fn inflate_floor(activities: u64) -> Result<(f64, Vec<Vec<u8>>), String> {
-    let want = activities.clamp(1_000, FLOOR_ACTIVITIES);
+    let want = activities.clamp(SAMPLE_LINES as u64, FLOOR_ACTIVITIES);
     let body = tandem_sim::corpus_body(want);
     let read = tandem_conn::config::ReadConfig::default();
     let (mut best, mut sample) = (f64::INFINITY, Vec::with_capacity(SAMPLE_LINES));
@@ -503,8 +504,10 @@ print(n, time.perf_counter() - t0, time.process_time() - c0)
 pub async fn run(opts: BenchOptions) -> Result<String, String> {
     std::fs::create_dir_all(&opts.work_dir).map_err(|e| e.to_string())?;
     let mut notes = Vec::new();
-    let (floor, lines) = inflate_floor(opts.activities_per_partition)?;
+    let (_, lines) = inflate_floor(SAMPLE_LINES as u64)?;
     let results = pipeline_runs(&opts, &lines, &mut notes).await?;
+    // Last, so that its buffers are not in the runs' peak memory.
+    let (floor, _) = inflate_floor(opts.activities_per_partition)?;
     let xdk = opts.python.as_ref().map(|py| xdk_run(&opts, py));
     Ok(report(&opts, floor, &results, xdk, notes))
 }
