@@ -1211,6 +1211,27 @@ mod tests {
         })
     }
 
+    /// The verdict of the byte-budget tests: `n` activities stored once each, in order,
+    /// nothing left in the spool, and never more than `most` bytes held in memory.
+    fn stored_once_in_order_within(
+        report: &DrainReport,
+        acked: &Mutex<Vec<ActivityId>>,
+        n: u64,
+        most: u64,
+    ) {
+        assert_eq!((report.stored_total, report.left_in_spool), (n, 0));
+        assert_eq!(
+            *acked.lock().unwrap(),
+            (0..n).map(ActivityId::Post).collect::<Vec<_>>(),
+            "stored once each, in order"
+        );
+        assert!(
+            report.peak_memory_bytes <= most,
+            "held {} B in memory; at most {most} B (the budget and one batch)",
+            report.peak_memory_bytes
+        );
+    }
+
     fn small_budget(dir: &std::path::Path, bytes: u64) -> DriverConfig {
         DriverConfig {
             max_memory_bytes: bytes,
@@ -1258,17 +1279,7 @@ mod tests {
         open.store(true, Ordering::SeqCst);
         drop(tx);
         let report = handle.finish().await;
-        assert_eq!((report.stored_total, report.left_in_spool), (160, 0));
-        assert_eq!(
-            *acked.lock().unwrap(),
-            (0..160).map(ActivityId::Post).collect::<Vec<_>>(),
-            "stored once each, in order"
-        );
-        assert!(
-            report.peak_memory_bytes <= budget + one,
-            "held {} B in memory; the budget is {budget} B (+ one batch of {one} B)",
-            report.peak_memory_bytes
-        );
+        stored_once_in_order_within(&report, &acked, 160, budget + one);
     }
 
     /// A store that is up and acknowledging, only slower than the input: a full memory
@@ -1299,17 +1310,7 @@ mod tests {
         }
         drop(tx);
         let report = handle.finish().await;
-        assert_eq!((report.stored_total, report.left_in_spool), (160, 0));
-        assert_eq!(
-            *acked.lock().unwrap(),
-            (0..160).map(ActivityId::Post).collect::<Vec<_>>(),
-            "stored once each, in order"
-        );
-        assert!(
-            report.peak_memory_bytes <= budget + one,
-            "held {} B in memory; the budget is {budget} B (+ one batch of {one} B)",
-            report.peak_memory_bytes
-        );
+        stored_once_in_order_within(&report, &acked, 160, budget + one);
     }
 
     /// While the spool cannot be written, memory holds up to a second byte budget, then
