@@ -914,6 +914,16 @@ impl<S: Store> Driver<S> {
         }
     }
 
+    /// Waits for the store to acknowledge the oldest of what it holds.
+    async fn collect_oldest(&mut self) {
+        match self.store.oldest_acks().await {
+            Ok(acks) => {
+                self.apply(acks);
+            }
+            Err(e) => self.failed(&e, "collecting acknowledgements failed"),
+        }
+    }
+
     /// Puts the oldest waiting batch to the store.
     async fn put_next(&mut self) -> Put {
         let Some(batch) = self.next() else {
@@ -1014,7 +1024,7 @@ impl<S: Store> Driver<S> {
                         if self.unacknowledged_heavy() {
                             self.collect(false).await;
                             if self.unacknowledged_heavy() {
-                                self.collect(true).await;
+                                self.collect_oldest().await;
                             }
                             next_ack = Instant::now() + ack_every;
                         }

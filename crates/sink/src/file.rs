@@ -582,6 +582,22 @@ impl Store for FileStore {
         self.report()
     }
 
+    /// The running fsync (the oldest writes) is waited for and the next one started if
+    /// due; only with none running is one started and waited for.
+    async fn oldest_acks(&mut self) -> Result<Vec<Ack>, StoreError> {
+        if self.lost.is_none() {
+            match self.syncing.take() {
+                Some(job) => {
+                    if self.finish_sync(job).await.is_ok() {
+                        self.collect(false).await;
+                    }
+                }
+                None => self.collect(true).await,
+            }
+        }
+        self.report()
+    }
+
     fn unacknowledged(&self) -> usize {
         self.unacked
     }
@@ -927,6 +943,38 @@ mod tests {
             acked, 100,
             "acknowledged long before the 10-minute interval"
         );
+    }
+
+    /// A driver whose memory is taken by unacknowledged writes waits for the running
+    /// fsync (the oldest writes) only: what was written after that fsync began is left to
+    /// the next one, so the writes go on while it settles. `acks(true)` instead makes
+    /// everything durable.
+    #[tokio::test]
+    async fn waiting_for_the_oldest_leaves_newer_writes_to_the_next_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = FileConfig {
+            dir: dir.path().to_path_buf(),
+            fsync_interval_ms: 600_000,
+            ..FileConfig::default()
+        };
+        let names: StreamNames = Arc::new(vec!["d".into()]);
+        let (store, _) = FileStore::open(cfg, names).unwrap();
+        // A quarter: 1 KiB. The first put passes it and starts an fsync; the second,
+        // under it, starts none.
+        let mut store = store.with_memory_budget(4 * 1024);
+        store.put(&batch(0..100)).await.unwrap();
+        assert!(store.syncing.is_some(), "an fsync began beside the writes");
+        store.put(&batch(100..110)).await.unwrap();
+        let oldest: Vec<u64> = (store.oldest_acks().await.unwrap().iter())
+            .flat_map(|a| a.seqs.iter().map(|s| s - 1))
+            .collect();
+        assert_eq!(oldest, (0..100).collect::<Vec<_>>());
+        assert_eq!(store.unacknowledged(), 10, "the newer writes wait");
+        let rest: Vec<u64> = (store.acks(true).await.unwrap().iter())
+            .flat_map(|a| a.seqs.iter().map(|s| s - 1))
+            .collect();
+        assert_eq!(rest, (100..110).collect::<Vec<_>>());
+        assert_eq!(store.unacknowledged(), 0);
     }
 
     /// A failed fsync is never retried into an acknowledgement: what it covered is

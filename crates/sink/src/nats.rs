@@ -890,6 +890,19 @@ impl Store for NatsStore {
         }
     }
 
+    async fn oldest_acks(&mut self) -> Result<Vec<Ack>, StoreError> {
+        self.harvest();
+        let republished = self.republish().await;
+        if self.done.is_empty() && !self.pending.is_empty() {
+            let _ = self.wait_oldest().await;
+        }
+        let done = std::mem::take(&mut self.done);
+        match republished {
+            Err(e) if done.is_empty() => Err(e),
+            _ => Ok(done),
+        }
+    }
+
     fn unacknowledged(&self) -> usize {
         self.pending.len() + self.retry.len()
     }

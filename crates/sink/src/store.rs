@@ -105,6 +105,14 @@ pub trait Store: Send + 'static {
     /// now (shutdown, rotation) instead of when the store's own policy says.
     fn acks(&mut self, force: bool) -> impl Future<Output = Result<Vec<Ack>, StoreError>> + Send;
 
+    /// Waits for the oldest of what was put to be acknowledged (and returns whatever is
+    /// acknowledged by then): what a driver whose memory is taken by unacknowledged
+    /// writes needs. Unlike `acks(true)` it does not make everything durable at once, so
+    /// a store may keep writing while the newer writes settle.
+    fn oldest_acks(&mut self) -> impl Future<Output = Result<Vec<Ack>, StoreError>> + Send {
+        self.acks(true)
+    }
+
     /// Activities put and not yet acknowledged.
     fn unacknowledged(&self) -> usize;
 
