@@ -75,6 +75,12 @@ pub struct KafkaConfig {
     /// Records sent and not yet reported delivered, at most.
     #[serde(default = "default_in_flight")]
     pub max_in_flight: usize,
+    /// Value bytes of records sent and not yet reported delivered at most (besides
+    /// `max_in_flight`), and never more than a quarter of `delivery.max_memory_bytes`:
+    /// they are part of what the sink holds in memory, and the rest of that budget stays
+    /// for the activities queued behind them.
+    #[serde(default = "default_in_flight_bytes")]
+    pub max_in_flight_bytes: u64,
 }
 
 /// How the client talks to the brokers.
@@ -181,6 +187,9 @@ fn default_delivery_timeout_ms() -> u64 {
 fn default_in_flight() -> usize {
     50_000
 }
+fn default_in_flight_bytes() -> u64 {
+    8 * 1024 * 1024
+}
 
 /// Bytes a record takes beyond its value: the key (an activity id) and the four headers,
 /// with the record's own framing, rounded up. A line longer than `max_message_bytes` minus
@@ -209,6 +218,7 @@ impl KafkaConfig {
             max_message_bytes: default_max_message_bytes(),
             delivery_timeout_ms: default_delivery_timeout_ms(),
             max_in_flight: default_in_flight(),
+            max_in_flight_bytes: default_in_flight_bytes(),
         }
     }
 
@@ -309,6 +319,9 @@ impl KafkaConfig {
         }
         if self.max_in_flight == 0 {
             out.push(("max_in_flight", "must be positive".to_owned()));
+        }
+        if self.max_in_flight_bytes == 0 {
+            out.push(("max_in_flight_bytes", "must be positive".to_owned()));
         }
         if self.delivery_timeout_ms < 1_000 {
             out.push(("delivery_timeout_ms", "must be at least 1000".to_owned()));

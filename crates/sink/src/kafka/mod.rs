@@ -82,7 +82,8 @@ pub(crate) fn start(
         since,
         keep,
     )
-    .map_err(|e| crate::start::SinkStartError::Store(e.to_string()))?;
+    .map_err(|e| crate::start::SinkStartError::Store(e.to_string()))?
+    .with_memory_budget(ctx.delivery.max_memory_bytes);
     let ids = store.topic_ids();
     let mut started = crate::start::with_store(name, store, ctx)?;
     started.shared = Some(crate::StoredIds::Kafka(ids));

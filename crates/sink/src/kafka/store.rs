@@ -82,8 +82,13 @@ pub struct KafkaStore {
     ids: TopicIds,
     /// The SASL password, for the clients made later (topic creation).
     password: Option<String>,
-    /// Sent, delivery report not seen yet.
+    /// Sent, delivery report not seen yet (the in-flight window).
     pending: VecDeque<Pending>,
+    /// The value bytes of `pending`.
+    pending_bytes: u64,
+    /// The window's bound in bytes: `max_in_flight_bytes`, or less under the driver's
+    /// memory budget ([`KafkaStore::with_memory_budget`]).
+    window_bytes: u64,
     /// Delivery failed: looked for in the topic, then sent again.
     failed: Vec<Pending>,
     /// Failed deliveries being looked for in the topic, and the read-back doing it.
@@ -182,6 +187,7 @@ impl KafkaStore {
             gate,
             held: HashMap::new(),
         });
+        let window_bytes = cfg.max_in_flight_bytes.max(1);
         Ok(KafkaStore {
             producer,
             cfg,
@@ -189,6 +195,8 @@ impl KafkaStore {
             ids,
             password,
             pending: VecDeque::new(),
+            pending_bytes: 0,
+            window_bytes,
             failed: Vec::new(),
             checking: None,
             done: Vec::new(),
@@ -392,7 +400,7 @@ impl KafkaStore {
     fn harvest(&mut self) -> Result<(), StoreError> {
         let mut still = VecDeque::with_capacity(self.pending.len());
         let mut fatal = None;
-        while let Some(mut p) = self.pending.pop_front() {
+        while let Some(mut p) = self.pop_pending() {
             let ready = p.report.as_mut().and_then(FutureExt::now_or_never);
             match ready {
                 Some(report) => {
@@ -403,13 +411,15 @@ impl KafkaStore {
                 None => still.push_back(p),
             }
         }
-        self.pending = still;
+        for p in still {
+            self.push_pending(p);
+        }
         fatal.map_or(Ok(()), Err)
     }
 
     /// Waits (bounded) for the oldest delivery report.
     async fn wait_oldest(&mut self) -> Result<(), StoreError> {
-        let Some(mut p) = self.pending.pop_front() else {
+        let Some(mut p) = self.pop_pending() else {
             return Ok(());
         };
         let Some(report) = p.report.as_mut() else {
@@ -418,6 +428,7 @@ impl KafkaStore {
         match tokio::time::timeout(WAIT_OLDEST, report).await {
             Ok(report) => self.settle(p, report),
             Err(_) => {
+                self.pending_bytes += p.line.len() as u64;
                 self.pending.push_front(p);
                 Err(err(format!(
                     "no delivery report within {} s: are the brokers {} reachable?",
@@ -428,11 +439,44 @@ impl KafkaStore {
         }
     }
 
-    /// Makes room in the window for one more record.
-    async fn room(&mut self) -> Result<(), StoreError> {
-        if self.pending.len() >= self.cfg.max_in_flight {
+    /// Bounds the in-flight window's bytes by the driver's memory budget as well: the
+    /// window is part of what the driver holds, and a quarter of its budget leaves the
+    /// driver's queue its room (it asks for acknowledgements at half).
+    pub fn with_memory_budget(mut self, max_memory_bytes: u64) -> KafkaStore {
+        self.window_bytes = self.window_bytes.min(max_memory_bytes / 4).max(1);
+        self
+    }
+
+    /// Value bytes of the records sent and not yet reported delivered.
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.pending_bytes
+    }
+
+    /// Whether the window has no room for a record of `len` bytes (an empty window
+    /// always has).
+    fn window_full(&self, len: usize) -> bool {
+        !self.pending.is_empty()
+            && (self.pending.len() >= self.cfg.max_in_flight
+                || self.pending_bytes + len as u64 > self.window_bytes)
+    }
+
+    fn push_pending(&mut self, p: Pending) {
+        self.pending_bytes += p.line.len() as u64;
+        self.pending.push_back(p);
+    }
+
+    fn pop_pending(&mut self) -> Option<Pending> {
+        let p = self.pending.pop_front()?;
+        self.pending_bytes -= p.line.len() as u64;
+        Some(p)
+    }
+
+    /// Makes room in the window for a record of `len` bytes: collects what was delivered,
+    /// then waits for the oldest reports until it fits.
+    async fn room(&mut self, len: usize) -> Result<(), StoreError> {
+        if self.window_full(len) {
             self.harvest()?;
-            if self.pending.len() >= self.cfg.max_in_flight {
+            while self.window_full(len) {
                 self.wait_oldest().await?;
             }
         }
@@ -441,12 +485,12 @@ impl KafkaStore {
 
     /// Sends `p` now, waiting for room; gives it back when it could not be sent.
     async fn write(&mut self, mut p: Pending) -> Result<(), (Pending, StoreError)> {
-        if let Err(e) = self.room().await {
+        if let Err(e) = self.room(p.line.len()).await {
             return Err((p, e));
         }
         match self.send(&mut p) {
             Ok(()) => {
-                self.pending.push_back(p);
+                self.push_pending(p);
                 Ok(())
             }
             Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
@@ -455,7 +499,7 @@ impl KafkaStore {
                 }
                 match self.send(&mut p) {
                     Ok(()) => {
-                        self.pending.push_back(p);
+                        self.push_pending(p);
                         Ok(())
                     }
                     Err(e) => Err((p, err(format!("producer: {e}")))),
