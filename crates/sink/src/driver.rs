@@ -468,6 +468,10 @@ impl DriverConfig {
 /// handle).
 const ITEM_BYTES: u64 = std::mem::size_of::<Unique>() as u64;
 
+/// Queued batches of one partition are put together up to this many bytes (as
+/// `max_memory_bytes` counts them).
+const MAX_PUT_BYTES: u64 = 1024 * 1024;
+
 /// The bytes `max_memory_bytes` counts for a batch.
 fn bytes_of(batch: &UniqueBatch) -> u64 {
     batch
@@ -650,13 +654,41 @@ impl<S: Store> Driver<S> {
             || self.memory_bytes + self.retained_bytes >= self.cfg.max_memory_bytes
     }
 
-    /// The next batch to store, oldest first.
+    /// Takes a batch out of the memory queue's counts.
+    fn taken_from_memory(&mut self, b: &UniqueBatch, bytes: u64) {
+        let n = b.items.len();
+        self.memory_items -= n;
+        self.memory_bytes -= bytes;
+        self.held((b.stream, b.partition), |h| h.memory -= n as u64);
+    }
+
+    /// The next batch to store, oldest first. From memory, the oldest batch takes the
+    /// later queued batches of its partition along (in their order, up to
+    /// `MAX_PUT_BYTES`): one put, one write and one hand-off to the store's thread for
+    /// what the mergers handed over in many small batches.
     fn next(&mut self) -> Option<UniqueBatch> {
-        if let Some(b) = self.memory.pop_front() {
-            let n = b.items.len() as u64;
-            self.memory_items -= b.items.len();
-            self.memory_bytes -= bytes_of(&b);
-            self.held((b.stream, b.partition), |h| h.memory -= n);
+        if let Some(mut b) = self.memory.pop_front() {
+            let mut bytes = bytes_of(&b);
+            self.taken_from_memory(&b, bytes);
+            let key = (b.stream, b.partition);
+            let mut i = 0;
+            while i < self.memory.len() && bytes < MAX_PUT_BYTES {
+                let later = &self.memory[i];
+                if (later.stream, later.partition) != key {
+                    i += 1;
+                    continue;
+                }
+                let later_bytes = bytes_of(later);
+                if bytes + later_bytes > MAX_PUT_BYTES {
+                    break;
+                }
+                let Some(later) = self.memory.remove(i) else {
+                    break;
+                };
+                self.taken_from_memory(&later, later_bytes);
+                bytes += later_bytes;
+                b.items.extend(later.items);
+            }
             return Some(b);
         }
         // A replayed batch may come to nothing (all stored already, or kept aside): the
@@ -1152,6 +1184,8 @@ mod tests {
     use bytes::Bytes;
     use tandem_core::PathId;
 
+    type PutIds = (Partition, Vec<ActivityId>);
+
     /// A store that takes every write and acknowledges only while `open` (or, with
     /// `on_force`, whenever it is forced, as the file store fsyncs), recording what it
     /// acknowledged, in order, and how often it was forced.
@@ -1162,6 +1196,8 @@ mod tests {
         on_force: bool,
         forced: Arc<std::sync::atomic::AtomicUsize>,
         acked: Arc<Mutex<Vec<ActivityId>>>,
+        /// Every put: its partition and ids.
+        puts: Arc<Mutex<Vec<PutIds>>>,
     }
 
     impl Store for Gated {
@@ -1169,6 +1205,8 @@ mod tests {
             "gated"
         }
         async fn put(&mut self, batch: &UniqueBatch) -> Result<(), StoreError> {
+            let ids = batch.items.iter().map(|u| u.id).collect();
+            self.puts.lock().unwrap().push((batch.partition, ids));
             self.held.push(batch.clone());
             Ok(())
         }
@@ -1256,6 +1294,49 @@ mod tests {
 
     fn names() -> StreamNames {
         Arc::new(vec!["decahose".into()])
+    }
+
+    /// Batches queued behind each other go to the store together, a partition's in its
+    /// order and up to `MAX_PUT_BYTES` a put, whatever other partitions queued between
+    /// them.
+    #[tokio::test]
+    async fn queued_batches_of_a_partition_are_put_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Gated::default();
+        let (open, acked, puts) = (store.open.clone(), store.acked.clone(), store.puts.clone());
+        let cfg = DriverConfig {
+            spool_dir: dir.path().join("spool"),
+            ..DriverConfig::default()
+        };
+        let mut tallies = HashMap::new();
+        for p in [1, 2] {
+            tallies.insert((StreamId(0), p), Arc::new(Tally::default()));
+        }
+        let (tx, handle) = spawn("test", store, cfg, names(), tallies, |_, _| false, 8).unwrap();
+        let on = |partition, b: UniqueBatch| UniqueBatch { partition, ..b };
+        // Four batches of 300 KiB for partition 1 between small ones for partition 2, all
+        // queued before the driver first runs (the channel holds eight).
+        let big = 100 * 1024;
+        let mut sent = Vec::new();
+        for i in 0..4 {
+            sent.push(on(1, big_batch(i * 3, 3, big)));
+            sent.push(on(2, big_batch(100 + i * 3, 3, 10)));
+        }
+        for b in sent {
+            tx.send(b).await.unwrap();
+        }
+        open.store(true, Ordering::SeqCst);
+        drop(tx);
+        let report = handle.finish().await;
+        assert_eq!(report.stored_total, 24);
+        let ids = |r: std::ops::Range<u64>| r.map(ActivityId::Post).collect::<Vec<_>>();
+        // Three of partition 1 fill a put (a fourth would pass 1 MiB); partition 2's four
+        // go in one; partition 1's last follows.
+        assert_eq!(
+            *puts.lock().unwrap(),
+            vec![(1, ids(0..9)), (2, ids(100..112)), (1, ids(9..12))]
+        );
+        assert_eq!(acked.lock().unwrap().len(), 24);
     }
 
     /// Activities far below the count bound but large: the bytes held in memory (queued
