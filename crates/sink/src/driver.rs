@@ -19,12 +19,19 @@
 //! Activities are a poor measure on their own: they range from a few hundred bytes to
 //! tens of kilobytes, and a slow store keeps everything it was handed until it
 //! acknowledges it. So that unacknowledged writes never crowd the queue out, the stores
-//! acknowledge early (the JetStream store keeps at most a quarter of the bytes in flight,
-//! the file store fsyncs every quarter written), and once they hold half the bytes the
-//! driver collects acknowledgements at once, forcing them (waiting) if that is not
+//! acknowledge early (the JetStream and Kafka stores keep at most a quarter of the bytes
+//! in flight, the file store fsyncs every quarter written), and once they hold half the
+//! bytes the driver collects acknowledgements at once, waiting for the oldest
+//! ([`Store::oldest_acks`]: the running fsync, the oldest publish) if that is not
 //! enough. A batch read back from the spool is read only while the held bytes are under
 //! the budget, so they can pass it by that one batch (`merge.max_batch` activities) at
 //! most; a batch larger than the whole budget is delivered alone.
+//!
+//! # Puts
+//! The mergers hand over what they have when they have it, often a few dozen activities.
+//! The oldest batch in memory takes the later queued batches of its partition along (in
+//! their order, up to 1 MiB), so a store that is behind gets fewer, larger puts: one write
+//! and one syscall for the file store instead of one per merger batch.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;

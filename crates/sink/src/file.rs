@@ -7,9 +7,10 @@
 //! gzip stream after every write. Activities are acknowledged once fsynced (on an interval,
 //! at rotation, and early once a quarter of the driver's memory budget is written
 //! unacknowledged, so that unacknowledged writes never fill the budget while the disk
-//! keeps up). The fsync runs on duplicated file handles beside the
-//! writes, so a slow fsync (seconds, with a lot of dirty data) delays acknowledgements,
-//! never the writes behind it.
+//! keeps up). Writes run on the sink's own thread (the driver's, see
+//! [`crate::driver::spawn`]: no hand-off per write); the fsync runs on a blocking thread,
+//! on duplicated file handles, beside the writes, so a slow fsync (seconds, with a lot of
+//! dirty data) delays acknowledgements, never the writes behind it.
 //!
 //! A failed fsync is never retried into an acknowledgement: on Linux a second fsync can
 //! succeed for pages the kernel already dropped. Instead every open file is cut back to
@@ -26,7 +27,6 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flate2::Compression;
@@ -145,7 +145,7 @@ type SyncWork = (Vec<File>, Vec<(Key, u64)>, Vec<Ack>);
 /// The file store.
 #[derive(Debug)]
 pub struct FileStore {
-    inner: Arc<Mutex<Inner>>,
+    inner: Inner,
     fsync_interval: Duration,
     last_sync: Instant,
     unacked: usize,
@@ -166,14 +166,6 @@ fn io_err(e: io::Error) -> StoreError {
     StoreError::transient("file", e.to_string())
 }
 
-/// Mutex poisoning only follows a panic on a writer thread: the store is unusable.
-fn poisoned() -> StoreError {
-    StoreError::fatal(
-        "file",
-        "the writer lock is poisoned (a writer thread panicked)",
-    )
-}
-
 impl FileStore {
     /// Opens the store, repairing what a crash may have left behind.
     pub fn open(cfg: FileConfig, names: StreamNames) -> io::Result<(FileStore, Repair)> {
@@ -184,7 +176,7 @@ impl FileStore {
         }
         let fsync_interval = Duration::from_millis(cfg.fsync_interval_ms);
         let store = FileStore {
-            inner: Arc::new(Mutex::new(Inner {
+            inner: Inner {
                 cfg,
                 names,
                 open: HashMap::new(),
@@ -192,7 +184,7 @@ impl FileStore {
                 durable: Vec::new(),
                 buf: Vec::new(),
                 sync_failed: None,
-            })),
+            },
             fsync_interval,
             last_sync: Instant::now(),
             unacked: 0,
@@ -213,22 +205,23 @@ impl FileStore {
         self
     }
 
-    async fn blocking<T: Send + 'static>(
+    /// Runs `f` on the open files, on the calling thread: the driver's own thread (see
+    /// [`crate::driver::spawn`]), so a write costs no hand-off to another thread and a
+    /// blocked disk blocks that thread only. The fsyncs run beside it, on duplicated
+    /// handles; one that failed is turned into a loss here.
+    fn with_files<T>(
         &mut self,
-        f: impl FnOnce(&mut Inner) -> io::Result<T> + Send + 'static,
+        f: impl FnOnce(&mut Inner) -> io::Result<T>,
     ) -> Result<T, StoreError> {
-        let inner = self.inner.clone();
-        let (result, failed) = tokio::task::spawn_blocking(move || {
-            let mut inner = inner.lock().map_err(|_| poisoned())?;
-            let result = f(&mut inner);
+        let (result, failed) = {
+            let inner = &mut self.inner;
+            let result = f(inner);
             let failed = inner.sync_failed.take().map(|e| {
                 let lost = inner.lose_unsynced();
                 (e, lost)
             });
-            Ok::<_, StoreError>((result, failed))
-        })
-        .await
-        .map_err(|e| StoreError::fatal("file", format!("writer thread failed: {e}")))??;
+            (result, failed)
+        };
         if let Some((e, lost)) = failed {
             self.unacked = 0;
             self.lost = Some(format!(
@@ -249,20 +242,18 @@ impl FileStore {
         match result {
             Ok(()) => {
                 self.ready.extend(acks);
-                self.blocking(move |inner| {
+                self.with_files(move |inner| {
                     inner.synced(&lens);
                     Ok(())
                 })
-                .await
             }
             Err(e) => {
                 let unacked = acks;
-                self.blocking(move |inner| {
+                self.with_files(move |inner| {
                     inner.requeue(unacked);
                     inner.sync_failed = Some(e);
                     Ok(())
                 })
-                .await
             }
         }
     }
@@ -288,13 +279,11 @@ impl FileStore {
             self.last_sync = Instant::now();
             self.unsynced_bytes = 0;
         }
-        let step = self
-            .blocking(move |inner| {
-                inner.rotate_expired(unix_ms_now())?;
-                let started = if due { inner.begin_sync()? } else { None };
-                Ok((std::mem::take(&mut inner.durable), started))
-            })
-            .await;
+        let step = self.with_files(move |inner| {
+            inner.rotate_expired(unix_ms_now())?;
+            let started = if due { inner.begin_sync()? } else { None };
+            Ok((std::mem::take(&mut inner.durable), started))
+        });
         let (durable, started) = match step {
             Ok(step) => step,
             Err(e) => {
@@ -322,15 +311,13 @@ impl FileStore {
             // A failure is recorded in `lost`; what was durable is still reported.
             let _ = self.finish_sync(job).await;
         }
-        let closed = self
-            .blocking(|inner| {
-                let keys: Vec<Key> = inner.open.keys().copied().collect();
-                for key in keys {
-                    inner.rotate(key)?;
-                }
-                Ok(std::mem::take(&mut inner.durable))
-            })
-            .await;
+        let closed = self.with_files(|inner| {
+            let keys: Vec<Key> = inner.open.keys().copied().collect();
+            for key in keys {
+                inner.rotate(key)?;
+            }
+            Ok(std::mem::take(&mut inner.durable))
+        });
         if let Ok(acks) = closed {
             self.ready.extend(acks);
         }
@@ -558,11 +545,9 @@ impl Store for FileStore {
                 "a failed fsync is being reported; writing resumes after it",
             ));
         }
-        let batch = batch.clone();
         let n = batch.items.len();
         let bytes: u64 = batch.items.iter().map(|u| u.line.len() as u64).sum();
-        self.blocking(move |inner| inner.put(&batch, unix_ms_now()))
-            .await?;
+        self.with_files(|inner| inner.put(batch, unix_ms_now()))?;
         self.unacked += n;
         self.unsynced_bytes += bytes;
         if self.unsynced_bytes >= self.sync_after_bytes
@@ -890,6 +875,8 @@ fn parse_stem(stem: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     fn batch(ids: std::ops::Range<u64>) -> UniqueBatch {
