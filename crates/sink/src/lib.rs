@@ -27,6 +27,8 @@
 //!   [`TopicIds`], what the topic holds.
 //! - [`StoredIds`]: what a shared store holds, whichever kind it is (for gap repair).
 //! - [`simple`]: [`StdoutStore`] and [`NullStore`].
+//! - `window`: the in-flight window, bounded by count and bytes, that JetStream and Kafka
+//!   share.
 
 pub mod config;
 pub mod driver;
@@ -37,6 +39,7 @@ pub mod simple;
 pub mod spool;
 pub mod start;
 pub mod store;
+mod window;
 
 pub use config::SinkConfig;
 pub use driver::{DrainReport, DriverConfig, SinkHandle, spawn};

@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use tandem_core::{ActivityId, Partition, StreamId, Unique, UniqueBatch};
 
 use crate::store::{Ack, Store, StoreError, StreamNames};
+use crate::window::{InFlight, Sent};
 
 /// Settings of a JetStream sink. Field docs are the configuration reference.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -296,6 +297,12 @@ struct Pending {
     ack: AckFuture,
 }
 
+impl Sent for Pending {
+    fn line_len(&self) -> usize {
+        self.line.len()
+    }
+}
+
 /// The JetStream store.
 /// At most one line this often about unacknowledged publishes.
 const UNACKED_LOG_EVERY: Duration = Duration::from_secs(5);
@@ -305,13 +312,9 @@ pub struct NatsStore {
     js: jetstream::Context,
     cfg: NatsConfig,
     names: StreamNames,
-    /// Published, acknowledgement not seen yet (the in-flight window).
-    pending: VecDeque<Pending>,
-    /// The payload bytes of `pending`.
-    pending_bytes: u64,
-    /// The window's bound in bytes: `max_in_flight_bytes`, or less under the driver's
-    /// memory budget ([`NatsStore::with_memory_budget`]).
-    window_bytes: u64,
+    /// Published, acknowledgement not seen yet: at most `max_in_flight` publishes and
+    /// `max_in_flight_bytes` (or a quarter of the driver's budget, if less).
+    pending: InFlight<Pending>,
     /// Acknowledged, not reported yet.
     done: Vec<Ack>,
     /// Acknowledgement failed: to be published again.
@@ -562,20 +565,18 @@ impl NatsStore {
         token: Option<String>,
     ) -> Result<NatsStore, StoreError> {
         let client = client(&cfg, token).await?;
-        let window_bytes = cfg.max_in_flight_bytes.max(1);
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_millis(cfg.ack_timeout_ms))
             .max_ack_inflight(cfg.max_in_flight.max(1) * 2)
             .backpressure_on_inflight(true)
             .build(client.clone());
+        let pending = InFlight::new(cfg.max_in_flight, cfg.max_in_flight_bytes);
         let mut store = NatsStore {
             client,
             js,
             cfg,
             names,
-            pending: VecDeque::new(),
-            pending_bytes: 0,
-            window_bytes,
+            pending,
             done: Vec::new(),
             retry: VecDeque::new(),
             unacked: (0, None),
@@ -722,27 +723,8 @@ impl NatsStore {
     /// window is part of what the driver holds, and a quarter of its budget leaves the
     /// driver's queue its room (it asks for acknowledgements at half).
     pub fn with_memory_budget(mut self, max_memory_bytes: u64) -> NatsStore {
-        self.window_bytes = self.window_bytes.min(max_memory_bytes / 4).max(1);
+        self.pending.within_budget(max_memory_bytes);
         self
-    }
-
-    /// Whether the window has no room for a publish of `len` bytes (an empty window
-    /// always has).
-    fn window_full(&self, len: usize) -> bool {
-        !self.pending.is_empty()
-            && (self.pending.len() >= self.cfg.max_in_flight
-                || self.pending_bytes + len as u64 > self.window_bytes)
-    }
-
-    fn push_pending(&mut self, p: Pending) {
-        self.pending_bytes += p.line.len() as u64;
-        self.pending.push_back(p);
-    }
-
-    fn pop_pending(&mut self) -> Option<Pending> {
-        let p = self.pending.pop_front()?;
-        self.pending_bytes -= p.line.len() as u64;
-        Some(p)
     }
 
     /// Moves the finished acknowledgements at the front of the window out of it, without
@@ -757,7 +739,7 @@ impl NatsStore {
     fn harvest(&mut self) {
         while let Some(front) = self.pending.front_mut()
             && let Some(result) = tokio::task::unconstrained(&mut front.ack).now_or_never()
-            && let Some(p) = self.pop_pending()
+            && let Some(p) = self.pending.pop_front()
         {
             self.settle(p, result);
         }
@@ -765,7 +747,7 @@ impl NatsStore {
 
     /// Waits for the oldest acknowledgement (bounded by the ack timeout).
     async fn wait_oldest(&mut self) -> Result<(), StoreError> {
-        let Some(mut p) = self.pop_pending() else {
+        let Some(mut p) = self.pending.pop_front() else {
             return Ok(());
         };
         match tokio::time::timeout(self.timeout(), &mut p.ack).await {
@@ -774,7 +756,6 @@ impl NatsStore {
                 Ok(())
             }
             Err(_) => {
-                self.pending_bytes += p.line.len() as u64;
                 self.pending.push_front(p);
                 Err(err("publish acknowledgements are not arriving"))
             }
@@ -791,7 +772,7 @@ impl NatsStore {
             match publish(&self.js, &p.subject, &p.id, &p.line, self.timeout()).await {
                 Ok(ack) => {
                     p.ack = ack;
-                    self.push_pending(p);
+                    self.pending.push_back(p);
                 }
                 Err(e) => {
                     self.retry.push_front(p);
@@ -843,9 +824,9 @@ impl Store for NatsStore {
         let subject = self.subject(batch.stream, batch.partition);
         for (i, item) in batch.items.iter().enumerate().skip(skip) {
             let Unique { seq, id, line, .. } = item;
-            if self.window_full(line.len()) {
+            if self.pending.full_for(line.len()) {
                 self.harvest();
-                while self.window_full(line.len()) {
+                while self.pending.full_for(line.len()) {
                     if let Err(e) = self.wait_oldest().await {
                         self.partial =
                             (i > 0).then(|| (batch.stream, batch.partition, batch.items[0].id, i));
@@ -854,7 +835,7 @@ impl Store for NatsStore {
                 }
             }
             match publish(&self.js, &subject, id, line, self.timeout()).await {
-                Ok(ack) => self.push_pending(Pending {
+                Ok(ack) => self.pending.push_back(Pending {
                     stream: batch.stream,
                     partition: batch.partition,
                     seq: *seq,
@@ -1000,15 +981,15 @@ mod tests {
         let line = 16 * 1024;
         store.put(&big_batch(64, line)).await.unwrap();
         assert!(
-            store.pending_bytes <= 64 * 1024,
+            store.pending.bytes() <= 64 * 1024,
             "{} B await their ack; the bound is 64 KiB",
-            store.pending_bytes
+            store.pending.bytes()
         );
         let acked: usize = (store.acks(true).await.unwrap().iter())
             .map(|a| a.ids.len())
             .sum();
         assert_eq!(acked, 64);
-        assert_eq!(store.pending_bytes, 0);
+        assert_eq!(store.pending.bytes(), 0);
         // A driver budget of 128 KiB leaves the window a quarter of it.
         let mut store = NatsStore::connect(cfg, names, None)
             .await
@@ -1019,7 +1000,11 @@ mod tests {
             u.id = ActivityId::Post(u.seq + 1_000);
         }
         store.put(&batch).await.unwrap();
-        assert!(store.pending_bytes <= 32 * 1024, "{}", store.pending_bytes);
+        assert!(
+            store.pending.bytes() <= 32 * 1024,
+            "{}",
+            store.pending.bytes()
+        );
         let acked: usize = (store.acks(true).await.unwrap().iter())
             .map(|a| a.ids.len())
             .sum();

@@ -18,6 +18,7 @@ use super::topic::{
 };
 use super::{KafkaConfig, WriterGate};
 use crate::store::{Ack, Store, StoreError, StreamNames};
+use crate::window::{InFlight, Sent};
 
 fn err(message: impl std::fmt::Display) -> StoreError {
     StoreError::transient("kafka", message.to_string())
@@ -47,6 +48,12 @@ struct Pending {
     /// (set when its own delivery failed: it may have landed all the same).
     not_before: Option<Instant>,
     report: Option<DeliveryFuture>,
+}
+
+impl Sent for Pending {
+    fn line_len(&self) -> usize {
+        self.line.len()
+    }
 }
 
 /// The pair's part: who writes each partition.
@@ -82,13 +89,9 @@ pub struct KafkaStore {
     ids: TopicIds,
     /// The SASL password, for the clients made later (topic creation).
     password: Option<String>,
-    /// Sent, delivery report not seen yet (the in-flight window).
-    pending: VecDeque<Pending>,
-    /// The value bytes of `pending`.
-    pending_bytes: u64,
-    /// The window's bound in bytes: `max_in_flight_bytes`, or less under the driver's
-    /// memory budget ([`KafkaStore::with_memory_budget`]).
-    window_bytes: u64,
+    /// Sent, delivery report not seen yet: at most `max_in_flight` records and
+    /// `max_in_flight_bytes` (or a quarter of the driver's budget, if less).
+    pending: InFlight<Pending>,
     /// Delivery failed: looked for in the topic, then sent again.
     failed: Vec<Pending>,
     /// Failed deliveries being looked for in the topic, and the read-back doing it.
@@ -187,16 +190,14 @@ impl KafkaStore {
             gate,
             held: HashMap::new(),
         });
-        let window_bytes = cfg.max_in_flight_bytes.max(1);
+        let pending = InFlight::new(cfg.max_in_flight, cfg.max_in_flight_bytes);
         Ok(KafkaStore {
             producer,
             cfg,
             names,
             ids,
             password,
-            pending: VecDeque::new(),
-            pending_bytes: 0,
-            window_bytes,
+            pending,
             failed: Vec::new(),
             checking: None,
             done: Vec::new(),
@@ -400,7 +401,7 @@ impl KafkaStore {
     fn harvest(&mut self) -> Result<(), StoreError> {
         let mut still = VecDeque::with_capacity(self.pending.len());
         let mut fatal = None;
-        while let Some(mut p) = self.pop_pending() {
+        while let Some(mut p) = self.pending.pop_front() {
             let ready = p.report.as_mut().and_then(FutureExt::now_or_never);
             match ready {
                 Some(report) => {
@@ -412,14 +413,14 @@ impl KafkaStore {
             }
         }
         for p in still {
-            self.push_pending(p);
+            self.pending.push_back(p);
         }
         fatal.map_or(Ok(()), Err)
     }
 
     /// Waits (bounded) for the oldest delivery report.
     async fn wait_oldest(&mut self) -> Result<(), StoreError> {
-        let Some(mut p) = self.pop_pending() else {
+        let Some(mut p) = self.pending.pop_front() else {
             return Ok(());
         };
         let Some(report) = p.report.as_mut() else {
@@ -428,7 +429,6 @@ impl KafkaStore {
         match tokio::time::timeout(WAIT_OLDEST, report).await {
             Ok(report) => self.settle(p, report),
             Err(_) => {
-                self.pending_bytes += p.line.len() as u64;
                 self.pending.push_front(p);
                 Err(err(format!(
                     "no delivery report within {} s: are the brokers {} reachable?",
@@ -443,40 +443,21 @@ impl KafkaStore {
     /// window is part of what the driver holds, and a quarter of its budget leaves the
     /// driver's queue its room (it asks for acknowledgements at half).
     pub fn with_memory_budget(mut self, max_memory_bytes: u64) -> KafkaStore {
-        self.window_bytes = self.window_bytes.min(max_memory_bytes / 4).max(1);
+        self.pending.within_budget(max_memory_bytes);
         self
     }
 
     /// Value bytes of the records sent and not yet reported delivered.
     pub fn in_flight_bytes(&self) -> u64 {
-        self.pending_bytes
-    }
-
-    /// Whether the window has no room for a record of `len` bytes (an empty window
-    /// always has).
-    fn window_full(&self, len: usize) -> bool {
-        !self.pending.is_empty()
-            && (self.pending.len() >= self.cfg.max_in_flight
-                || self.pending_bytes + len as u64 > self.window_bytes)
-    }
-
-    fn push_pending(&mut self, p: Pending) {
-        self.pending_bytes += p.line.len() as u64;
-        self.pending.push_back(p);
-    }
-
-    fn pop_pending(&mut self) -> Option<Pending> {
-        let p = self.pending.pop_front()?;
-        self.pending_bytes -= p.line.len() as u64;
-        Some(p)
+        self.pending.bytes()
     }
 
     /// Makes room in the window for a record of `len` bytes: collects what was delivered,
     /// then waits for the oldest reports until it fits.
     async fn room(&mut self, len: usize) -> Result<(), StoreError> {
-        if self.window_full(len) {
+        if self.pending.full_for(len) {
             self.harvest()?;
-            while self.window_full(len) {
+            while self.pending.full_for(len) {
                 self.wait_oldest().await?;
             }
         }
@@ -490,7 +471,7 @@ impl KafkaStore {
         }
         match self.send(&mut p) {
             Ok(()) => {
-                self.push_pending(p);
+                self.pending.push_back(p);
                 Ok(())
             }
             Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
@@ -499,7 +480,7 @@ impl KafkaStore {
                 }
                 match self.send(&mut p) {
                     Ok(()) => {
-                        self.push_pending(p);
+                        self.pending.push_back(p);
                         Ok(())
                     }
                     Err(e) => Err((p, err(format!("producer: {e}")))),
