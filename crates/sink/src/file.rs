@@ -895,21 +895,27 @@ mod tests {
         }
     }
 
+    /// A store in `dir` whose fsync interval is 10 minutes away, under a driver budget of
+    /// 4 KiB: only the budget starts an fsync.
+    fn budgeted_store(dir: &Path) -> FileStore {
+        let cfg = FileConfig {
+            dir: dir.to_path_buf(),
+            fsync_interval_ms: 600_000,
+            ..FileConfig::default()
+        };
+        let names: StreamNames = Arc::new(vec!["d".into()]);
+        let (store, _) = FileStore::open(cfg, names).unwrap();
+        store.with_memory_budget(4 * 1024)
+    }
+
     /// With an fsync interval far away, writing a quarter of the driver's memory budget
     /// starts an fsync at once: its activities are acknowledged without waiting for the
     /// interval (the driver holds them until then).
     #[tokio::test]
     async fn a_quarter_of_the_memory_budget_written_is_fsynced_early() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = FileConfig {
-            dir: dir.path().to_path_buf(),
-            fsync_interval_ms: 600_000,
-            ..FileConfig::default()
-        };
-        let names: StreamNames = Arc::new(vec!["d".into()]);
-        let (store, _) = FileStore::open(cfg, names).unwrap();
         // A quarter: 1 KiB; each batch's lines are about 15 B each.
-        let mut store = store.with_memory_budget(4 * 1024);
+        let mut store = budgeted_store(dir.path());
         store.put(&batch(0..10)).await.unwrap();
         assert!(
             store.acks(false).await.unwrap().is_empty(),
@@ -939,16 +945,9 @@ mod tests {
     #[tokio::test]
     async fn waiting_for_the_oldest_leaves_newer_writes_to_the_next_fsync() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = FileConfig {
-            dir: dir.path().to_path_buf(),
-            fsync_interval_ms: 600_000,
-            ..FileConfig::default()
-        };
-        let names: StreamNames = Arc::new(vec!["d".into()]);
-        let (store, _) = FileStore::open(cfg, names).unwrap();
         // A quarter: 1 KiB. The first put passes it and starts an fsync; the second,
         // under it, starts none.
-        let mut store = store.with_memory_budget(4 * 1024);
+        let mut store = budgeted_store(dir.path());
         store.put(&batch(0..100)).await.unwrap();
         assert!(store.syncing.is_some(), "an fsync began beside the writes");
         store.put(&batch(100..110)).await.unwrap();
